@@ -1,0 +1,205 @@
+"""Hugging Face checkpoint files: lazy, memory-mapped reading of (sharded) safetensors, and
+streaming writing of shards plus index. Weights are never unpickled.
+
+Name mapping between the released per-expert HF names and emo's stacked per-layer tensors:
+  model.layers.N.mlp.experts.J.{gate,up,down}_proj.weight  <->  layers.N.mlp.w_{gate,up,down}[j]
+  model.layers.N.mlp.gate.weight                              <->  layers.N.mlp.router
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import EmoError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _read_header(path: Path) -> dict:
+    """The safetensors JSON header (names, dtypes, shapes) without touching tensor data."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > 100_000_000:
+                raise ValueError
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise EmoError(f"{path}: missing safetensors shard") from None
+    except (ValueError, json.JSONDecodeError):
+        raise EmoError(f"{path}: not a valid safetensors file") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+class SafetensorsCheckpoint:
+    """Tensor name -> shard map of a model directory; tensors are read on demand (mmap)."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+        index = self.dir / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise EmoError(f"{index}: invalid safetensors index (no weight_map)") from None
+            shards = sorted(set(weight_map.values()))
+        elif (self.dir / SINGLE_NAME).exists():
+            shards = [SINGLE_NAME]
+        else:
+            found = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            if not found:
+                raise EmoError(f"{self.dir}: no model.safetensors or {INDEX_NAME} (weights missing)")
+            shards = found
+        self.headers: dict[str, dict] = {}
+        self.shard_of: dict[str, str] = {}
+        for shard in shards:
+            header = _read_header(self.dir / shard)
+            for name, info in header.items():
+                self.headers[name] = info
+                self.shard_of[name] = shard
+        if index.exists():
+            missing = sorted(set(weight_map) - set(self.shard_of))
+            if missing:
+                raise EmoError(f"{self.dir}: index lists {missing[0]} but no shard holds it")
+        self._handles: dict[str, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self.headers)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.headers[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self.headers[name]["dtype"]
+        if code not in _DTYPES:
+            raise EmoError(f"{self.dir}: tensor {name} has unsupported dtype {code}")
+        return _DTYPES[code]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.shard_of:
+            raise EmoError(f"{self.dir}: checkpoint has no tensor {name}")
+        shard = self.shard_of[name]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.dir / shard), framework="pt")
+        return self._handles[shard].get_tensor(name)
+
+    def bytes_on_disk(self) -> int:
+        return sum((self.dir / s).stat().st_size for s in set(self.shard_of.values()))
+
+    def fingerprint(self, config_text: str) -> str:
+        """Identity of a model: its config plus every tensor's name, dtype and shape."""
+        h = hashlib.sha256()
+        h.update(json.dumps(json.loads(config_text), sort_keys=True).encode())
+        for name in sorted(self.headers):
+            info = self.headers[name]
+            h.update(f"{name}:{info['dtype']}:{info['shape']}".encode())
+        return h.hexdigest()[:16]
+
+
+def hf_layer_tensors(ckpt: SafetensorsCheckpoint, layer: int, num_experts: int, dtype=None):
+    """Stacked MoE tensors of one layer from per-expert HF names: router [E,D], gate/up [E,F,D], down [E,D,F]."""
+    p = f"model.layers.{layer}.mlp"
+
+    def load(name):
+        t = ckpt.get(name)
+        return t.to(dtype) if dtype is not None else t
+
+    router = load(f"{p}.gate.weight")
+    if router.shape[0] != num_experts:
+        raise EmoError(
+            f"{ckpt.dir}: layer {layer} router has {router.shape[0]} rows but config says {num_experts} experts"
+        )
+    stacks = {}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        stacks[proj] = torch.stack([load(f"{p}.experts.{j}.{proj}.weight") for j in range(num_experts)])
+    return router, stacks["gate_proj"], stacks["up_proj"], stacks["down_proj"]
+
+
+class ShardWriter:
+    """Writes tensors into size-capped safetensors shards plus the HF index, streaming.
+
+    Files go to `out_dir`, which callers create as a temporary directory and rename on success.
+    """
+
+    def __init__(self, out_dir: Path, shard_bytes: int = 2 * 1024**3, dtype: torch.dtype | None = None):
+        self.dir = Path(out_dir)
+        self.shard_bytes = shard_bytes
+        self.dtype = dtype
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, torch.Tensor] | str] = []
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        self._n = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu")
+        if self.dtype is not None and t.is_floating_point():
+            t = t.to(self.dtype)
+        t = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[name] = t
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        self._n += 1
+        tmp_name = f"shard-{self._n:05d}.tmp.safetensors"
+        save_file(self.pending, str(self.dir / tmp_name), metadata={"format": "pt"})
+        self.shards.append(tmp_name)
+        for k in self.pending:
+            self.weight_map[k] = tmp_name
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.dir / self.shards[0], self.dir / SINGLE_NAME)
+            return
+        final = {}
+        for i, tmp in enumerate(self.shards, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.dir / tmp, self.dir / name)
+            final[tmp] = name
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {k: final[v] for k, v in sorted(self.weight_map.items())}}
+        (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def hf_names_for_layer_moe(layer: int, num_experts: int) -> Iterator[str]:
+    p = f"model.layers.{layer}.mlp"
+    yield f"{p}.gate.weight"
+    for j in range(num_experts):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            yield f"{p}.experts.{j}.{proj}.weight"
+
+
+def write_moe_layer(writer: ShardWriter, layer: int, router, w_gate, w_up, w_down) -> None:
+    """Unstack one MoE layer into the released per-expert names."""
+    p = f"model.layers.{layer}.mlp"
+    writer.add(f"{p}.gate.weight", router)
+    for j in range(router.shape[0]):
+        writer.add(f"{p}.experts.{j}.gate_proj.weight", w_gate[j])
+        writer.add(f"{p}.experts.{j}.up_proj.weight", w_up[j])
+        writer.add(f"{p}.experts.{j}.down_proj.weight", w_down[j])
+
+
+def iter_non_moe(names: Iterable[str]) -> list[str]:
+    return [n for n in names if not EXPERT_RE.match(n) and not re.match(r"^model\.layers\.\d+\.mlp\.gate\.weight$", n)]

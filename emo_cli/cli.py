@@ -1,0 +1,35 @@
+"""The `emo` command line: a thin typer shell; each command lives in emo_cli/commands/."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .commands import inspect
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Build small task-specific models out of one EMO mixture of experts, and run them locally.\n\n"
+                       "  emo profile data/med.jsonl\n  emo prune --budget 25%\n  emo chat --model slim-med.gguf")
+
+app.command("info")(inspect.info)
+app.command("eval")(inspect.eval_cmd)
+
+
+def main() -> None:
+    from .errors import EmoError
+
+    try:
+        app()
+    except EmoError as e:
+        from .ui import err
+
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True, style="red")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""`emo info` and `emo eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .. import ui
+
+
+def info(
+    model: str = typer.Argument(..., help="HF model directory, HF repo id in the local cache, or .gguf file."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Layers, experts per layer, top-k, parameters, dtype, bytes on disk, pruning provenance.
+
+    Example: emo info slim-med/      emo info slim-med.gguf --json
+    """
+    from ..info import model_info
+
+    facts = model_info(model)
+    if json_out:
+        ui.print_json(facts)
+        return
+    rows = [["model", facts["model"]], ["format", facts["format"]]]
+    if facts.get("quant"):
+        rows.append(["quant", facts["quant"]])
+    rows += [["layers", facts["layers"]], ["hidden / heads / kv heads",
+             f"{facts['hidden_size']} / {facts['heads']} / {facts['kv_heads']}"],
+             ["vocab", facts["vocab_size"]], ["top-k (incl. shared)", facts["top_k"]],
+             ["params total", facts["params_total"]], ["params active / token", facts["params_active"]],
+             ["dtype", facts["dtype"]], ["bytes on disk", facts["bytes"]]]
+    groups: dict[tuple, list[int]] = {}
+    for L in facts["experts_per_layer"]:
+        key = ("dense",) if L["dense"] else (L["routed"], L["shared"], tuple(L["always_active"]))
+        groups.setdefault(key, []).append(L["layer"])
+    for key, layers in groups.items():
+        span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+        desc = "dense MLP" if key == ("dense",) else f"{key[0]} routed + {key[1]} shared" + (
+            f", always active {list(key[2])}" if key[2] else "")
+        rows.append([f"layers {span}", desc])
+    p = facts.get("pruning")
+    if p:
+        rows.append(["pruned from", p.get("original_model")])
+        rows.append(["pruning method", p.get("pruning_method")])
+        if p.get("budget"):
+            rows.append(["budget", p.get("budget")])
+    ui.out.print(ui.table("emo info", ["", "value"], rows))
+
+
+def eval_cmd(
+    models: List[str] = typer.Argument(..., help="One or more models (HF dir, cached repo id, .gguf)."),
+    data: List[Path] = typer.Option(..., "--data", help="Data file(s)/dirs; repeat for several."),
+    max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Score at most N documents per dataset."),
+    seq_len: int = typer.Option(2048, "--seq-len", help="Truncate each document to N tokens."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    text_field: Optional[str] = typer.Option(None, "--text-field"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Held-out loss, perplexity and bits/byte of each model on each dataset, side by side.
+
+    Each document is scored alone (no BOS), truncated to --seq-len; loss is the token-weighted mean
+    NLL (nats) of positions 1..n-1; bits/byte divides the total NLL in bits by the UTF-8 bytes of
+    the scored text. Multiple-choice JSONL (question/choices/answer) reports acc and acc_norm.
+
+    Example: emo eval allenai/Emo_1b14b_1T slim-med/ --data data/med-heldout.jsonl
+    """
+    from ..evaluation_report import run_eval
+
+    result = run_eval(models, [str(d) for d in data], max_docs=max_docs, seq_len=seq_len,
+                      batch_size=batch_size, text_field=text_field, device=device, dtype=dtype,
+                      quiet=json_out)
+    if json_out:
+        ui.print_json(result)

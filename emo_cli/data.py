@@ -1,0 +1,189 @@
+"""Documents from user data through `datasets`, token batches, and the deterministic held-out split.
+
+Accepted DATA: .jsonl / .json / .parquet / .csv / .txt files, directories of them, and datasets
+saved with `Dataset.save_to_disk`. A .txt file holds one document per blank-line-separated block.
+The text field is `--text-field`, else the first of `text`, `content`, or chat `messages`
+(joined as "role: content" lines).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import EmoError
+
+SUFFIX_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+TEXT_FIELDS = ("text", "content", "messages")
+
+
+@dataclass
+class Document:
+    text: str
+    source: str  # file it came from
+    index: int  # position in the whole input (the id recorded in profiles)
+
+
+def _quiet_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    return datasets
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIX_BUILDER)
+        if not files:
+            raise EmoError(f"{path}: directory holds no .jsonl/.json/.parquet/.csv/.txt files")
+        return files
+    if not path.exists():
+        raise EmoError(f"{path}: no such data file")
+    if path.suffix not in SUFFIX_BUILDER:
+        raise EmoError(f"{path}: unsupported data format (use .jsonl, .json, .parquet, .csv or .txt)")
+    return [path]
+
+
+def _check_jsonl(path: Path) -> None:
+    """Locate a malformed line ourselves: the datasets error does not name it."""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EmoError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+
+
+def _row_text(row: dict, field: str) -> str:
+    value = row.get(field)
+    if field == "messages" and isinstance(value, list):
+        return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in value if isinstance(m, dict))
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def _pick_field(columns: list[str], text_field: str | None, source: str) -> str:
+    if text_field:
+        if text_field not in columns:
+            raise EmoError(f"{source}: no field {text_field!r} (fields: {', '.join(columns)})")
+        return text_field
+    for f in TEXT_FIELDS:
+        if f in columns:
+            return f
+    raise EmoError(f"{source}: no text field found (looked for {', '.join(TEXT_FIELDS)}; "
+                   f"fields: {', '.join(columns)}); pass --text-field")
+
+
+def _load_file(path: Path):
+    datasets = _quiet_datasets()
+    builder = SUFFIX_BUILDER[path.suffix]
+    if path.stat().st_size == 0:
+        raise EmoError(f"{path}: empty file")
+    if path.suffix == ".jsonl":
+        _check_jsonl(path)
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # datasets wraps parser errors in many types; report one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EmoError(f"{path}: cannot read as {path.suffix[1:]} ({msg})") from None
+
+
+def read_documents(inputs: list[str | Path], text_field: str | None = None,
+                   max_docs: int | None = None) -> list[Document]:
+    """All documents of all inputs, in order; empty texts are skipped (they have nothing to score)."""
+    docs: list[Document] = []
+    for inp in inputs:
+        path = Path(inp)
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+            datasets = _quiet_datasets()
+            tables = [(str(path), datasets.load_from_disk(str(path)))]
+        else:
+            tables = [(str(f), _load_file(f)) for f in _data_files(path)]
+        for source, table in tables:
+            if hasattr(table, "keys") and not hasattr(table, "column_names"):
+                raise EmoError(f"{source}: a DatasetDict; pass one split's directory")
+            field = _pick_field(table.column_names, text_field, source)
+            for row in table:
+                text = _row_text(row, field)
+                if text.strip():
+                    docs.append(Document(text, source, len(docs)))
+                    if max_docs is not None and len(docs) >= max_docs:
+                        return docs
+    if not docs:
+        raise EmoError(f"{', '.join(map(str, inputs))}: no non-empty documents")
+    return docs
+
+
+def data_hash(docs: list[Document]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(hashlib.sha256(d.text.encode()).digest())
+    return h.hexdigest()[:16]
+
+
+def heldout_split(docs: list[Document], frac: float) -> tuple[list[Document], list[Document]]:
+    """(profiled, held out): a document is held out when the hash of its text falls below `frac`,
+    so the split is deterministic and independent of order and of --max-docs."""
+    if not 0.0 <= frac < 1.0:
+        raise EmoError(f"--heldout-frac must be in [0, 1), got {frac}")
+    keep, held = [], []
+    for d in docs:
+        u = int.from_bytes(hashlib.sha256(d.text.encode()).digest()[:8], "big") / 2**64
+        (held if u < frac else keep).append(d)
+    if frac > 0 and not held and len(docs) > 1:
+        held, keep = keep[-1:], keep[:-1]  # small inputs: still hold one out
+    if not keep:
+        keep, held = held[:1], held[1:]
+    return keep, held
+
+
+@dataclass
+class TokenBatch:
+    ids: torch.Tensor  # [B, S] right-padded
+    mask: torch.Tensor  # [B, S] bool, True on real tokens
+    doc_index: list[int]  # Document.index per row
+
+
+def tokenize_documents(tokenizer, docs: list[Document], seq_len: int) -> list[list[int]]:
+    if seq_len < 2:
+        raise EmoError("--seq-len must be at least 2")
+    return [ids[:seq_len] for ids in tokenizer.encode_batch([d.text for d in docs])]
+
+
+def make_batches(token_lists: list[list[int]], docs: list[Document], batch_size: int, pad_id: int,
+                 max_tokens: int | None = None) -> list[TokenBatch]:
+    """Right-padded batches of similar lengths (sorted, so little padding); empty documents dropped."""
+    if batch_size < 1:
+        raise EmoError("--batch-size must be at least 1")
+    order = sorted((i for i, t in enumerate(token_lists) if t), key=lambda i: (-len(token_lists[i]), i))
+    if max_tokens is not None:
+        kept, total = [], 0
+        for i in sorted(order):
+            if total >= max_tokens:
+                break
+            kept.append(i)
+            total += len(token_lists[i])
+        keep = set(kept)
+        order = [i for i in order if i in keep]
+    batches = []
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        S = max(len(token_lists[i]) for i in rows)
+        ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), S), dtype=torch.bool)
+        for r, i in enumerate(rows):
+            t = token_lists[i]
+            ids[r, :len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[r, :len(t)] = True
+        batches.append(TokenBatch(ids, mask, [docs[i].index for i in rows]))
+    return batches

@@ -1,0 +1,230 @@
+"""Resolve MODEL (HF directory, HF repo id in the local cache, or .gguf) and build the runtime model.
+
+Loading is tensor by tensor from memory-mapped safetensors; each layer's experts are stacked as
+they are read, so peak memory is the model plus one layer, never two copies of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import SafetensorsCheckpoint, ShardWriter, hf_layer_tensors, write_moe_layer
+from .config import EmoConfig
+from .errors import EmoError
+from .models.emo import EmoForCausalLM, MoEBlock
+
+DEFAULT_MODEL = "allenai/Emo_1b14b_1T"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    return home / "hub"
+
+
+def find_in_hf_cache(repo_id: str) -> Path | None:
+    """The snapshot directory of `repo_id` in the local HF cache (refs/main first), or None."""
+    repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    snaps = repo / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.exists():
+        snap = snaps / ref.read_text().strip()
+        if (snap / "config.json").exists():
+            return snap
+    for snap in sorted(snaps.iterdir()):
+        if (snap / "config.json").exists():
+            return snap
+    return None
+
+
+def resolve_model_path(spec: str | os.PathLike) -> Path:
+    """A local directory or .gguf file, or a `org/name` repo id found in the local HF cache."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        if p.is_dir() or p.suffix == ".gguf":
+            return p
+        raise EmoError(f"{p}: not a model directory or .gguf file")
+    s = str(spec)
+    if s.endswith(".gguf") or s.startswith((".", "/")) or s.count("/") != 1:
+        raise EmoError(f"{s}: no such model file or directory")
+    found = find_in_hf_cache(s)
+    if found is None:
+        raise EmoError(
+            f"model {s} is not in the local Hugging Face cache ({hf_cache_dir()}); get it with "
+            f"`huggingface-cli download {s}` on a machine with network access, or pass a local "
+            f"directory with --model (`emo demo` runs everything on the embedded tiny model)"
+        )
+    return found
+
+
+def is_gguf(path: Path) -> bool:
+    return Path(path).suffix == ".gguf" and Path(path).is_file()
+
+
+@dataclass
+class HFModelFiles:
+    dir: Path
+    config: EmoConfig
+    config_text: str
+    ckpt: SafetensorsCheckpoint
+
+    @property
+    def fingerprint(self) -> str:
+        return self.ckpt.fingerprint(self.config_text)
+
+
+def open_hf_dir(path: Path) -> HFModelFiles:
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise EmoError(f"{path}: missing config.json (not a Hugging Face model directory)")
+    text = cfg_path.read_text()
+    cfg = EmoConfig.from_file(cfg_path)
+    ckpt = SafetensorsCheckpoint(path)
+    if "model.embed_tokens.weight" not in ckpt.headers:
+        raise EmoError(f"{path}: checkpoint has no model.embed_tokens.weight")
+    vocab, hidden = ckpt.shape("model.embed_tokens.weight")
+    if hidden != cfg.hidden_size:
+        raise EmoError(f"{path}: embed_tokens has width {hidden} but hidden_size is {cfg.hidden_size}")
+    cfg.vocab_size = vocab  # the tensor decides (released configs may disagree)
+    return HFModelFiles(path, cfg, text, ckpt)
+
+
+def default_dtype(device: str, ckpt_dtype: torch.dtype) -> torch.dtype:
+    # this CPU has no fast bf16 matmul: compute in fp32 there; keep the checkpoint dtype on GPUs
+    return torch.float32 if device == "cpu" else ckpt_dtype
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "auto"):
+        return None
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise EmoError(f"unknown dtype {name!r} (use auto, float32, bfloat16 or float16)")
+    return table[name]
+
+
+def check_device(device: str) -> str:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise EmoError(f"unknown device {device!r} (use cpu or cuda)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EmoError("--device cuda requested but no CUDA GPU is available")
+    return device
+
+
+def load_hf_model(path: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> tuple[EmoForCausalLM, HFModelFiles]:
+    files = open_hf_dir(path)
+    cfg, ckpt = files.config, files.ckpt
+    device = check_device(device)
+    dtype = dtype or default_dtype(device, ckpt.dtype("model.embed_tokens.weight"))
+    with torch.device("meta"):
+        model = EmoForCausalLM(cfg)
+    state: dict[str, torch.Tensor] = {}
+
+    def take(hf_name: str, ours: str, shape: tuple[int, ...]):
+        t = ckpt.get(hf_name)
+        if tuple(t.shape) != shape:
+            raise EmoError(f"{path}: tensor {hf_name} has shape {tuple(t.shape)}, expected {shape}")
+        state[ours] = t.to(device=device, dtype=dtype)
+
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    take("model.embed_tokens.weight", "embed_tokens.weight", expected["embed_tokens.weight"])
+    take("model.norm.weight", "norm.weight", expected["norm.weight"])
+    take("lm_head.weight", "lm_head.weight", expected["lm_head.weight"])
+    meta = read_pruning_metadata(path)
+    kept = meta.get("experts_kept_per_layer") if meta else None
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}"
+        for name, ours in (("pre_attention_layernorm.weight", "pre_attention_layernorm.weight"),
+                           ("pre_feedforward_layernorm.weight", "pre_feedforward_layernorm.weight")):
+            take(f"{p}.{name}", f"layers.{i}.{ours}", expected[f"layers.{i}.{ours}"])
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for kind in ("weight", "bias"):
+                ours = f"layers.{i}.self_attn.{proj}.{kind}"
+                if ours in expected:
+                    take(f"{p}.self_attn.{proj}.{kind}", ours, expected[ours])
+        if isinstance(block.mlp, MoEBlock):
+            E = block.mlp.spec.num_experts
+            router, wg, wu, wd = hf_layer_tensors(ckpt, i, E)
+            for ours, t in (("router", router), ("w_gate", wg), ("w_up", wu), ("w_down", wd)):
+                key = f"layers.{i}.mlp.{ours}"
+                if tuple(t.shape) != expected[key]:
+                    raise EmoError(f"{path}: layer {i} {ours} has shape {tuple(t.shape)}, expected {expected[key]}")
+                state[key] = t.to(device=device, dtype=dtype)
+            ids = kept[i] if kept and kept[i] is not None else list(range(E))
+            state[f"layers.{i}.mlp.expert_ids"] = torch.tensor(ids, dtype=torch.long, device=device)
+        else:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                for kind in ("weight", "bias"):
+                    ours = f"layers.{i}.mlp.{proj}.{kind}"
+                    if ours in expected:
+                        take(f"{p}.mlp.{proj}.{kind}", ours, expected[ours])
+    model.load_state_dict(state, assign=True, strict=True)
+    model.requires_grad_(False)
+    model.eval()
+    return model, files
+
+
+def read_pruning_metadata(path: Path) -> dict | None:
+    f = Path(path) / "pruning_metadata.json"
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        raise EmoError(f"{f}: invalid JSON") from None
+
+
+def save_hf_model(model: EmoForCausalLM, out_dir: Path, dtype: torch.dtype | None = None,
+                  tokenizer_dir: Path | None = None, shard_bytes: int = 2 * 1024**3) -> None:
+    """Write `model` in the released HF layout (per-expert tensor names) into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    w = ShardWriter(out_dir, shard_bytes=shard_bytes, dtype=dtype)
+    w.add("model.embed_tokens.weight", model.embed_tokens.weight)
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}"
+        w.add(f"{p}.pre_attention_layernorm.weight", block.pre_attention_layernorm.weight)
+        w.add(f"{p}.pre_feedforward_layernorm.weight", block.pre_feedforward_layernorm.weight)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            lin = getattr(block.self_attn, proj)
+            w.add(f"{p}.self_attn.{proj}.weight", lin.weight)
+            if lin.bias is not None:
+                w.add(f"{p}.self_attn.{proj}.bias", lin.bias)
+        if isinstance(block.mlp, MoEBlock):
+            m = block.mlp
+            write_moe_layer(w, i, m.router, m.w_gate, m.w_up, m.w_down)
+        else:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                lin = getattr(block.mlp, proj)
+                w.add(f"{p}.mlp.{proj}.weight", lin.weight)
+                if lin.bias is not None:
+                    w.add(f"{p}.mlp.{proj}.bias", lin.bias)
+    w.add("model.norm.weight", model.norm.weight)
+    w.add("lm_head.weight", model.lm_head.weight)
+    w.close()
+    d = cfg.to_dict()
+    d["vocab_size"] = model.embed_tokens.weight.shape[0]
+    d["torch_dtype"] = str(dtype or model.dtype).replace("torch.", "")
+    d.setdefault("architectures", ["EmoForCausalLM"])
+    (out_dir / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(Path(tokenizer_dir), out_dir)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, dst / name)

@@ -1,0 +1,63 @@
+"""Terminal output shared by the commands: progress bars on stderr, tables and JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class TokensPerSecond(ProgressColumn):
+    """Tokens/s from a `tokens` field the caller keeps up to date on the task."""
+
+    def render(self, task) -> Text:
+        toks = task.fields.get("tokens", 0)
+        el = task.elapsed or 0.0
+        rate = toks / el if el > 0 else 0.0
+        return Text(f"{toks:,} tok  {rate:,.0f} tok/s", style="cyan")
+
+
+def progress(disable: bool = False) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TokensPerSecond(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=err, transient=False, disable=disable)
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=None, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def table(title: str, columns: list[str], rows: list[list], justify_right_from: int = 1) -> Table:
+    t = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="right" if i >= justify_right_from else "left")
+    for r in rows:
+        t.add_row(*[fmt(v) for v in r])
+    return t
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if abs(v) >= 1000:
+            return f"{v:,.1f}"
+        return f"{v:.4f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return "" if v is None else str(v)

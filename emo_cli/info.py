@@ -56,7 +56,7 @@ def hf_info(path: Path) -> dict:
 def model_info(spec) -> dict:
     path = resolve_model_path(spec)
     if is_gguf(path):
-        from .gguf_runtime import gguf_info
+        from .gguf_format import gguf_info
 
         return gguf_info(path)
     return hf_info(path)

@@ -184,8 +184,12 @@ class Block(nn.Module):
         else:
             self.mlp = MoEBlock(cfg, i, n, cfg.layer_shared(i), cfg.layer_always_active(i))
 
+    def attend(self, h, cos, sin, cache=None, start=0):
+        """First half of the block: the residual stream after attention."""
+        return h + self.self_attn(self.pre_attention_layernorm(h), cos, sin, cache, self.index, start)
+
     def forward(self, h, cos, sin, cache, start, observer=None, **pool_kw):
-        h = h + self.self_attn(self.pre_attention_layernorm(h), cos, sin, cache, self.index, start)
+        h = self.attend(h, cos, sin, cache, start)
         return h + self.mlp(self.pre_feedforward_layernorm(h), observer=observer, **pool_kw)
 
 
@@ -234,8 +238,7 @@ class EmoForCausalLM(nn.Module):
         """
         B, S = input_ids.shape
         start = cache.length if cache is not None else 0
-        pos = torch.arange(start, start + S, device=input_ids.device)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        cos, sin = self.rope(S, start)
         h = self.embed_tokens(input_ids) if start_hidden is None else start_hidden
         last = len(self.layers) - 1 if stop_after is None else stop_after
         for i in range(start_layer, last + 1):
@@ -243,6 +246,10 @@ class EmoForCausalLM(nn.Module):
         if cache is not None and last == len(self.layers) - 1:
             cache.length = start + S
         return h
+
+    def rope(self, S: int, start: int = 0):
+        pos = torch.arange(start, start + S, device=self.device)
+        return rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h)).float()  # [B, S, V]

@@ -1,0 +1,82 @@
+"""`emo profile DATA...` and `emo profile merge A B -o C`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .. import ui
+
+
+def profile(
+    data: List[str] = typer.Argument(..., help="Domain data: .jsonl/.json/.parquet/.csv/.txt files or dirs "
+                                            "(a .txt file is one document per blank-line-separated block). "
+                                            "`emo profile merge A B -o C` adds profiles up."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: $EMO_MODEL, the workspace, "
+                                        "or allenai/Emo_1b14b_1T from the local HF cache)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Default: <data stem>.profile.safetensors"),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Default: text, content or messages."),
+    max_docs: Optional[int] = typer.Option(None, "--max-docs"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop adding documents after N tokens."),
+    seq_len: int = typer.Option(2048, "--seq-len", help="Truncate each document to N tokens."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    heldout_frac: float = typer.Option(0.1, "--heldout-frac", help="Share of documents held out (not profiled) "
+                                       "for loss-guided selection and reports; 0 profiles everything."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Which experts does my domain use? Per layer and ORIGINAL expert id: selection counts, routing
+    probability mass, REAP and EASY-EP saliency. Each document is tokenized alone; pads never count.
+
+    Examples:  emo profile data/med.jsonl          emo profile merge med.profile.safetensors code.profile.safetensors -o mix.profile.safetensors
+    """
+    from ..errors import EmoError
+    from ..pipeline import data_stem, run_profile
+    from ..profile import Profile, coverage
+    from ..runtime import load_model
+    from ..workspace import absolute_if_local, resolve_default_model, update_state
+
+    if data and data[0] == "merge" and not Path("merge").exists():
+        if len(data) < 3 or output is None:
+            raise EmoError("usage: emo profile merge A B [C...] -o OUT")
+        merged = Profile.load(Path(data[1]))
+        for p in data[2:]:
+            merged = merged.merged(Profile.load(Path(p)))
+        merged.save(output, force=force)
+        update_state(profile=str(output.resolve()), stem=output.name.split(".")[0])
+        if json_out:
+            ui.print_json({"profile": str(output), "docs": merged.docs, "tokens": merged.meta["data"]["tokens"]})
+        else:
+            ui.out.print(f"merged {len(data) - 1} profiles into {output} ({merged.docs} docs)")
+        return
+    out = output or Path(f"{data_stem(data[0])}.profile.safetensors")
+    if out.exists() and not force:
+        raise EmoError(f"{out} exists (pass --force to overwrite, or -o another name)")
+    spec = resolve_default_model(model)
+    lm = load_model(spec, device=device, dtype=dtype)
+    prof = run_profile(lm, data, text_field=text_field, max_docs=max_docs, max_tokens=max_tokens, seq_len=seq_len,
+                       batch_size=batch_size, heldout_frac=heldout_frac, quiet=json_out)
+    prof.meta["model"]["spec"] = absolute_if_local(spec)
+    prof.save(out, force=force)
+    update_state(model=absolute_if_local(spec), profile=str(out.resolve()), stem=data_stem(data[0]))
+    rows = []
+    for layer in prof.moe_layers():
+        routed = prof.routed_ids(layer)
+        top = sorted(routed, key=lambda e: float(prof.prob[layer, e]), reverse=True)[:5]
+        rows.append([layer, len(routed), coverage(prof, layer, 0.5), coverage(prof, layer, 0.9),
+                     " ".join(str(e) for e in top)])
+    summary = {"profile": str(out), "model": spec, "docs": prof.docs, "tokens": prof.meta["data"]["tokens"],
+               "heldout_docs": len(prof.meta["data"]["heldout_ids"]),
+               "layers": [{"layer": r[0], "routed": r[1], "cover50": r[2], "cover90": r[3],
+                           "top": [int(x) for x in r[4].split()]} for r in rows]}
+    if json_out:
+        ui.print_json(summary)
+        return
+    ui.out.print(ui.table(f"{out}: {prof.docs} docs, {summary['tokens']:,} tokens profiled, "
+                          f"{summary['heldout_docs']} held out",
+                          ["layer", "routed experts", "cover 50% mass", "cover 90% mass", "top experts (by mass)"],
+                          rows))

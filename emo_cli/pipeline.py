@@ -1,0 +1,113 @@
+"""Orchestration of `emo profile` and `emo prune`: files, progress and data around the pure cores
+(profile.profile_model, select.score_plan, search.router_plan/greedy_plan, prune.prune_to_dir)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import ui
+from .data import Document, data_hash, heldout_split, make_batches, read_documents, tokenize_documents
+from .errors import EmoError
+from .profile import Profile, profile_model
+
+
+def data_stem(path: str | Path) -> str:
+    p = Path(path)
+    return p.stem if p.is_file() or p.suffix else p.name
+
+
+def batches_for(tokenizer, docs: list[Document], seq_len: int, batch_size: int, max_tokens=None):
+    toks = tokenize_documents(tokenizer, docs, seq_len)
+    return make_batches(toks, docs, batch_size, tokenizer.pad_id, max_tokens=max_tokens)
+
+
+def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=None, seq_len=2048,
+                batch_size=8, heldout_frac=0.1, quiet=False) -> Profile:
+    if lm.kind != "hf":
+        raise EmoError("profiling needs the full HF model (a .gguf file holds no router logits emo can trust); pass its directory")
+    docs = read_documents(data, text_field=text_field, max_docs=max_docs)
+    profiled, held = heldout_split(docs, heldout_frac)
+    batches = batches_for(lm.tokenizer, profiled, seq_len, batch_size, max_tokens)
+    meta = {
+        "model": {"path": str(lm.path), "fingerprint": lm.fingerprint},
+        "data": {"sources": [str(d) for d in data], "text_field": text_field, "max_docs": max_docs,
+                 "docs": sum(len(b.doc_index) for b in batches),
+                 "tokens": int(sum(int(b.mask.sum()) for b in batches)), "hash": data_hash(docs),
+                 "total_docs": len(docs), "heldout_frac": heldout_frac, "heldout_ids": [d.index for d in held]},
+        "settings": {"max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size},
+    }
+    with ui.progress(disable=quiet) as prog:
+        task = prog.add_task("profiling", total=meta["data"]["docs"], tokens=0)
+
+        def step(nd, nt):
+            prog.update(task, advance=nd, tokens=prog.tasks[task].fields["tokens"] + nt)
+
+        return profile_model(lm.model, batches, meta, on_batch=step)
+
+
+def _reread(part: dict) -> list[Document]:
+    docs = read_documents(part["sources"], text_field=part.get("text_field"), max_docs=part.get("max_docs"))
+    if data_hash(docs) != part["hash"]:
+        raise EmoError(f"{', '.join(part['sources'])} changed since it was profiled; profile it again")
+    return docs
+
+
+def profiled_documents(profiles: list[Profile]) -> list[Document]:
+    """The documents the profiles were computed on (data re-read, held-out documents excluded)."""
+    out = []
+    for prof in profiles:
+        for part in prof.parts():
+            held = set(part.get("heldout_ids", []))
+            out += [d for d in _reread(part) if d.index not in held]
+    return out
+
+
+def heldout_documents(profiles: list[Profile]) -> list[Document]:
+    out = []
+    for prof in profiles:
+        for part in prof.parts():
+            ids = set(part.get("heldout_ids", []))
+            if ids:
+                out += [d for d in _reread(part) if d.index in ids]
+    return out
+
+
+def make_plan(profiles, method, budget, allocation, model=None, tokenizer=None, heldout_docs=None,
+              seed=0, max_evals=256, quiet=False):
+    """Plan for one budget; data-driven methods need the loaded model."""
+    from .search import greedy_plan, router_plan
+    from .select import score_plan
+
+    top_k = model.config.num_experts_per_tok if model is not None else profiles[0].meta["model"].get("top_k")
+    if top_k is None:
+        raise EmoError("profile lacks the model's top-k; profile again with this emo version")
+    if method in ("frequency", "reap", "easyep", "random"):
+        plan = score_plan(profiles, method, budget, allocation, top_k, seed=seed)
+    else:
+        s = profiles[0].meta["settings"]
+        calib = batches_for(tokenizer, profiled_documents(profiles), s["seq_len"], s["batch_size"], s.get("max_tokens"))
+        with ui.progress(disable=quiet) as prog:
+            if method == "router":
+                task = prog.add_task("router: layerwise", total=len(model.layers), tokens=0)
+                plan = router_plan(model, calib, profiles, budget, allocation, top_k,
+                                   on_layer=lambda _l: prog.update(task, advance=1))
+            elif method == "greedy":
+                held = batches_for(tokenizer, heldout_docs or [], s["seq_len"], s["batch_size"])
+                task = prog.add_task("greedy: held-out loss", total=None, tokens=0)
+                plan = greedy_plan(model, calib, held, profiles, budget, allocation, top_k, max_evals=max_evals,
+                                   on_eval=lambda f: prog.update(task, advance=f))
+            else:
+                raise EmoError(f"unknown method {method!r}")
+    plan.extra["profile_fingerprint"] = "+".join(p.meta["data"]["hash"] for p in profiles)
+    return plan
+
+
+def masked_loss(model, tokenizer, docs, kept, seq_len, batch_size=8) -> float:
+    """Held-out loss of the model with routing masked to `kept` (= the slim model, by the identity)."""
+    from .evaluate import evaluate_loss
+
+    model.set_expert_mask(kept)
+    try:
+        return evaluate_loss(model, tokenizer, docs, seq_len=seq_len, batch_size=batch_size).loss
+    finally:
+        model.set_expert_mask(None)

@@ -1,0 +1,196 @@
+"""Expert-usage profiles: what a domain's tokens do in every MoE layer, per ORIGINAL expert id.
+
+Statistics per layer l and original expert e (tensors [L, E], float64; pad tokens never count):
+  counts   top-k selections (routed and shared/always-active slots alike)
+  prob     sum of routing probabilities (routed softmax; shared columns carry their own softmax)
+  reap     sum over the tokens routed to e of gate weight x ||expert output||   (REAP saliency)
+  easyep   the same product x (1 - cos(h, h + moe(h)))                          (EASY-EP saliency)
+plus tokens [L] and documents. Profiles of the same model add up, so shards and domains merge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .errors import EmoError
+from .models.emo import MoEObservation
+
+STATS = ("counts", "prob", "reap", "easyep")
+
+
+@dataclass
+class Profile:
+    counts: torch.Tensor  # [L, E] float64
+    prob: torch.Tensor  # [L, E]
+    reap: torch.Tensor  # [L, E]
+    easyep: torch.Tensor  # [L, E]
+    tokens: torch.Tensor  # [L] tokens seen by each layer
+    meta: dict = field(default_factory=dict)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def empty(cls, num_layers: int, width: int, meta: dict) -> "Profile":
+        z = lambda: torch.zeros(num_layers, width, dtype=torch.float64)  # noqa: E731
+        return cls(z(), z(), z(), z(), torch.zeros(num_layers, dtype=torch.float64), meta)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["model"]["fingerprint"]
+
+    @property
+    def docs(self) -> int:
+        return int(self.meta["data"]["docs"])
+
+    def layer_ids(self, layer: int) -> list[int]:
+        """Original expert ids present in the profiled model at `layer` (empty for dense layers)."""
+        return list(self.meta["model"]["expert_ids"][layer] or [])
+
+    def routed_ids(self, layer: int) -> list[int]:
+        return [e for e in self.layer_ids(layer) if e not in set(self.fixed_ids(layer))]
+
+    def fixed_ids(self, layer: int) -> list[int]:
+        """Experts every token uses (legacy shared or always-active): always kept by pruning."""
+        return list(self.meta["model"]["fixed_ids"][layer] or [])
+
+    def moe_layers(self) -> list[int]:
+        return [i for i, ids in enumerate(self.meta["model"]["expert_ids"]) if ids]
+
+    # ---- arithmetic ---------------------------------------------------------------------------
+    def merged(self, other: "Profile") -> "Profile":
+        if other.fingerprint != self.fingerprint:
+            raise EmoError(
+                f"profiles come from different models (fingerprints {self.fingerprint} and "
+                f"{other.fingerprint}); profiles only add up for the same model"
+            )
+        meta = json.loads(json.dumps(self.meta))
+        parts = self.parts() + other.parts()
+        meta["data"] = {
+            "sources": [src for p in parts for src in p["sources"]],
+            "docs": self.docs + other.docs,
+            "tokens": int(self.meta["data"]["tokens"]) + int(other.meta["data"]["tokens"]),
+            "hash": "+".join(p["hash"] for p in parts),
+            "parts": parts,
+        }
+        return Profile(self.counts + other.counts, self.prob + other.prob, self.reap + other.reap,
+                       self.easyep + other.easyep, self.tokens + other.tokens, meta)
+
+    def parts(self) -> list[dict]:
+        """The datasets behind the profile, each self-describing: sources, text_field, max_docs,
+        hash and held-out document ids (several after a merge)."""
+        return list(self.meta["data"].get("parts") or [self.meta["data"]])
+
+    # ---- files --------------------------------------------------------------------------------
+    def save(self, path: Path, force: bool = False) -> None:
+        path = Path(path)
+        if path.exists() and not force:
+            raise EmoError(f"{path} exists (pass --force to overwrite)")
+        tensors = {k: getattr(self, k).contiguous() for k in STATS + ("tokens",)}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"emo_profile": json.dumps(self.meta, sort_keys=True)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Profile":
+        path = Path(path)
+        if not path.exists():
+            raise EmoError(f"{path}: no such profile")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["emo_profile"])
+                t = {k: f.get_tensor(k) for k in STATS + ("tokens",)}
+        except (KeyError, json.JSONDecodeError):
+            raise EmoError(f"{path}: not an emo profile (no emo_profile metadata)") from None
+        except Exception as e:  # safetensors raises its own error type for corrupt files
+            raise EmoError(f"{path}: cannot read profile ({str(e).splitlines()[0]})") from None
+        return cls(**t, meta=meta)
+
+
+def model_layout(model) -> dict:
+    """Per layer: original expert ids, fixed (shared/always-active) ids, routed top-k."""
+    ids, fixed, routed_k = [], [], []
+    blocks = model.moe_blocks()
+    for i in range(len(model.layers)):
+        blk = blocks.get(i)
+        if blk is None:
+            ids.append(None), fixed.append(None), routed_k.append(0)
+            continue
+        orig = blk.expert_ids.tolist()
+        spec = blk.spec
+        local_fixed = list(spec.always_active) or list(range(spec.num_experts - spec.num_shared, spec.num_experts))
+        ids.append(orig)
+        fixed.append([orig[j] for j in local_fixed])
+        routed_k.append(spec.top_k - len(local_fixed))
+    return {"expert_ids": ids, "fixed_ids": fixed, "routed_top_k": routed_k,
+            "top_k": model.config.num_experts_per_tok}
+
+
+class ProfileAccumulator:
+    """Observer for EmoForCausalLM: accumulates statistics of non-pad tokens into a Profile."""
+
+    def __init__(self, profile: Profile, model):
+        self.p = profile
+        self.mask: torch.Tensor | None = None  # [T] bool, set per batch
+        # local expert index -> column (original id) per layer
+        self.cols = {i: b.expert_ids.to("cpu") for i, b in model.moe_blocks().items()}
+
+    def __call__(self, ob: MoEObservation) -> None:
+        m = self.mask
+        r = ob.routing
+        experts, weights, norms = r.experts[m], r.weights[m].double(), ob.expert_norms[m].double()  # [N, K]
+        x, out = ob.x[m].float(), ob.out[m].float()  # [N, D]
+        E = r.probs.shape[1]
+        cols = self.cols[ob.layer]
+        flat = experts.reshape(-1)
+        counts = torch.bincount(flat, minlength=E).double()
+        prob = r.probs[m].double().sum(0)
+        sal = weights * norms  # [N, K] REAP terms
+        reap = torch.zeros(E, dtype=torch.float64, device=flat.device).index_add_(0, flat, sal.reshape(-1))
+        # EASY-EP weighs each token by how much the MoE output turns its residual stream
+        turn = (1 - F.cosine_similarity(x, x + out, dim=-1)).clamp_min(0).double()  # [N]
+        easy = torch.zeros(E, dtype=torch.float64, device=flat.device).index_add_(
+            0, flat, (sal * turn[:, None]).reshape(-1))
+        L = ob.layer
+        for name, v in (("counts", counts), ("prob", prob), ("reap", reap), ("easyep", easy)):
+            getattr(self.p, name)[L].index_add_(0, cols, v.cpu())
+        self.p.tokens[L] += float(m.sum())
+
+
+@torch.no_grad()
+def profile_model(model, batches, meta: dict, on_batch=None) -> Profile:
+    """Run every batch through `model` (no lm_head) and accumulate the profile."""
+    layout = model_layout(model)
+    width = max((max(ids) + 1 for ids in layout["expert_ids"] if ids), default=0)
+    if width == 0:
+        raise EmoError("the model has no MoE layers to profile")
+    meta = dict(meta)
+    meta["model"] = {**meta.get("model", {}), **layout}
+    meta["emo_version"] = __version__
+    prof = Profile.empty(len(model.layers), width, meta)
+    acc = ProfileAccumulator(prof, model)
+    for b in batches:
+        acc.mask = b.mask.reshape(-1).to(model.device)
+        model.hidden_states(b.ids.to(model.device), observer=acc)
+        if on_batch:
+            on_batch(len(b.doc_index), int(b.mask.sum()))
+    return prof
+
+
+def coverage(profile: Profile, layer: int, share: float) -> int:
+    """How many routed experts carry `share` of the layer's routed probability mass."""
+    ids = profile.routed_ids(layer)
+    if not ids:
+        return 0
+    mass = profile.prob[layer, ids].sort(descending=True).values
+    total = float(mass.sum())
+    if total <= 0:
+        return 0
+    return int((mass.cumsum(0) < share * total).sum()) + 1

@@ -1,0 +1,201 @@
+"""`emo prune`: profile(s) -> plan -> slim HF dir (+ GGUF) -> report of what was lost.
+
+The report evaluates the full model with routing masked to the plan, which gives exactly the slim
+model's numbers (DESIGN.md's identity) without loading a second model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ui
+from .data import read_documents
+from .errors import EmoError
+from .loading import is_gguf, open_hf_dir, resolve_model_path
+from .pipeline import heldout_documents, make_plan, masked_loss
+from .profile import Profile
+from .prune import expected_size, prune_to_dir
+from .select import Budget, Plan, domain_coverage
+from .workspace import read_state, resolve_default_model, update_state
+
+
+@dataclass
+class PruneRequest:
+    budget: str = "25%"
+    profiles: list[Path] = field(default_factory=list)
+    model: str | None = None
+    method: str = "frequency"
+    heldout: list[str] = field(default_factory=list)
+    allocation: str = "uniform"
+    output: Path | None = None
+    gguf: Path | None = None
+    no_gguf: bool = False
+    quant: str = "f16"
+    plan: Path | None = None
+    dry_run: bool = False
+    seed: int = 0
+    max_evals: int = 256
+    guard: list[str] = field(default_factory=list)
+    max_loss_increase: float | None = None
+    force: bool = False
+    device: str = "cpu"
+    dtype: str = "auto"
+    quiet: bool = False
+
+
+def parse_percent(text: str) -> float:
+    s = str(text).strip().rstrip("%")
+    try:
+        v = float(s)
+    except ValueError:
+        raise EmoError(f"--max-loss-increase {text!r} is not a percentage like 2%") from None
+    if v < 0:
+        raise EmoError("--max-loss-increase must be >= 0%")
+    return v
+
+
+def _load_profiles(req: PruneRequest, state: dict) -> tuple[list[Profile], str]:
+    paths = list(req.profiles)
+    if not paths:
+        if not state.get("profile"):
+            raise EmoError("no profile: run `emo profile DATA` first, or pass --profile FILE")
+        paths = [Path(state["profile"])]
+    profiles = [Profile.load(p) for p in paths]
+    for p, path in zip(profiles[1:], paths[1:]):
+        if p.fingerprint != profiles[0].fingerprint:
+            raise EmoError(f"{path} profiles another model than {paths[0]}; profiles only combine for one model")
+    if req.profiles:
+        stem = "+".join(Path(p).name.split(".")[0] for p in paths)
+    else:
+        stem = state.get("stem") or Path(paths[0]).name.split(".")[0]
+    return profiles, stem
+
+
+def run_prune(req: PruneRequest) -> dict:
+    from .runtime import load_model
+
+    state = read_state()
+    profiles, stem = _load_profiles(req, state)
+    budget = Budget.parse(req.budget)
+    if req.allocation not in ("uniform", "global"):
+        raise EmoError(f"unknown allocation {req.allocation!r} (uniform or global)")
+    spec = req.model or os.environ.get("EMO_MODEL") or profiles[0].meta["model"].get("spec") or state.get("model")
+    spec = resolve_default_model(spec)
+    path = resolve_model_path(spec)
+    if is_gguf(path):
+        raise EmoError("prune needs the full HF model directory, not a .gguf file")
+    files = open_hf_dir(path)
+    if files.fingerprint != profiles[0].fingerprint:
+        raise EmoError(f"the profile was made on another model ({profiles[0].meta['model']['path']}, "
+                       f"fingerprint {profiles[0].fingerprint}) than {spec} ({files.fingerprint})")
+    out = Path(req.output or f"slim-{stem}")
+    gguf_path = None if req.no_gguf else Path(req.gguf or f"{out}.gguf")
+    if not req.dry_run:
+        for target in (out, gguf_path):
+            if target is not None and target.exists() and not req.force:
+                raise EmoError(f"{target} exists (pass --force to overwrite, or -o another name)")
+    heldout = (read_documents(req.heldout) if req.heldout else heldout_documents(profiles))
+    guards = [(g, read_documents([g])) for g in req.guard]
+    needs_model = req.method in ("router", "greedy") or heldout or guards or req.max_loss_increase is not None
+    lm = load_model(str(path), device=req.device, dtype=req.dtype) if needs_model else None
+    model, tok = (lm.model, lm.tokenizer) if lm else (None, None)
+    seq_len = profiles[0].meta["settings"]["seq_len"]
+    chosen_by = None
+
+    def plan_for(b: Budget) -> Plan:
+        return make_plan(profiles, req.method, b, req.allocation, model=model, tokenizer=tok,
+                         heldout_docs=heldout, seed=req.seed, max_evals=req.max_evals, quiet=req.quiet)
+
+    if req.plan is not None:
+        plan = Plan.load(req.plan)
+        if plan.model_fingerprint != files.fingerprint:
+            raise EmoError(f"{req.plan} was made for another model (fingerprint {plan.model_fingerprint})")
+    elif req.max_loss_increase is not None:
+        if not heldout:
+            raise EmoError("--max-loss-increase needs held-out documents (profile with --heldout-frac > 0 or pass --heldout)")
+        plan, chosen_by = _search_budget(req, profiles, model, tok, heldout, seq_len, plan_for)
+    else:
+        plan = plan_for(budget)
+    full_bytes, slim_bytes = expected_size(path, plan)
+    report = {"model": spec, "output": str(out), "method": plan.method, "budget": plan.budget,
+              "allocation": plan.allocation, "kept_per_layer": {str(k): len(v) for k, v in plan.kept.items()},
+              "bytes_before": full_bytes, "bytes_after": slim_bytes, "bytes_saved": full_bytes - slim_bytes,
+              "coverage": {Path(p.meta["data"]["sources"][0]).name: round(domain_coverage(p, plan), 4) for p in profiles}}
+    if chosen_by:
+        report["budget_search"] = chosen_by
+    if model is not None and (heldout or guards):
+        report["eval"] = _losses(model, tok, plan, heldout, guards, seq_len)
+    if plan.extra.get("forward_equivalents") is not None:
+        report["greedy"] = {k: plan.extra[k] for k in ("start", "evals", "forward_equivalents", "seed_losses")}
+    if req.dry_run:
+        report["dry_run"] = True
+        report["plan"] = {str(k): v for k, v in plan.kept.items()}
+        return report
+    extra_meta = {"profile_files": [str(p) for p in (req.profiles or [state.get("profile")])]}
+    ev = report.get("eval", {}).get("heldout")
+    if ev:
+        extra_meta["heldout_loss_before"], extra_meta["heldout_loss_after"] = ev["before"], ev["after"]
+    del lm, model
+    with ui.progress(disable=req.quiet) as prog:
+        task = prog.add_task(f"writing {out}", total=files.config.num_hidden_layers, tokens=0)
+        prune_to_dir(path, plan, out, force=req.force, extra_meta=extra_meta, source_name=spec,
+                     on_layer=lambda _i: prog.update(task, advance=1))
+    plan.save(out / "plan.json")
+    report["gguf"] = _export(out, gguf_path, req, plan) if gguf_path else None
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    update_state(model=state.get("model") or spec, slim=str(out.resolve()), plan=str((out / "plan.json").resolve()))
+    return report
+
+
+def _losses(model, tok, plan, heldout, guards, seq_len) -> dict:
+    res = {}
+    sets = ([("heldout", heldout)] if heldout else []) + guards
+    for name, docs in sets:
+        before = masked_loss(model, tok, docs, None, seq_len)
+        after = masked_loss(model, tok, docs, plan.kept, seq_len)
+        res[name] = {"docs": len(docs), "before": before, "after": after,
+                     "increase_pct": 100 * (after / before - 1) if before else None}
+    return res
+
+
+def _search_budget(req, profiles, model, tok, heldout, seq_len, plan_for):
+    """Smallest uniform kept count whose held-out loss rises by at most X% (binary search; loss
+    is taken as non-increasing in the budget, which selection by score makes nearly true)."""
+    limit = parse_percent(req.max_loss_increase)
+    base = masked_loss(model, tok, heldout, None, seq_len)
+    sizes = [len(profiles[0].layer_ids(l)) for l in profiles[0].moe_layers()]
+    lo = min(model.config.num_experts_per_tok, min(sizes))
+    hi = min(sizes)
+    tried = {}
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        plan = plan_for(Budget.parse(str(mid)))
+        loss = masked_loss(model, tok, heldout, plan.kept, seq_len)
+        tried[mid] = round(100 * (loss / base - 1), 4)
+        if loss <= base * (1 + limit / 100):
+            best, hi = (mid, plan), mid - 1
+        else:
+            lo = mid + 1
+    if best is None:
+        raise EmoError(f"no budget keeps the held-out loss within +{limit}% (tried {tried})")
+    return best[1], {"max_increase_pct": limit, "chosen_keep": best[0], "tried": tried, "base_loss": base}
+
+
+def _export(out: Path, gguf_path: Path, req: PruneRequest, plan: Plan):
+    from .config import EmoConfig
+    from .gguf_export import export_gguf, gguf_blocker
+
+    cfg = EmoConfig.from_file(out / "config.json")
+    reason = gguf_blocker(cfg, out)
+    if reason:
+        ui.err.print(f"note: no GGUF written: {reason}", markup=False)
+        return {"skipped": reason}
+    with ui.progress(disable=req.quiet) as prog:
+        task = prog.add_task(f"exporting {gguf_path.name}", total=None, tokens=0)
+        export_gguf(out, gguf_path, quant=req.quant, force=req.force,
+                    progress=lambda *a: prog.update(task, advance=1))
+    return {"path": str(gguf_path), "quant": req.quant, "bytes": gguf_path.stat().st_size}

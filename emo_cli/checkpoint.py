@@ -100,12 +100,15 @@ class SafetensorsCheckpoint:
         return sum((self.dir / s).stat().st_size for s in set(self.shard_of.values()))
 
     def fingerprint(self, config_text: str) -> str:
-        """Identity of a model: its config plus every tensor's name, dtype and shape."""
+        """Identity of a model: its config, every tensor's name, dtype and shape, and the bytes of
+        the (small) norm weights, so same-shaped models (EMO vs. the standard MoE) differ."""
         h = hashlib.sha256()
         h.update(json.dumps(json.loads(config_text), sort_keys=True).encode())
         for name in sorted(self.headers):
             info = self.headers[name]
             h.update(f"{name}:{info['dtype']}:{info['shape']}".encode())
+            if name.endswith("norm.weight"):
+                h.update(self.get(name).float().numpy().tobytes())
         return h.hexdigest()[:16]
 
 

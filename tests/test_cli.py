@@ -1,0 +1,158 @@
+"""The command line: the three documented commands in sequence, JSON output, and bad inputs that
+must give one clear line, a non-zero exit, no traceback and no partial output."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emo_cli import cli
+from tiny_models import sample_texts, write_jsonl
+
+
+def run(argv, capsys, cwd=None, monkeypatch=None):
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    old = sys.argv
+    sys.argv = ["emo", *map(str, argv)]
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code, err, needle):
+    assert code == 1, err
+    assert "Traceback" not in err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert needle in err, err
+
+
+def test_profile_then_bare_prune_in_a_workspace(tiny_model_factory, tmp_path, capsys, monkeypatch):
+    model = tiny_model_factory("shared")
+    write_jsonl(tmp_path / "data" / "med.jsonl", sample_texts(30, seed=5))
+    monkeypatch.setenv("EMO_MODEL", str(model))
+    code, out, err = run(["profile", "data/med.jsonl"], capsys, tmp_path, monkeypatch)
+    assert code == 0, err
+    assert (tmp_path / "med.profile.safetensors").exists()
+    monkeypatch.delenv("EMO_MODEL")
+    code, out, err = run(["prune", "--budget", "50%", "--no-gguf", "--json"], capsys, tmp_path, monkeypatch)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["kept_per_layer"] == {"0": 4, "1": 4, "2": 4}
+    assert (tmp_path / "slim-med" / "pruning_metadata.json").exists()
+    assert (tmp_path / "slim-med" / "plan.json").exists()
+    # nothing is overwritten without --force
+    code, _, err = run(["prune", "--budget", "50%", "--no-gguf"], capsys, tmp_path, monkeypatch)
+    assert_clean_error(code, err, "--force")
+    # --plan re-applies the saved plan exactly
+    code, out, err = run(["prune", "--plan", "slim-med/plan.json", "--no-gguf", "-o", "again", "--json"],
+                         capsys, tmp_path, monkeypatch)
+    assert code == 0, err
+    a = json.loads((tmp_path / "slim-med" / "pruning_metadata.json").read_text())
+    b = json.loads((tmp_path / "again" / "pruning_metadata.json").read_text())
+    assert a["experts_kept_per_layer"] == b["experts_kept_per_layer"]
+    code, out, err = run(["prune", "--budget", "4", "--dry-run", "--json"], capsys, tmp_path, monkeypatch)
+    assert code == 0 and json.loads(out)["dry_run"] and not (tmp_path / "slim-med.gguf").exists()
+
+
+def test_eval_json(tiny_model_factory, tmp_path, capsys, med_data):
+    m = tiny_model_factory("plain")
+    code, out, err = run(["eval", m, m, "--data", med_data, "--json", "--max-docs", "5"], capsys)
+    assert code == 0, err
+    res = json.loads(out)["results"]
+    assert len(res) == 2 and res[0]["loss"] == res[1]["loss"] and res[0]["docs"] == 5
+    assert set(res[0]) == {"model", "data", "loss", "ppl", "bits_per_byte", "tokens", "docs"}
+
+
+def _broken_model(src, tmp_path, how):
+    d = tmp_path / how
+    shutil.copytree(src, d)
+    if how == "no-config":
+        (d / "config.json").unlink()
+    elif how == "no-shard":
+        next(d.glob("model-00002*")).unlink()
+    elif how == "bad-type":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["model_type"] = "llama"
+        (d / "config.json").write_text(json.dumps(cfg))
+    elif how == "bad-shape":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["intermediate_size"] = 24
+        (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("how,needle", [("no-config", "config.json"), ("no-shard", "shard"),
+                                        ("bad-type", "model_type"), ("bad-shape", "shape")])
+def test_bad_models(tiny_model_factory, tmp_path, capsys, med_data, how, needle):
+    d = _broken_model(tiny_model_factory("shared"), tmp_path, how)
+    code, _, err = run(["eval", d, "--data", med_data], capsys)
+    assert_clean_error(code, err, needle)
+
+
+def test_bad_data(tiny_model_factory, tmp_path, capsys):
+    m = tiny_model_factory("shared")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"body": "x"}\n')
+    for path, needle in ((empty, "empty"), (bad, "bad.jsonl:2"), (nofield, "no text field"),
+                         (tmp_path / "missing.jsonl", "no such")):
+        code, _, err = run(["eval", m, "--data", path], capsys)
+        assert_clean_error(code, err, needle)
+
+
+def test_bad_budgets_and_foreign_profiles(tiny_model_factory, tmp_path, capsys, med_data, monkeypatch):
+    a, b = tiny_model_factory("shared"), tiny_model_factory("shared", seed=1)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["profile", med_data, "--model", a, "-o", "a.profile.safetensors"], capsys)
+    assert code == 0, err
+    for budget, needle in (("0%", "0%"), ("150%", "100%"), ("2", "below top-k"), ("lots", "not a number")):
+        code, _, err = run(["prune", "--budget", budget, "--no-gguf"], capsys)
+        assert_clean_error(code, err, needle)
+    code, _, err = run(["prune", "--model", b, "--no-gguf"], capsys)
+    assert_clean_error(code, err, "another model")
+    assert not any(p.name.startswith(("slim", ".slim")) for p in tmp_path.iterdir())
+
+
+def test_interrupted_prune_leaves_nothing(tiny_model_factory, tmp_path, med_data, monkeypatch):
+    from emo_cli import checkpoint
+    from emo_cli.pipeline import run_profile
+    from emo_cli.prune import prune_to_dir
+    from emo_cli.runtime import load_model
+    from emo_cli.select import Budget, score_plan
+
+    m = tiny_model_factory("shared")
+    prof = run_profile(load_model(m), [str(med_data)], seq_len=64, quiet=True)
+    plan = score_plan([prof], "frequency", Budget.parse("4"), "uniform", 3)
+    calls = {"n": 0}
+    real_add = checkpoint.ShardWriter.add
+
+    def flaky_add(self, name, t):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return real_add(self, name, t)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "add", flaky_add)
+    with pytest.raises(KeyboardInterrupt):
+        prune_to_dir(m, plan, tmp_path / "slim")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_reports_one_line(tmp_path):
+    exe = Path(sys.executable).parent / "emo"
+    r = subprocess.run([str(exe), "info", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "no such model" in r.stderr

@@ -38,7 +38,7 @@ def _quiet_datasets():
     return datasets
 
 
-def _data_files(path: Path) -> list[Path]:
+def data_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIX_BUILDER)
         if not files:
@@ -83,7 +83,7 @@ def _pick_field(columns: list[str], text_field: str | None, source: str) -> str:
                    f"fields: {', '.join(columns)}); pass --text-field")
 
 
-def _load_file(path: Path):
+def load_table(path: Path):
     datasets = _quiet_datasets()
     builder = SUFFIX_BUILDER[path.suffix]
     if path.stat().st_size == 0:
@@ -108,7 +108,7 @@ def read_documents(inputs: list[str | Path], text_field: str | None = None,
             datasets = _quiet_datasets()
             tables = [(str(path), datasets.load_from_disk(str(path)))]
         else:
-            tables = [(str(f), _load_file(f)) for f in _data_files(path)]
+            tables = [(str(f), load_table(f)) for f in data_files(path)]
         for source, table in tables:
             if hasattr(table, "keys") and not hasattr(table, "column_names"):
                 raise EmoError(f"{source}: a DatasetDict; pass one split's directory")

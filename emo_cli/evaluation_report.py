@@ -4,36 +4,60 @@ from __future__ import annotations
 
 from .data import read_documents
 from .evaluate import evaluate_loss
+from .multiple_choice import evaluate_mc, is_multiple_choice, read_mc_items
 from .runtime import load_model
 from . import ui
 
 
 def run_eval(models: list[str], data: list[str], max_docs=None, seq_len=2048, batch_size=8,
              text_field=None, device="cpu", dtype="auto", quiet=False) -> dict:
-    datasets = [(d, read_documents([d], text_field=text_field, max_docs=max_docs)) for d in data]
+    datasets = []
+    for d in data:
+        if text_field is None and is_multiple_choice(d):
+            datasets.append((d, "mc", read_mc_items(d, max_items=max_docs)))
+        else:
+            datasets.append((d, "lm", read_documents([d], text_field=text_field, max_docs=max_docs)))
     results = []
     with ui.progress(disable=quiet) as prog:
         for spec in models:
             lm = load_model(spec, device=device, dtype=dtype)
-            for name, docs in datasets:
+            for name, kind, docs in datasets:
                 task = prog.add_task(f"{spec} · {name}", total=len(docs), tokens=0)
 
                 def step(nd, nt, task=task):
                     prog.update(task, advance=nd, tokens=prog.tasks[task].fields["tokens"] + nt)
 
+                if kind == "mc":
+                    r = evaluate_mc(lm.model, lm.tokenizer, docs, seq_len=seq_len, on_item=step)
+                    results.append({"model": spec, "data": name, **r})
+                    continue
                 r = evaluate_loss(lm.model, lm.tokenizer, docs, seq_len=seq_len, batch_size=batch_size,
                                   on_batch=step)
                 results.append({"model": spec, "data": name, "loss": r.loss, "ppl": r.ppl,
                                 "bits_per_byte": r.bits_per_byte, "tokens": r.tokens, "docs": r.docs})
             del lm
     if not quiet:
-        base = {res["data"]: res["loss"] for res in results if res["model"] == models[0]}
+        _render(results, models)
+    return {"results": results}
+
+
+def _render(results: list[dict], models: list[str]) -> None:
+    lm_rows = [r for r in results if "loss" in r]
+    mc_rows = [r for r in results if "acc" in r]
+    if lm_rows:
+        base = {res["data"]: res["loss"] for res in lm_rows if res["model"] == models[0]}
         rows = []
-        for res in results:
+        for res in lm_rows:
             b = base.get(res["data"])
             delta = "" if res["model"] == models[0] or b is None else f"{100 * (res['loss'] / b - 1):+.2f}%"
             rows.append([res["model"], res["data"], res["loss"], res["ppl"], res["bits_per_byte"],
                          res["tokens"], res["docs"], delta])
         ui.out.print(ui.table("emo eval", ["model", "data", "loss", "ppl", "bits/byte", "tokens", "docs",
                                            "Δ loss vs first"], rows, justify_right_from=2))
-    return {"results": results}
+    if mc_rows:
+        base = {res["data"]: res["acc"] for res in mc_rows if res["model"] == models[0]}
+        rows = [[r["model"], r["data"], r["acc"], r["acc_norm"], r["items"],
+                 "" if r["model"] == models[0] else f"{100 * (r['acc'] - base.get(r['data'], 0)):+.1f} pts"]
+                for r in mc_rows]
+        ui.out.print(ui.table("emo eval: multiple choice", ["model", "data", "acc", "acc_norm", "items",
+                                                            "Δ acc vs first"], rows, justify_right_from=2))

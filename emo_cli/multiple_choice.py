@@ -1,0 +1,103 @@
+"""Multiple-choice scoring by log-likelihood (lm-eval's acc / acc_norm protocol).
+
+A JSONL row {"question": Q, "choices": [...], "answer": index or letter} is scored by the summed
+log-probability of each continuation " " + choice after the context Q (tokenized together, so the
+choice tokens are those of Q + " " + choice after Q's own tokens). `acc` picks the highest sum;
+`acc_norm` divides it by the choice's length in UTF-8 bytes first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import data_files, load_table
+from .errors import EmoError
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass
+class MCItem:
+    question: str
+    choices: list[str]
+    answer: int
+
+
+def is_multiple_choice(path: str) -> bool:
+    files = data_files(Path(path))
+    table = load_table(files[0])
+    return {"question", "choices", "answer"} <= set(table.column_names)
+
+
+def read_mc_items(path: str, max_items: int | None = None) -> list[MCItem]:
+    items = []
+    for f in data_files(Path(path)):
+        for n, row in enumerate(load_table(f), 1):
+            choices = row["choices"]
+            if not isinstance(choices, list) or len(choices) < 2:
+                raise EmoError(f"{f}: item {n} needs a list of at least two choices")
+            ans = row["answer"]
+            if isinstance(ans, str):
+                a = ans.strip()
+                idx = LETTERS.index(a.upper()) if len(a) == 1 and a.upper() in LETTERS else (int(a) if a.isdigit() else -1)
+            else:
+                idx = int(ans)
+            if not 0 <= idx < len(choices):
+                raise EmoError(f"{f}: item {n} has answer {ans!r} outside its {len(choices)} choices")
+            items.append(MCItem(str(row["question"]), [str(c) for c in choices], idx))
+            if max_items is not None and len(items) >= max_items:
+                return items
+    if not items:
+        raise EmoError(f"{path}: no multiple-choice items")
+    return items
+
+
+def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    if whole[:len(ctx)] != ctx:  # the boundary merged into one token: score from the first difference
+        i = 0
+        while i < min(len(ctx), len(whole)) and ctx[i] == whole[i]:
+            i += 1
+        ctx = whole[:i]
+    return whole[:len(ctx)], whole[len(ctx):]
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, item: MCItem, seq_len: int) -> list[float]:
+    rows = []
+    for c in item.choices:
+        ctx, cont = continuation_ids(tokenizer, item.question, " " + c)
+        if not cont:
+            raise EmoError(f"choice {c!r} tokenizes to nothing")
+        ids = (ctx + cont)[-seq_len:]
+        rows.append((ids, min(len(cont), len(ids) - 1)))
+    S = max(len(r[0]) for r in rows)
+    batch = torch.full((len(rows), S), tokenizer.pad_id, dtype=torch.long)
+    for i, (ids, _) in enumerate(rows):
+        batch[i, :len(ids)] = torch.tensor(ids)
+    logits = model(batch.to(model.device))  # [C, S, V]
+    logp = F.log_softmax(logits.double(), dim=-1)
+    out = []
+    for i, (ids, n) in enumerate(rows):
+        pos = torch.arange(len(ids) - n - 1, len(ids) - 1)
+        tgt = torch.tensor(ids[len(ids) - n:])
+        out.append(float(logp[i, pos, tgt].sum()))
+    return out
+
+
+def evaluate_mc(model, tokenizer, items: list[MCItem], seq_len: int = 2048, on_item=None) -> dict:
+    correct = correct_norm = 0
+    for it in items:
+        lp = choice_logprobs(model, tokenizer, it, seq_len)
+        norm = [v / max(len(c.encode("utf-8")), 1) for v, c in zip(lp, it.choices)]
+        correct += int(max(range(len(lp)), key=lambda j: (lp[j], -j)) == it.answer)
+        correct_norm += int(max(range(len(norm)), key=lambda j: (norm[j], -j)) == it.answer)
+        if on_item:
+            on_item(1, 0)
+    n = len(items)
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "items": n}

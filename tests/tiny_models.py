@@ -62,13 +62,14 @@ def tiny_config(variant: str, eos: int, pad: int, vocab: int) -> dict:
 
 
 def write_tiny_model(out_dir: Path, variant: str = "shared", seed: int = 0, extra_rows: int = 3,
-                     dtype=np.float32) -> Path:
+                     dtype=np.float32, overrides: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer()
     eos, pad = save_tokenizer(tok, out_dir, model_max_length=256)
     V = tok.get_vocab_size() + extra_rows  # rows beyond the tokenizer are part of the softmax
     cfg = tiny_config(variant, eos, pad, V)
+    cfg.update(overrides or {})  # e.g. wider shapes, or a variant without dense biases
     rng = np.random.default_rng(seed)
     D, H = cfg["hidden_size"], cfg["num_attention_heads"]
     Hkv = cfg["num_key_value_heads"] or H

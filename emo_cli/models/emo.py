@@ -152,6 +152,7 @@ class MoEBlock(nn.Module):
         self.register_buffer("expert_ids", torch.arange(num_experts), persistent=True)  # [E] original ids
         self.allowed: torch.Tensor | None = None  # [E] bool routing mask (switching to a subset)
         self.pool_fn: Callable | None = None  # training-time EMO document pool, see pretrain.py
+        self.moe_fn: Callable = grouped_moe  # inference kernel, chosen by emo_kernels.dispatch
 
     def forward(self, x: torch.Tensor, observer: Observer | None = None, **pool_kw) -> torch.Tensor:
         B, S, D = x.shape
@@ -162,7 +163,7 @@ class MoEBlock(nn.Module):
             allowed = self.pool_fn(self, logits, **pool_kw)  # [T, E] per-document pool
         r = route(logits, self.spec, allowed)
         if observer is None:
-            out = grouped_moe(xt, r.experts, r.weights, self.w_gate, self.w_up, self.w_down)
+            out = self.moe_fn(xt, r.experts, r.weights, self.w_gate, self.w_up, self.w_down)
         else:
             out, norms = grouped_moe(xt, r.experts, r.weights, self.w_gate, self.w_up, self.w_down,
                                      return_norms=True)

@@ -1,0 +1,283 @@
+"""Decode and prefill speed and peak memory: emo's CPU kernels vs llama.cpp, same GGUF, same threads.
+
+    .venv/bin/python bench/decode.py                       # tiny (if embedded) + slim q8_0 + slim q4_0
+    .venv/bin/python bench/decode.py --models slim-q4_0 --threads 2 --prompt 128 --decode 32 --json
+
+Models:
+  tiny        the embedded tiny model (emo_cli/assets/tiny-emo) exported to q8_0, when it exists
+  slim-q8_0   a synthetic EMO-shaped slim model: 16 layers, d 2048, 31 routed + 1 shared experts of
+  slim-q4_0   width 1024, top-8, vocabulary 100352, random weights written straight as quant blocks
+              (a few GB; written once into --workdir, reused after)
+Each (model, engine) pair runs in its own subprocess, so the peak RSS (VmHWM) of one does not leak
+into the other; both engines memory-map the file, so touched weights count in their RSS. Greedy
+decoding (argmax) from the same random prompt; the first decode step is a warm-up and not timed.
+Targets (issue 5): decode >= 0.5x llama.cpp (stretch 0.9x), peak memory <= 1.3x the file size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SLIM = dict(layers=16, hidden=2048, heads=16, experts=32, shared=1, width=1024, top_k=8, vocab=100352)
+
+
+# ---- synthetic slim model ------------------------------------------------------------------------
+def _random_blocks(rng, rows: int, cols: int, qtype, std: float) -> np.ndarray:
+    """[rows, cols] weights as raw Q8_0/Q4_0 blocks: random quants, one fp16 scale giving `std`."""
+    from gguf import GGMLQuantizationType as QT
+
+    nb = cols // 32
+    if qtype == QT.Q8_0:
+        q = rng.integers(-127, 128, size=(rows, nb, 32), dtype=np.int8).view(np.uint8)
+        d = std / np.sqrt((127 * 128) / 3)  # std of uniform integers in [-127, 127]
+    else:
+        q = rng.integers(0, 256, size=(rows, nb, 16), dtype=np.uint8)  # two nibbles per byte
+        d = std / np.sqrt((16 * 16 - 1) / 12)  # std of uniform integers in [-8, 7]
+    scale = np.full((rows, nb, 1), d, dtype=np.float16).view(np.uint8).reshape(rows, nb, 2)
+    return np.concatenate([scale, q], axis=2).reshape(rows, -1)
+
+
+def write_slim_gguf(path: Path, quant: str, seed: int = 0) -> Path:
+    """Write the synthetic slim model in emo's GGUF layout (gguf_format names and keys)."""
+    import tempfile
+
+    from gguf import GGMLQuantizationType as QT
+    from gguf import GGUFWriter, LlamaFileType
+
+    from emo_cli import gguf_format as gf
+    from emo_cli.bpe import save_tokenizer, train_bpe
+    from emo_cli.config import EmoConfig
+    from emo_cli.gguf_export import add_tokenizer
+
+    s = SLIM
+    qtype = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0}[quant]
+    D, F, E, V = s["hidden"], s["width"], s["experts"], s["vocab"]
+    Er = E - s["shared"]
+    rng = np.random.default_rng(seed)
+    cfg = EmoConfig(vocab_size=V, hidden_size=D, num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                    intermediate_size=F, num_experts=E, num_experts_per_tok=s["top_k"], num_shared_experts=1)
+    tmp = path.with_name(path.name + ".tmp")
+    w = GGUFWriter(tmp, gf.ARCH)
+    w.add_name("synthetic-emo-slim")
+    w.add_file_type(int(gf.QUANTS[quant][0]))
+    w.add_context_length(4096)
+    w.add_embedding_length(D)
+    w.add_block_count(s["layers"])
+    w.add_feed_forward_length(F)
+    w.add_leading_dense_block_count(0)
+    w.add_head_count(s["heads"])
+    w.add_head_count_kv(s["heads"])
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(500000.0)
+    w.add_rope_dimension_count(D // s["heads"])
+    w.add_vocab_size(V)
+    w.add_expert_count(Er)
+    w.add_expert_used_count(s["top_k"] - 1)
+    w.add_expert_shared_count(1)
+    w.add_expert_feed_forward_length(F)
+    w.add_expert_weights_scale(1.0)
+    w.add_uint32(gf.K_EMO_SHARED, 1)
+    with tempfile.TemporaryDirectory() as td:  # a small real BPE vocabulary, padded to V rows
+        texts = [f"the patient {i} was given a dose of aspirin; def f(x): return x * {i}" for i in range(200)]
+        eos, pad = save_tokenizer(train_bpe(texts, vocab_size=400), Path(td), model_max_length=4096)
+        cfg.eos_token_id, cfg.pad_token_id = eos, pad
+        add_tokenizer(w, Path(td), V, cfg)
+    plan = [(gf.TOKEN_EMBD, (V, D), qtype, 0.02)]
+    for i in range(s["layers"]):
+        plan += [(gf.blk(i, gf.ATTN_NORM), (D,), QT.F32, None), (gf.blk(i, gf.ATTN_Q), (D, D), qtype, 0.02),
+                 (gf.blk(i, gf.ATTN_K), (D, D), qtype, 0.02), (gf.blk(i, gf.ATTN_V), (D, D), qtype, 0.02),
+                 (gf.blk(i, gf.ATTN_OUT), (D, D), qtype, 0.02), (gf.blk(i, gf.FFN_NORM), (D,), QT.F32, None),
+                 (gf.blk(i, gf.FFN_GATE_INP), (Er, D), QT.F32, 0.02),
+                 (gf.blk(i, gf.FFN_GATE_EXPS), (Er, F, D), qtype, 0.02),
+                 (gf.blk(i, gf.FFN_UP_EXPS), (Er, F, D), qtype, 0.02),
+                 (gf.blk(i, gf.FFN_DOWN_EXPS), (Er, D, F), qtype, 0.02),
+                 (gf.blk(i, gf.FFN_GATE_SHEXP), (F, D), qtype, 0.02), (gf.blk(i, gf.FFN_UP_SHEXP), (F, D), qtype, 0.02),
+                 (gf.blk(i, gf.FFN_DOWN_SHEXP), (D, F), qtype, 0.02)]
+    plan += [(gf.OUTPUT_NORM, (D,), QT.F32, None), (gf.OUTPUT, (V, D), qtype, 0.02)]
+
+    def build(shape, qt, std):
+        if qt == QT.F32:
+            if std is None:
+                return np.ones(shape, np.float32)
+            return (rng.standard_normal(shape, dtype=np.float32) * std)
+        rows = int(np.prod(shape[:-1]))
+        return _random_blocks(rng, rows, shape[-1], qt, std).reshape(*shape[:-1], -1)
+
+    from gguf.quants import quant_shape_to_byte_shape
+
+    for name, shape, qt, _ in plan:
+        eshape = shape if qt == QT.F32 else tuple(quant_shape_to_byte_shape(shape, qt))
+        dt = np.dtype(np.float32 if qt == QT.F32 else np.uint8)
+        w.add_tensor_info(name, eshape, dt, int(np.prod(eshape)) * dt.itemsize, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, shape, qt, std in plan:
+        w.write_tensor_data(build(shape, qt, std))
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def tiny_gguf(workdir: Path) -> Path | None:
+    src = ROOT / "emo_cli" / "assets" / "tiny-emo"
+    if not (src / "config.json").exists():
+        return None
+    out = workdir / "tiny-emo-q8_0.gguf"
+    if not out.exists():
+        from emo_cli.gguf_export import export_gguf
+
+        export_gguf(src, out, "q8_0")
+    return out
+
+
+# ---- workers (one process per engine and model) --------------------------------------------------
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_emo(path: Path, prompt: list[int], n_decode: int, threads: int) -> dict:
+    import torch
+
+    from emo_cli.gguf_runtime import load_gguf_model
+    from emo_kernels import cpu
+
+    torch.set_num_threads(threads)
+    cpu.set_threads(threads)
+    t0 = time.perf_counter()
+    m = load_gguf_model(path, backend="cpu").model
+    load_s = time.perf_counter() - t0
+
+    def step(ids, cache):
+        h = m.hidden_states(torch.tensor([ids]), cache=cache)
+        return int(m.logits_from_hidden(h[:, -1:])[0, -1].argmax())
+
+    return _timed(step, m.new_cache, prompt, n_decode, load_s)
+
+
+def run_llama(path: Path, prompt: list[int], n_decode: int, threads: int) -> dict:
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + n_decode + 16, n_batch=max(512, len(prompt)),
+                          n_ubatch=max(512, len(prompt)), n_threads=threads, n_threads_batch=threads,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def step(ids, _cache):
+        llm.eval(ids)
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).argmax())
+
+    def new_cache():
+        llm.reset()  # the next eval drops every cached position from n_tokens = 0 on
+        return None
+
+    return _timed(step, new_cache, prompt, n_decode, load_s)
+
+
+def _timed(step, new_cache, prompt, n_decode, load_s) -> dict:
+    cache = new_cache()  # warm-up: page the weights in, build kernels, grow buffers
+    tok = step(prompt, cache)
+    step([tok], cache)
+    cache = new_cache()
+    t0 = time.perf_counter()
+    tok = step(prompt, cache)
+    prefill_s = time.perf_counter() - t0
+    toks = [tok]
+    tok = step([tok], cache)  # first decode step: not timed
+    t0 = time.perf_counter()
+    for _ in range(n_decode):
+        toks.append(tok)
+        tok = step([tok], cache)
+    decode_s = time.perf_counter() - t0
+    return {"load_s": load_s, "prefill_tps": len(prompt) / prefill_s, "decode_tps": n_decode / decode_s,
+            "peak_rss": peak_rss(), "tokens": toks[:8]}
+
+
+# ---- driver --------------------------------------------------------------------------------------
+def worker(args) -> None:
+    rng = np.random.default_rng(args.seed)
+    prompt = rng.integers(0, args.prompt_vocab, size=args.prompt).tolist()
+    fn = run_emo if args.worker == "emo" else run_llama
+    print(json.dumps(fn(Path(args.model), prompt, args.decode, args.threads)))
+
+
+def measure(engine: str, path: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--model", str(path), "--threads", str(args.threads),
+           "--prompt", str(args.prompt), "--decode", str(args.decode), "--seed", str(args.seed),
+           "--prompt-vocab", str(args.prompt_vocab)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        raise SystemExit(f"{engine} on {path.name} failed:\n{r.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny,slim-q8_0,slim-q4_0")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
+    ap.add_argument("--decode", type=int, default=32, help="timed decode steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-vocab", type=int, default=300, help="prompt ids are drawn below this")
+    ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "emo" / "bench")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", choices=["emo", "llama.cpp"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    sys.path.insert(0, str(ROOT))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models.split(","):
+        if name == "tiny":
+            path = tiny_gguf(args.workdir)
+            if path is None:
+                print("tiny: emo_cli/assets/tiny-emo does not exist yet; skipped", file=sys.stderr)
+                continue
+        else:
+            quant = name.removeprefix("slim-")
+            path = args.workdir / f"slim-{quant}.gguf"
+            if not path.exists():
+                print(f"writing {path} ...", file=sys.stderr)
+                write_slim_gguf(path, quant)
+        emo = measure("emo", path, args)
+        ref = measure("llama.cpp", path, args)
+        size = path.stat().st_size
+        rows.append({"model": name, "file_bytes": size, "threads": args.threads, "emo": emo, "llama.cpp": ref,
+                     "decode_ratio": emo["decode_tps"] / ref["decode_tps"],
+                     "prefill_ratio": emo["prefill_tps"] / ref["prefill_tps"],
+                     "emo_rss_over_file": emo["peak_rss"] / size, "llama_rss_over_file": ref["peak_rss"] / size})
+    if args.json:
+        print(json.dumps(rows))
+        return
+    from emo_cli.ui import out, table
+
+    cols = ["model", "file MB", "emo decode tok/s", "llama.cpp decode tok/s", "decode ratio",
+            "emo prefill tok/s", "llama.cpp prefill tok/s", "prefill ratio", "emo peak RSS / file",
+            "llama.cpp peak RSS / file"]
+    out.print(table(f"decode/prefill, {args.threads} threads, prompt {args.prompt}, decode {args.decode}", cols, [
+        [r["model"], r["file_bytes"] / 1e6, r["emo"]["decode_tps"], r["llama.cpp"]["decode_tps"], r["decode_ratio"],
+         r["emo"]["prefill_tps"], r["llama.cpp"]["prefill_tps"], r["prefill_ratio"], r["emo_rss_over_file"],
+         r["llama_rss_over_file"]] for r in rows]))
+
+
+if __name__ == "__main__":
+    main()

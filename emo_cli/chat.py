@@ -1,0 +1,254 @@
+"""`emo chat`: one-shot continuation or an interactive streaming REPL, on any backend.
+
+Base models continue raw text: the REPL's context is everything typed and generated so far. When
+the tokenizer carries a chat template (tokenizer_config.json or the GGUF's
+tokenizer.chat_template) the conversation is rendered through it instead. Either way the engine
+keeps its KV cache across turns and recomputes only what changed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import EmoError
+from .generate import EmoEngine, Engine, GenerationStats, SamplingParams, TextStream, generate
+from .loading import is_gguf, resolve_model_path
+
+HISTORY_FILE = Path.home() / ".cache" / "emo" / "chat_history"
+
+
+@dataclass
+class OpenModel:
+    engine: Engine
+    eos_ids: set[int]
+    chat_template: str | None
+    backend: str
+    path: Path
+    threads: int
+    device: str
+
+
+def open_model(spec: str, backend: str = "auto", device: str = "auto", threads: int | None = None) -> OpenModel:
+    """Load MODEL for generation on the chosen backend (resolved once by emo_kernels.dispatch)."""
+    from emo_kernels.dispatch import BackendError, moe_function, resolve
+
+    path = resolve_model_path(spec)
+    gguf = is_gguf(path)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = threads or os.cpu_count() or 1
+    if threads < 1:
+        raise EmoError("--threads must be >= 1")
+    torch.set_num_threads(threads)
+    try:
+        chosen = resolve(backend, device, gguf)
+    except BackendError as e:
+        raise EmoError(str(e)) from None
+    if chosen == "llama.cpp":
+        from .llama_backend import LlamaCppEngine
+
+        eng = LlamaCppEngine(path, threads)
+        template = eng.llm.metadata.get("tokenizer.chat_template")
+        return OpenModel(eng, eng.eos_ids, template, chosen, path, threads, device)
+    if chosen == "cpu":
+        from emo_kernels import cpu
+
+        cpu.set_threads(threads)
+    if not gguf and chosen == "cpu":
+        raise EmoError("--backend cpu runs GGUF files (weights stay quantized); export with `emo export` "
+                       "first, or use --backend auto for this HF directory")
+    from .runtime import load_model
+
+    lm = load_model(path, device=device, backend=chosen)
+    if not gguf:
+        for blk in lm.model.moe_blocks().values():
+            blk.moe_fn = moe_function(chosen)
+        lm.model.eval()
+    eos = set(lm.config.eos_ids)
+    if lm.tokenizer.eos_id is not None:
+        eos.add(lm.tokenizer.eos_id)
+    return OpenModel(EmoEngine(lm.model, lm.tokenizer), eos, lm.tokenizer.chat_template, chosen, path,
+                     threads, device)
+
+
+def render_template(template: str, messages: list[dict], eos_text: str) -> str:
+    """A Hugging Face chat template (jinja) rendered for the next assistant turn."""
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise EmoError("this model has a chat template, which needs jinja2: pip install jinja2") from None
+
+    def fail(msg):
+        raise TemplateError(msg)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = fail
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                bos_token="", eos_token=eos_text)
+    except TemplateError as e:
+        raise EmoError(f"the model's chat template failed: {e}") from None
+
+
+class ChatSession:
+    """A conversation on one engine: turns in, streamed text out."""
+
+    def __init__(self, m: OpenModel, params: SamplingParams):
+        self.m, self.params = m, params
+        self.messages: list[dict] = []
+        self.context: list[int] = []  # raw-text mode: every token typed or generated
+        self.last = GenerationStats()
+        self.total_new = 0
+        eos = next(iter(m.eos_ids), None)
+        self.eos_text = m.engine.decode([eos]) if eos is not None else ""
+
+    def reset(self) -> None:
+        self.messages, self.context = [], []
+
+    def turn(self, text: str):
+        """Yield the continuation of `text` piece by piece (whole UTF-8 characters)."""
+        if self.m.chat_template:
+            self.messages.append({"role": "user", "content": text})
+            ids = self.m.engine.encode(render_template(self.m.chat_template, self.messages, self.eos_text))
+        else:
+            ids = self.context + self.m.engine.encode(text)
+        stats = GenerationStats()
+        self.last = stats
+        stream = TextStream(self.m.engine.decode)
+        reply: list[str] = []
+        try:
+            for tok in generate(self.m.engine, ids, self.params, self.m.eos_ids, stats):
+                piece = stream.push(tok)
+                if piece:
+                    reply.append(piece)
+                    yield piece
+            tail = stream.flush()
+            if tail:
+                reply.append(tail)
+                yield tail
+        except KeyboardInterrupt:
+            stats.stop = "interrupted"
+        finally:
+            self.total_new += stats.new_tokens
+            if self.m.chat_template:
+                self.messages.append({"role": "assistant", "content": "".join(reply)})
+            else:
+                self.context = ids + stats.tokens
+
+
+def memory() -> tuple[int, int]:
+    """(current, peak) resident set size in bytes."""
+    vals = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM"):
+                vals[k] = int(v.split()[0]) * 1024
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak, peak
+    return vals.get("VmRSS", 0), vals.get("VmHWM", 0)
+
+
+def one_shot(m: OpenModel, prompt: str, params: SamplingParams) -> GenerationStats:
+    """Print only the continuation of `prompt` to stdout, as plain text (no markup)."""
+    session = ChatSession(m, params)
+    out = sys.stdout
+    for piece in session.turn(prompt):
+        out.write(piece)
+        out.flush()
+    if out.isatty():
+        out.write("\n")
+    return session.last
+
+
+def stats_rows(session: ChatSession) -> list[list]:
+    s, m = session.last, session.m
+    rss, peak = memory()
+    rows = [["backend", m.backend], ["threads", m.threads], ["device", m.device],
+            ["prompt tokens (computed)", s.prompt_tokens], ["prefill tok/s", s.prefill_tps],
+            ["new tokens", s.new_tokens], ["decode tok/s", s.decode_tps], ["stopped by", s.stop or "-"],
+            ["context tokens", len(m.engine.tokens)], ["tokens generated (session)", session.total_new],
+            ["memory RSS MB", rss / 1e6], ["peak RSS MB", peak / 1e6]]
+    if m.device.startswith("cuda"):
+        rows.append(["peak CUDA MB", torch.cuda.max_memory_allocated() / 1e6])
+    return rows
+
+
+def _readline_setup() -> None:
+    try:
+        import readline
+    except ImportError:  # no line editing on this platform; input() still works
+        return
+    try:
+        HISTORY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        if HISTORY_FILE.exists():
+            readline.read_history_file(str(HISTORY_FILE))
+        readline.set_history_length(1000)
+    except OSError:
+        return
+    import atexit
+
+    atexit.register(lambda: _save_history(readline))
+
+
+def _save_history(readline) -> None:
+    try:
+        readline.write_history_file(str(HISTORY_FILE))
+    except OSError:
+        pass
+
+
+def repl(m: OpenModel, params: SamplingParams) -> None:
+    """Interactive chat: stream replies; /reset, /stats, /exit; line editing and history."""
+    from . import ui
+
+    _readline_setup()
+    session = ChatSession(m, params)
+    mode = "chat template" if m.chat_template else "raw text continuation"
+    ui.out.print(f"[bold]emo chat[/bold]  {m.path.name}  backend {m.backend}, {m.threads} threads, {mode}\n"
+                 f"[dim]/reset clears the conversation, /stats shows speed and memory, /exit quits[/dim]")
+    while True:
+        try:
+            line = input("\n> ")
+        except EOFError:
+            ui.out.print()
+            return
+        except KeyboardInterrupt:
+            ui.out.print()
+            continue
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return
+        if cmd == "/reset":
+            session.reset()
+            ui.out.print("[dim]conversation cleared[/dim]")
+            continue
+        if cmd == "/stats":
+            ui.out.print(ui.table("chat stats", ["", "value"], stats_rows(session)))
+            continue
+        if cmd.startswith("/") and " " not in cmd:
+            ui.out.print(f"[red]unknown command {cmd}[/red] (use /reset, /stats, /exit)", markup=True)
+            continue
+        t0 = time.perf_counter()
+        try:
+            for piece in session.turn(line):
+                ui.out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+            session.last.stop = "interrupted"
+        s = session.last
+        ui.out.print()
+        ui.out.print(f"[dim]{s.new_tokens} tokens, {s.decode_tps:.1f} tok/s"
+                     f"{' (interrupted)' if s.stop == 'interrupted' else ''}, "
+                     f"{time.perf_counter() - t0:.1f} s[/dim]")

@@ -1,0 +1,340 @@
+"""Run an emo GGUF export (llama.cpp's `deepseek` layout, see gguf_format.py) with emo's kernels.
+
+The file is memory-mapped (gguf.GGUFReader). On the `cpu` backend, F32/F16/Q8_0/Q4_0 weights are
+handed to the C kernels as pointers into the map and never copied; other types (K-quants, BF16,
+Q5_0...) are dequantized to fp32 tensor by tensor at load. The `torch`/`triton` backends dequantize
+everything (dense stacked experts for grouped_moe / triton_moe).
+
+The model mirrors llama.cpp's graph so greedy decoding agrees with it: q/k stay in the file's
+permuted row order and get NORM RoPE (pairs 2i, 2i+1; llama.cpp's angles, accumulated in fp32),
+which equals EMO's NeoX RoPE on unpermuted rows (the attention scores are the same dot products);
+RMSNorm sums squares in float64 as ggml does; the quantized matmuls quantize activations to
+Q8_0 (inside the kernels). The shared expert is re-attached as the last expert with a zero router
+row: in its own one-way softmax it gets weight exactly 1.0, as EMO's legacy-shared routing says.
+
+Shape legend: B batch, S sequence, T = B*S, D hidden, H/Hkv heads, hd head dim, E experts (shared
+last), F expert width, V vocab.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F_
+from gguf import GGMLQuantizationType as QT
+from gguf import Keys, TokenType
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from emo_kernels import cpu
+from emo_kernels.dispatch import BackendError, moe_function, resolve
+
+from . import gguf_format as gf
+from .bpe import CL100K_SPLIT
+from .config import EmoConfig
+from .errors import EmoError
+from .models.emo import KVCache, MoEObservation, Observer
+from .routing import RoutingSpec, route
+from .runtime import LoadedModel
+from .tokenizer import EmoTokenizer
+
+
+# ---- tensors ---------------------------------------------------------------------------------------
+def _dense(t, device: str) -> torch.Tensor:
+    """A tensor in numpy order as fp32 on `device`; an F32 tensor on the CPU is not copied."""
+    if t.tensor_type == QT.F32:
+        arr = t.data
+    else:
+        arr = dequantize(t.data, t.tensor_type)
+    with warnings.catch_warnings():  # the map is read-only and never written through
+        warnings.simplefilter("ignore", UserWarning)
+        out = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+    return out.to(device) if device != "cpu" else out
+
+
+def _qweight(t, rows: int, cols: int) -> cpu.QWeight:
+    """A [rows, cols] matrix (or a stack of them, rows = E*F) for the C kernels, in place if native."""
+    if int(t.tensor_type) in cpu.NATIVE_TYPES:
+        return cpu.QWeight.from_array(t.data.reshape(rows, -1), int(t.tensor_type), rows, cols)
+    return cpu.QWeight.from_tensor(_dense(t, "cpu").reshape(rows, cols))
+
+
+class Mat:
+    """One weight matrix [N, K] on the model's backend: x [T, K] -> [T, N]."""
+
+    def __init__(self, t, backend: str, device: str):
+        self.k = int(t.shape[0])  # GGUF ne order: {K, N}
+        self.n = int(np.prod([int(s) for s in t.shape[1:]]))
+        if backend == "cpu":
+            self.w = _qweight(t, self.n, self.k)
+        else:
+            self.w = _dense(t, device).reshape(self.n, self.k)
+
+
+def matmul(backend: str, x: torch.Tensor, mats: list[Mat]) -> list[torch.Tensor]:
+    """x [T, K] through every matrix (one pass over the activation on the CPU kernels)."""
+    if backend == "cpu":
+        return cpu.matmul(x, [m.w for m in mats])
+    return [x @ m.w.t() for m in mats]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """ggml's RMSNorm: squares summed in float64, scale 1/sqrt(mean + eps) in fp32, then * weight."""
+    ms = x.double().pow(2).mean(-1, keepdim=True).float()
+    return (x * (1.0 / torch.sqrt(ms + eps))) * weight
+
+
+def rope_tables(start: int, S: int, hd: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [S, hd/2] with llama.cpp's angles: pos * scale^i accumulated in fp32."""
+    scale = np.float32(theta) ** np.float32(-2.0 / hd)
+    steps = np.full(hd // 2, scale, dtype=np.float32)
+    steps[0] = np.float32(1.0)
+    pos = np.arange(start, start + S, dtype=np.float32)[:, None]
+    ang = np.multiply.accumulate(np.concatenate([pos, np.broadcast_to(steps[1:], (S, hd // 2 - 1))], 1),
+                                 axis=1, dtype=np.float32)  # [S, hd/2]
+    ang_t = torch.from_numpy(ang)
+    return ang_t.cos().to(device), ang_t.sin().to(device)
+
+
+def rope_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, hd]: rotate interleaved pairs (2i, 2i+1) — llama.cpp's NORM mode."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+# ---- layers ----------------------------------------------------------------------------------------
+class GGUFMoE:
+    """One MoE layer: router [E, D] (shared expert's row = 0) and the experts on the backend."""
+
+    def __init__(self, T: dict, i: int, cfg: EmoConfig, backend: str, device: str, expert_ids):
+        E, ns = cfg.layer_experts(i), cfg.layer_shared(i)
+        self.layer, self.backend = i, backend
+        self.spec = RoutingSpec(num_experts=E, top_k=min(cfg.num_experts_per_tok, E), num_shared=ns)
+        router = _dense(T[gf.blk(i, gf.FFN_GATE_INP)], device)  # [E_r, D]
+        self.router = torch.cat([router, router.new_zeros(ns, router.shape[1])]) if ns else router
+        self.expert_ids = torch.as_tensor(expert_ids if expert_ids is not None else range(E))
+        self.allowed: torch.Tensor | None = None
+        names = (gf.FFN_GATE_EXPS, gf.FFN_UP_EXPS, gf.FFN_DOWN_EXPS)
+        shexp = (gf.FFN_GATE_SHEXP, gf.FFN_UP_SHEXP, gf.FFN_DOWN_SHEXP)
+        Er, Fw, D = E - ns, cfg.intermediate_size, cfg.hidden_size
+        if backend == "cpu":
+            per = []
+            for name, sh, (r, c) in zip(names, shexp, ((Fw, D), (Fw, D), (D, Fw))):
+                stack = _qweight(T[gf.blk(i, name)], Er * r, c)
+                ws = [stack.slice_rows(e, r) for e in range(Er)]
+                if ns:
+                    ws.append(_qweight(T[gf.blk(i, sh)], r, c))
+                per.append(ws)
+            self.cpu_weights = cpu.MoEWeights(*per)
+        else:
+            self.moe_fn = moe_function(backend)
+            stacks = []
+            for name, sh, (r, c) in zip(names, shexp, ((Fw, D), (Fw, D), (D, Fw))):
+                w = _dense(T[gf.blk(i, name)], device).reshape(Er, r, c)
+                stacks.append(torch.cat([w, _dense(T[gf.blk(i, sh)], device).reshape(1, r, c)]) if ns else w)
+            self.w_gate, self.w_up, self.w_down = stacks
+
+    def __call__(self, x: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
+        logits = x @ self.router.t()  # [T, E]
+        r = route(logits, self.spec, self.allowed)
+        norms = None
+        if self.backend == "cpu":
+            res = cpu.moe(x, r.experts, r.weights, self.cpu_weights, return_norms=observer is not None)
+            out, norms = res if observer is not None else (res, None)
+        else:
+            out = self.moe_fn(x, r.experts, r.weights, self.w_gate, self.w_up, self.w_down)
+        if observer is not None:
+            observer(MoEObservation(self.layer, x, logits, r, out, norms))
+        self.last_routing = r
+        return out
+
+
+class GGUFBlock:
+    def __init__(self, T: dict, i: int, cfg: EmoConfig, backend: str, device: str, expert_ids):
+        self.i, self.backend, self.cfg = i, backend, cfg
+
+        def mat(name):
+            return Mat(T[gf.blk(i, name)], backend, device)
+
+        self.attn_norm = _dense(T[gf.blk(i, gf.ATTN_NORM)], device)
+        self.ffn_norm = _dense(T[gf.blk(i, gf.FFN_NORM)], device)
+        self.wq, self.wk, self.wv, self.wo = (mat(n) for n in (gf.ATTN_Q, gf.ATTN_K, gf.ATTN_V, gf.ATTN_OUT))
+        if cfg.layer_experts(i):
+            self.moe = GGUFMoE(T, i, cfg, backend, device, expert_ids)
+        else:
+            self.moe = None
+            self.dense = [mat(n) for n in (gf.FFN_GATE, gf.FFN_UP, gf.FFN_DOWN)]
+
+    def attention(self, x, cos, sin, cache: KVCache | None, start: int) -> torch.Tensor:
+        cfg = self.cfg
+        B, S, D = x.shape
+        H, Hkv, hd = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
+        q, k, v = matmul(self.backend, x.reshape(B * S, D), [self.wq, self.wk, self.wv])
+        q = rope_norm(q.view(B, S, H, hd).transpose(1, 2), cos, sin)  # [B, H, S, hd]
+        k = rope_norm(k.view(B, S, Hkv, hd).transpose(1, 2), cos, sin)  # [B, Hkv, S, hd]
+        v = v.view(B, S, Hkv, hd).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.i, k, v, start)
+        if H // Hkv > 1:  # query head h reads kv head h // rep, as ggml's broadcast does
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        Sk = k.shape[2]
+        if start == 0 and Sk == S:
+            o = F_.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif S == 1:  # one new token sees the whole cache
+            o = F_.scaled_dot_product_attention(q, k, v)
+        else:
+            qpos = torch.arange(start, start + S, device=x.device)[:, None]
+            o = F_.scaled_dot_product_attention(q, k, v, attn_mask=torch.arange(Sk, device=x.device)[None, :] <= qpos)
+        (out,) = matmul(self.backend, o.transpose(1, 2).reshape(B * S, H * hd), [self.wo])
+        return out.view(B, S, D)
+
+    def __call__(self, h, cos, sin, cache, start, observer=None):
+        eps = self.cfg.rms_norm_eps
+        h = h + self.attention(rms_norm(h, self.attn_norm, eps), cos, sin, cache, start)
+        B, S, D = h.shape
+        x = rms_norm(h, self.ffn_norm, eps).reshape(B * S, D)
+        if self.moe is not None:
+            y = self.moe(x, observer)
+        else:
+            g, u = matmul(self.backend, x, self.dense[:2])
+            (y,) = matmul(self.backend, F_.silu(g) * u, self.dense[2:])
+        return h + y.view(B, S, D)
+
+
+class GGUFModel:
+    """EmoForCausalLM's inference API over a GGUF file (hidden_states, logits_from_hidden,
+    forward, new_cache, set_expert_mask, moe_blocks, device, config)."""
+
+    def __init__(self, path: Path, backend: str, device: str):
+        self.reader = gf.open_reader(path)
+        self.config = cfg = gf.config_from_gguf(self.reader, path)
+        self.backend = backend
+        self._device = torch.device(device)
+        T = {t.name: t for t in self.reader.tensors}
+        self._check_tensors(T, path)
+        kept = gf.provenance(self.reader).get("experts_kept_per_layer")
+        self.layers = [GGUFBlock(T, i, cfg, backend, device, kept[i] if kept else None)
+                       for i in range(cfg.num_hidden_layers)]
+        self.norm = _dense(T[gf.OUTPUT_NORM], device)
+        embd = T[gf.TOKEN_EMBD]
+        self.embed = Mat(embd, backend, device)
+        self.lm_head = Mat(T[gf.OUTPUT], backend, device) if gf.OUTPUT in T else self.embed
+
+    def _check_tensors(self, T: dict, path: Path) -> None:
+        cfg = self.config
+        need = [gf.TOKEN_EMBD, gf.OUTPUT_NORM]
+        for i in range(cfg.num_hidden_layers):
+            names = gf.ATTN_TENSORS + (gf.MOE_TENSORS if cfg.layer_experts(i) else gf.DENSE_TENSORS)
+            need += [gf.blk(i, n) for n in names]
+        missing = [n for n in need if n not in T]
+        if missing:
+            raise EmoError(f"{path}: GGUF lacks tensor {missing[0]} (not a complete emo export)")
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def moe_blocks(self) -> dict[int, GGUFMoE]:
+        return {i: b.moe for i, b in enumerate(self.layers) if b.moe is not None}
+
+    def set_expert_mask(self, kept: dict[int, list[int]] | None) -> None:
+        """Restrict routing to the given ORIGINAL expert ids per layer (None clears every mask)."""
+        for i, m in self.moe_blocks().items():
+            if kept is None or i not in kept:
+                m.allowed = None
+                continue
+            keep = {int(e) for e in kept[i]}
+            m.allowed = torch.tensor([int(e) in keep for e in m.expert_ids.tolist()], device=self._device)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        B, S = ids.shape
+        if self.backend == "cpu":
+            return cpu.get_rows(self.embed.w, ids.cpu()).view(B, S, -1)
+        return F_.embedding(ids.to(self._device), self.embed.w)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      observer: Observer | None = None, stop_after: int | None = None,
+                      start_hidden: torch.Tensor | None = None, start_layer: int = 0) -> torch.Tensor:
+        """Run layers [start_layer, stop_after] -> residual stream [B, S, D] (as EmoForCausalLM)."""
+        B, S = input_ids.shape
+        start = cache.length if cache is not None else 0
+        cos, sin = rope_tables(start, S, self.config.head_dim, self.config.rope_theta, self._device)
+        h = self.embed_tokens(input_ids) if start_hidden is None else start_hidden
+        last = len(self.layers) - 1 if stop_after is None else stop_after
+        with torch.no_grad():
+            for i in range(start_layer, last + 1):
+                h = self.layers[i](h, cos, sin, cache, start, observer)
+        if cache is not None and last == len(self.layers) - 1:
+            cache.length = start + S
+        return h
+
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        B, S, D = h.shape
+        x = rms_norm(h, self.norm, self.config.rms_norm_eps).reshape(B * S, D)
+        with torch.no_grad():
+            (logits,) = matmul(self.backend, x, [self.lm_head])
+        return logits.view(B, S, -1)  # [B, S, V]
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                observer: Observer | None = None) -> torch.Tensor:
+        return self.logits_from_hidden(self.hidden_states(input_ids, cache, observer))
+
+    __call__ = forward
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.layers))
+
+    def eval(self):
+        return self
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------
+def tokenizer_from_gguf(reader, path: Path) -> EmoTokenizer:
+    """The byte-level BPE tokenizer stored in the file (tokens, types, merges), as `tokenizers` builds it."""
+    model = gf.field(reader, Keys.Tokenizer.MODEL)
+    pre = gf.field(reader, Keys.Tokenizer.PRE)
+    if model != "gpt2" or pre != "dbrx":
+        raise EmoError(f"{path}: tokenizer {model!r}/{pre!r} is not the cl100k-style byte-level BPE emo exports")
+    tokens = gf.field(reader, Keys.Tokenizer.LIST)
+    types = gf.field(reader, Keys.Tokenizer.TOKEN_TYPE) or [int(TokenType.NORMAL)] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in gf.field(reader, Keys.Tokenizer.MERGES, [])]
+    # padding rows ([PADi], UNUSED) are left out: like llama.cpp, emo prints nothing for them
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != TokenType.UNUSED}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CL100K_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    special = [AddedToken(tokens[i], special=True, normalized=False)
+               for i, ty in enumerate(types) if ty == TokenType.CONTROL]
+    user = [AddedToken(tokens[i], special=False, normalized=False)
+            for i, ty in enumerate(types) if ty == TokenType.USER_DEFINED]
+    if special:
+        tok.add_special_tokens(special)
+    if user:
+        tok.add_tokens(user)
+    eos = gf.field(reader, Keys.Tokenizer.EOS_ID)
+    pad = gf.field(reader, Keys.Tokenizer.PAD_ID)
+    return EmoTokenizer(tok, eos, pad, gf.field(reader, Keys.Tokenizer.CHAT_TEMPLATE))
+
+
+def load_gguf_model(path, device: str = "cpu", backend: str = "auto") -> LoadedModel:
+    """Open an emo GGUF export for computation on emo's kernels (`backend` as emo_kernels.dispatch)."""
+    path = Path(path)
+    try:
+        chosen = resolve(backend, device, gguf=True)
+    except BackendError as e:
+        raise EmoError(str(e)) from None
+    if chosen == "llama.cpp":
+        raise EmoError("the llama.cpp backend runs whole models: use emo_cli.llama_backend")
+    model = GGUFModel(path, chosen, device)
+    tok = tokenizer_from_gguf(model.reader, path)
+    return LoadedModel(model, tok, path, model.config, gf.gguf_fingerprint(model.reader), "gguf")

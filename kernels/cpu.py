@@ -1,0 +1,195 @@
+"""ctypes binding of cpu_kernels.c: quantized matmuls and the routed SwiGLU MoE on the CPU.
+
+The C file is compiled once with gcc (about a second, so a clean clone or CI pays nothing worth
+caching elsewhere) into ~/.cache/emo/kernels/<hash>.so, keyed by the source, flags and compiler,
+then loaded with ctypes. ctypes rather than a torch C++ extension: compiling against torch's
+headers takes ~a minute on two cores, and the kernels need nothing from torch but raw pointers.
+
+Weights are described by `QWeight` (a raw pointer into a memory-mapped GGUF or a tensor, its
+GGML type and shape) and are never copied. Shape legend as in cpu_kernels.c.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared",
+         # keep mul and add separately rounded, as llama.cpp's graph does for the expert mixture
+         "-ffp-contract=off"]
+
+F32, F16, Q4_0, Q8_0 = 0, 1, 2, 8  # GGML type ids
+NATIVE_TYPES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q8_0: "Q8_0"}
+BLOCK = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q8_0: (32, 34)}  # (values, bytes) per block
+
+
+class KernelUnavailable(RuntimeError):
+    """The CPU kernels cannot be built or run here (no gcc, no AVX2)."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("EMO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "emo")
+    return Path(base) / "kernels"
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return all(f in flags for f in (" avx2", " fma", " f16c"))
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC", "gcc")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        raise KernelUnavailable(f"C compiler {cc!r} not found (needed once to build emo's CPU kernels)") from None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    out = cache_dir() / f"emo_cpu_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # compile to a private name and rename: concurrent builders never see a half-written library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    if r.returncode != 0:
+        os.unlink(tmp)
+        raise KernelUnavailable(f"building emo's CPU kernels failed: {r.stderr.strip().splitlines()[-1:]}")
+    os.replace(tmp, out)
+    return out
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """Build (once) and load the kernels; raises KernelUnavailable when this CPU cannot run them."""
+    if not _cpu_has_avx2():
+        raise KernelUnavailable("emo's CPU kernels need AVX2, FMA and F16C")
+    lib = ctypes.CDLL(str(_build()))
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.emo_set_threads.argtypes = [ctypes.c_int]
+    lib.emo_row_bytes.argtypes, lib.emo_row_bytes.restype = [ctypes.c_int, i64], ctypes.c_size_t
+    lib.emo_matmul.argtypes = [ctypes.c_int, p, p, p, i64, p, i64, p]
+    lib.emo_get_rows.argtypes = [p, ctypes.c_int, i64, p, i64, p]
+    lib.emo_moe.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, p]
+    return lib
+
+
+def available() -> bool:
+    try:
+        library()
+        return True
+    except KernelUnavailable:
+        return False
+
+
+def set_threads(n: int) -> None:
+    library().emo_set_threads(int(n))
+
+
+@dataclass
+class QWeight:
+    """A weight matrix [N, K] (torch order: out x in) read in place, in GGML type `qtype`."""
+
+    ptr: int
+    qtype: int
+    n: int
+    k: int
+    owner: object  # keeps the memory map / tensor alive while the pointer is used
+
+    @classmethod
+    def from_array(cls, data: np.ndarray, qtype: int, n: int, k: int) -> "QWeight":
+        """`data`: the tensor's bytes as GGUFReader exposes them (uint8 rows for block types)."""
+        if qtype not in NATIVE_TYPES:
+            raise ValueError(f"GGML type {qtype} is not computed natively")
+        vals, nbytes = BLOCK[qtype]
+        if k % vals or data.nbytes != n * k // vals * nbytes or not data.flags.c_contiguous:
+            raise ValueError(f"weight bytes do not match a [{n}, {k}] {NATIVE_TYPES[qtype]} matrix")
+        return cls(data.ctypes.data, qtype, n, k, data)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "QWeight":
+        t = t.detach().contiguous().float()
+        return cls(t.data_ptr(), F32, t.shape[0], t.shape[1], t)
+
+    def slice_rows(self, i: int, rows: int) -> "QWeight":
+        """Rows [i*rows, (i+1)*rows): one expert of a stacked [E*F, K] tensor."""
+        vals, nbytes = BLOCK[self.qtype]
+        stride = self.k // vals * nbytes
+        return QWeight(self.ptr + i * rows * stride, self.qtype, rows, self.k, self.owner)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def matmul(x: torch.Tensor, weights: list[QWeight]) -> list[torch.Tensor]:
+    """x [T, K] fp32 -> [x @ W.T for W in weights]; matrices sharing an input run in one pass."""
+    lib = library()
+    x = x.contiguous().float()
+    T, K = x.shape
+    m = len(weights)
+    ys = [torch.empty(T, w.n, dtype=torch.float32) for w in weights]
+    ws = (ctypes.c_void_p * m)(*[w.ptr for w in weights])
+    tys = (ctypes.c_int * m)(*[w.qtype for w in weights])
+    ns = (ctypes.c_int64 * m)(*[w.n for w in weights])
+    yp = (ctypes.c_void_p * m)(*[_ptr(y) for y in ys])
+    for w in weights:
+        assert w.k == K, (w.k, K)
+    lib.emo_matmul(m, ws, tys, ns, K, _ptr(x), T, yp)
+    return ys
+
+
+def get_rows(w: QWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Dequantize rows `ids` [T] of `w` -> [T, K] fp32 (the embedding lookup)."""
+    ids = ids.reshape(-1).contiguous().to(torch.int64)
+    if int(ids.min()) < 0 or int(ids.max()) >= w.n:
+        raise IndexError(f"token id out of range for {w.n} rows")
+    out = torch.empty(ids.numel(), w.k, dtype=torch.float32)
+    library().emo_get_rows(w.ptr, w.qtype, w.k, _ptr(ids), ids.numel(), _ptr(out))
+    return out
+
+
+class MoEWeights:
+    """One layer's experts as per-expert pointer tables: gate/up [F, D], down [D, F] each."""
+
+    def __init__(self, gate: list[QWeight], up: list[QWeight], down: list[QWeight]):
+        E = len(gate)
+        self.E, self.F, self.D = E, gate[0].n, gate[0].k
+        for g, u, d in zip(gate, up, down):
+            assert (g.n, g.k, u.n, u.k, d.n, d.k) == (self.F, self.D, self.F, self.D, self.D, self.F)
+        ptrs = ctypes.c_void_p * E
+        ints = ctypes.c_int * E
+        self.gate, self.up, self.down = (ptrs(*[w.ptr for w in ws]) for ws in (gate, up, down))
+        self.gtype, self.utype, self.dtype = (ints(*[w.qtype for w in ws]) for ws in (gate, up, down))
+        self.owners = [w.owner for w in gate + up + down]
+
+
+def moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, layer: MoEWeights,
+        return_norms: bool = False):
+    """x [T, D] fp32, experts/weights [T, S] -> y [T, D] (and ||expert output|| per slot [T, S])."""
+    x = x.contiguous().float()
+    T, D = x.shape
+    S = experts.shape[1]
+    ex = experts.contiguous().to(torch.int64)
+    wt = weights.contiguous().float()
+    if T and (int(ex.min()) < 0 or int(ex.max()) >= layer.E):
+        raise IndexError(f"expert id out of range for {layer.E} experts")
+    y = torch.empty(T, D, dtype=torch.float32)
+    norms = torch.empty(T, S, dtype=torch.float32) if return_norms else None
+    library().emo_moe(_ptr(x), T, D, layer.F, _ptr(ex), _ptr(wt), S, layer.E, layer.gate, layer.up,
+                      layer.down, layer.gtype, layer.utype, layer.dtype, _ptr(y),
+                      _ptr(norms) if norms is not None else None)
+    return (y, norms) if return_norms else y

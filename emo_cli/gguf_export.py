@@ -362,12 +362,17 @@ def _write(files: HFModelFiles, path: Path, base: QT, file_type: int, prov: dict
         w.close()
 
 
-def _llama_quantize(src: Path, dst: Path, file_type: int, quant: str) -> None:
+def _require_llama_cpp(quant: str):
     try:
         import llama_cpp
     except ImportError:
         raise EmoError(f"--quant {quant} is made by llama.cpp: pip install llama-cpp-python==0.3.36 "
                        f"(f16, bf16, q8_0, q4_0 and q5_0 need nothing extra)") from None
+    return llama_cpp
+
+
+def _llama_quantize(src: Path, dst: Path, file_type: int, quant: str) -> None:
+    llama_cpp = _require_llama_cpp(quant)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = file_type
     params.nthread = os.cpu_count() or 1
@@ -380,18 +385,19 @@ def _llama_quantize(src: Path, dst: Path, file_type: int, quant: str) -> None:
     finally:
         log.setLevel(level)
     if rc != 0:
-        lines = [ln for ln in captured.read().decode(errors="replace").splitlines() if ln.strip()]
+        lines = [ln for ln in "".join(captured).splitlines() if ln.strip()]
         why = f": {lines[-1].strip()}" if lines else ""
         raise EmoError(f"llama.cpp could not quantize to {quant} (llama_model_quantize returned {rc}){why}")
 
 
 @contextmanager
 def _c_output_captured():
-    """Redirect the process's stdout/stderr file descriptors into a temp file.
+    """Redirect the process's stdout/stderr file descriptors; yields a list that receives the text.
 
     llama.cpp's quantizer prints a line per tensor straight from C (fallback notices for tensor
     shapes that K-quants cannot hold); the user sees them only when quantization fails.
     """
+    text: list[str] = []
     sys.stdout.flush()
     sys.stderr.flush()
     saved = (os.dup(1), os.dup(2))
@@ -399,13 +405,14 @@ def _c_output_captured():
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
-            yield f
+            yield text
         finally:
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
             f.seek(0)
+            text.append(f.read().decode(errors="replace"))
 
 
 def export_gguf(model_dir: Path, out: Path, quant: str = "f16", provenance: dict | None = None,
@@ -427,6 +434,8 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "f16", provenance: dict
         raise EmoError(f"unknown quant {quant!r} (use {', '.join(gf.QUANTS)})")
     if out.suffix != ".gguf":
         raise EmoError(f"{out}: the output file name must end in .gguf")
+    if out.is_dir():
+        raise EmoError(f"{out} is a directory")
     if out.exists() and not force:
         raise EmoError(f"{out} already exists (use --force to overwrite it)")
     if not out.parent.is_dir():
@@ -437,6 +446,8 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "f16", provenance: dict
         raise EmoError(f"{files.dir} cannot be exported to GGUF exactly: {reason}")
     prov = collect_provenance(files, provenance)
     file_type, qtype = gf.QUANTS[quant]
+    if qtype is None:
+        _require_llama_cpp(quant)  # before any work
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     mid = out.with_name(f".{out.name}.{os.getpid()}.src.tmp")
     try:

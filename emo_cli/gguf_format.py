@@ -165,6 +165,12 @@ def field(reader: GGUFReader, name: str, default=None):
     return default if f is None else f.contents()
 
 
+def float_field(reader: GGUFReader, name: str, default: float) -> float:
+    """A float32 key as the decimal it was written from (1e-6 rather than 9.99999997e-07)."""
+    v = field(reader, name)
+    return default if v is None else float(str(np.float32(v)))
+
+
 def provenance(reader: GGUFReader) -> dict:
     """The pruning provenance stored in the file, by provenance field name (absent keys omitted)."""
     out = {}
@@ -201,7 +207,7 @@ def config_from_gguf(reader: GGUFReader, path: Path | str = "") -> EmoConfig:
         num_attention_heads=field(reader, K_HEADS), num_key_value_heads=field(reader, K_HEADS_KV),
         intermediate_size=field(reader, K_EXPERT_FF),
         max_position_embeddings=field(reader, K_CONTEXT, 4096),
-        rms_norm_eps=field(reader, K_RMS_EPS, 1e-6), rope_theta=field(reader, K_ROPE_BASE, 10000.0),
+        rms_norm_eps=float_field(reader, K_RMS_EPS, 1e-6), rope_theta=float_field(reader, K_ROPE_BASE, 10000.0),
         pad_token_id=field(reader, Keys.Tokenizer.PAD_ID), eos_token_id=eos, bos_token_id=None,
         num_experts=n_experts, num_experts_per_tok=field(reader, K_EXPERTS_USED) + shared,
         num_shared_experts=shared,

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from .commands import chat, export, inspect, profile, prune
+from .commands import chat, export, inspect, profile, prune, report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build small task-specific models out of one EMO mixture of experts, and run them locally.\n\n"
@@ -16,6 +16,7 @@ app.command("info")(inspect.info)
 app.command("eval")(inspect.eval_cmd)
 app.command("profile")(profile.profile)
 app.command("prune")(prune.prune)
+app.command("report")(report.report)
 app.command("export")(export.export)
 app.command("chat")(chat.chat)
 

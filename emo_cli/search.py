@@ -20,9 +20,10 @@ greedy (held-out loss, emo's own)
        are evaluated in batches (the cached inputs replicated, one routing mask per copy). The best
        swap is accepted when it lowers the loss by more than `min_gain` (relative), and the layer
        is searched again until no swap helps; then the cache advances one layer.
-    Cost in forward-pass equivalents over the held-out set: 5 + sum over evaluated swaps of (L-l)/L,
-    bounded by --max-evals swaps; with 16 layers and a shortlist of 4 (16 swaps/layer/round),
-    one round costs at most 16 x 16 x 0.53 = 136 forwards (less with --max-evals).
+    Cost in forward-pass equivalents over the held-out set: 4 seed evaluations + 1 router pass +
+    sum over evaluated swaps of (L-l)/L. --max-evals bounds the swaps and is spread evenly over the
+    layers (unused budget carries to later layers): the default 256 on 16 layers is one round of
+    16 swaps per layer, at most 256 x 0.53 = 136 forwards (plus the 5).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _embed(model, batches):
 
 
 @torch.no_grad()
-def _advance(model, layer: int, hs, masks=None):
+def _advance(model, layer: int, hs):
     """Residual stream after `layer` for every cached batch (routing mask of that layer as set)."""
     out = []
     for h in hs:
@@ -176,17 +177,22 @@ def greedy_plan(model, calib_batches, heldout_batches, profiles: list[Profile], 
     blocks = model.moe_blocks()
     L = len(model.layers)
     model.set_expert_mask(kept)
+    moe_left = len(kept)
     try:
         hs = _embed(model, heldout_batches)
         for layer in range(L):
             blk = blocks.get(layer)
-            while blk is not None and layer in kept and evals < max_evals:
+            # spread the evaluation budget over the layers still to search; unused budget carries on
+            layer_cap = evals + max(1, (max_evals - evals) // max(moe_left, 1))
+            if blk is not None and layer in kept:
+                moe_left -= 1
+            while blk is not None and layer in kept and evals < layer_cap:
                 fixed = set(base.fixed_ids(layer))
                 inside = [e for e in kept[layer] if e not in fixed]
                 outside = [e for e in cheap[layer] if e not in set(kept[layer])]
                 weak = sorted(inside, key=lambda e: cheap[layer][e])[:shortlist]
                 strong = sorted(outside, key=lambda e: cheap[layer][e], reverse=True)[:shortlist]
-                swaps = [(o, i) for o in weak for i in strong][: max_evals - evals]
+                swaps = [(o, i) for o in weak for i in strong][: layer_cap - evals]
                 if not swaps:
                     break
                 results = []

@@ -156,3 +156,32 @@ def test_console_script_reports_one_line(tmp_path):
     exe = Path(sys.executable).parent / "emo"
     r = subprocess.run([str(exe), "info", str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "no such model" in r.stderr
+
+
+def test_prune_report_guard_and_budget_search(tiny_model_factory, tmp_path, capsys, monkeypatch):
+    from emo_cli.data import read_documents
+    from emo_cli.evaluate import evaluate_loss
+    from emo_cli.runtime import load_model
+
+    model = tiny_model_factory("plain")
+    med = write_jsonl(tmp_path / "med.jsonl", sample_texts(40, seed=21))
+    code_data = write_jsonl(tmp_path / "code.jsonl", sample_texts(10, seed=22))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["profile", med, "--model", model, "--heldout-frac", "0.3"], capsys)
+    assert code == 0, err
+    code, out, err = run(["prune", "--guard", code_data, "--max-loss-increase", "3%", "--no-gguf", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    search = r["budget_search"]
+    chosen = search["chosen_keep"]
+    tried = {int(k): v for k, v in search["tried"].items()}
+    assert tried[chosen] <= 3.0 and all(v > 3.0 for k, v in tried.items() if k < chosen)
+    # the report's guard numbers are the real losses of the full and the slim model
+    slim = load_model(tmp_path / "slim-med")
+    full = load_model(model)
+    docs = read_documents([str(code_data)])
+    g = r["eval"][str(code_data)]
+    assert abs(g["before"] - evaluate_loss(full.model, full.tokenizer, docs, seq_len=2048).loss) < 1e-5
+    assert abs(g["after"] - evaluate_loss(slim.model, slim.tokenizer, docs, seq_len=2048).loss) < 1e-5
+    saved = json.loads((tmp_path / "slim-med" / "report.json").read_text())
+    assert saved["eval"] == r["eval"]

@@ -353,6 +353,10 @@ def expected_figures(n_profiles: int) -> int:
 
 
 def render_html(rep: Report) -> str:
+    try:  # an optional dependency (the `report` extra): say how to get it rather than a traceback
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise EmoError("emo report draws its figures with matplotlib: pip install 'emo-cli[report]'") from None
     esc = html.escape
     profs = rep.profiles
     # one colour scale for all heatmaps, capped at the 99th percentile: a few hot experts would

@@ -197,5 +197,6 @@ def _export(out: Path, gguf_path: Path, req: PruneRequest, plan: Plan):
     with ui.progress(disable=req.quiet) as prog:
         task = prog.add_task(f"exporting {gguf_path.name}", total=None, tokens=0)
         export_gguf(out, gguf_path, quant=req.quant, force=req.force,
-                    progress=lambda *a: prog.update(task, advance=1))
+                    progress=lambda stage, done, total: prog.update(
+                        task, completed=done, total=total, description=f"{stage} {gguf_path.name}"))
     return {"path": str(gguf_path), "quant": req.quant, "bytes": gguf_path.stat().st_size}

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from .commands import chat, export, inspect, profile, prune, report
+from .commands import chat, export, inspect, pretrain, profile, prune, report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build small task-specific models out of one EMO mixture of experts, and run them locally.\n\n"
@@ -14,6 +14,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 app.command("info")(inspect.info)
 app.command("eval")(inspect.eval_cmd)
+app.command("pretrain")(pretrain.pretrain_cmd)
 app.command("profile")(profile.profile)
 app.command("prune")(prune.prune)
 app.command("report")(report.report)

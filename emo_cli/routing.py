@@ -48,7 +48,8 @@ class Routing:
 
 
 def route(logits: torch.Tensor, spec: RoutingSpec, allowed: torch.Tensor | None = None) -> Routing:
-    """Route tokens given raw router logits [T, E]; `allowed` is an optional bool mask [E]."""
+    """Route tokens given raw router logits [T, E]; `allowed` is an optional bool mask, [E] for
+    one subset or [T, E] per token (the EMO document pool in pretraining)."""
     logits = logits.float()
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))

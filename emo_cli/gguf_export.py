@@ -137,19 +137,17 @@ def add_tokenizer(w: GGUFWriter, model_dir: Path, vocab_rows: int, cfg: EmoConfi
     """gpt2-style BPE: tokens by id padded to the embedding rows, types, merges, eos/pad, no BOS."""
     tj = read_tokenizer_json(model_dir)
     pre = pre_tokenizer_name(tj)
-    vocab: dict[str, int] = dict(tj["model"].get("vocab") or {})
-    types = {}
-    for t in tj.get("added_tokens", []):
-        vocab[t["content"]] = t["id"]
-        types[t["id"]] = TokenType.CONTROL if t.get("special") else TokenType.USER_DEFINED
-    top = max(vocab.values(), default=-1)
+    # (id, text, type): the BPE vocabulary, then added tokens (which win for their ids)
+    entries = [(i, text, TokenType.NORMAL) for text, i in (tj["model"].get("vocab") or {}).items()]
+    entries += [(t["id"], t["content"], TokenType.CONTROL if t.get("special") else TokenType.USER_DEFINED)
+                for t in tj.get("added_tokens", [])]
+    top = max((e[0] for e in entries), default=-1)
     if top >= vocab_rows:
         raise EmoError(f"{model_dir}: tokenizer id {top} exceeds the {vocab_rows} embedding rows")
-    tokens = [f"[PAD{i}]" for i in range(vocab_rows)]
+    tokens = [f"[PAD{i}]" for i in range(vocab_rows)]  # rows no token uses
     token_types = [TokenType.UNUSED] * vocab_rows
-    for text, i in vocab.items():
-        tokens[i] = text
-        token_types[i] = types.get(i, TokenType.NORMAL)
+    for i, text, kind in entries:
+        tokens[i], token_types[i] = text, kind
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)

@@ -8,6 +8,7 @@ files are real (small) and agree with f32 on the next token. Refused models leav
 import json
 import random
 import sys
+import tracemalloc
 from contextlib import contextmanager
 
 import llama_cpp
@@ -164,6 +165,21 @@ def test_gguf_config_round_trip(exact):
         assert [cfg.layer_shared(i) for i in range(3)] == [src.layer_shared(i) for i in range(3)]
 
 
+def test_tokenizer_keys(exact):
+    d, path, _, _ = exact["shared"]
+    reader = open_reader(path)
+    tokens = gf.field(reader, "tokenizer.ggml.tokens")
+    types = gf.field(reader, "tokenizer.ggml.token_type")
+    tj = json.loads((d / "tokenizer.json").read_text())
+    n_tok = len(tj["model"]["vocab"])
+    cfg = open_hf_dir(d).config
+    assert len(tokens) == len(types) == cfg.vocab_size > n_tok  # padded to the embedding rows
+    assert all(types[i] == 5 for i in range(n_tok, cfg.vocab_size))  # unused
+    assert types[cfg.eos_token_id] == 3 and tokens[cfg.eos_token_id] == "<|endoftext|>"  # control
+    assert gf.field(reader, "tokenizer.ggml.pre") == "dbrx" and gf.field(reader, "tokenizer.ggml.add_bos_token") is False
+    assert len(gf.field(reader, "tokenizer.ggml.merges")) == len(tj["model"]["merges"])
+
+
 def test_qk_permutation_round_trips():
     w = np.arange(8 * 16 * 3, dtype=np.float32).reshape(8 * 16, 3)
     p = gf.permute_qk(w, 8)
@@ -233,6 +249,18 @@ def test_quantized_is_small_and_agrees_on_top1(smooth, quant):
     assert types["blk.0.ffn_gate_inp.weight"] == "F32" and types["blk.0.ffn_norm.weight"] == "F32"
     want = {"q8_0": {"Q8_0"}, "q4_k_m": {"Q4_K", "Q5_K", "Q6_K"}}[quant]
     assert types["blk.1.ffn_gate_exps.weight"] in want and types["token_embd.weight"] in want
+
+
+def test_export_streams_tensor_by_tensor(smooth, tmp_path):
+    """Python-side peak memory of an export stays far below the model (one stacked tensor or so)."""
+    d, results = smooth
+    tracemalloc.start()
+    try:
+        export_gguf(d, tmp_path / "x.gguf", quant="f32")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.35 * results["f32"]["bytes"]
 
 
 def test_bf16_source_k_quant(tmp_path, tiny_model_factory):

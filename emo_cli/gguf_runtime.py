@@ -18,6 +18,7 @@ last), F expert width, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def _dense(t, device: str) -> torch.Tensor:
 def _qweight(t, rows: int, cols: int) -> cpu.QWeight:
     """A [rows, cols] matrix (or a stack of them, rows = E*F) for the C kernels, in place if native."""
     if int(t.tensor_type) in cpu.NATIVE_TYPES:
-        return cpu.QWeight.from_array(t.data.reshape(rows, -1), int(t.tensor_type), rows, cols)
+        matrix_rows = int(t.shape[1])  # GGUF ne order: {cols, rows of one matrix, experts}
+        return cpu.QWeight.from_array(t.data.reshape(rows, -1), int(t.tensor_type), rows, cols, matrix_rows)
     return cpu.QWeight.from_tensor(_dense(t, "cpu").reshape(rows, cols))
 
 
@@ -82,9 +84,13 @@ def matmul(backend: str, x: torch.Tensor, mats: list[Mat]) -> list[torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """ggml's RMSNorm: squares summed in float64, scale 1/sqrt(mean + eps) in fp32, then * weight."""
-    ms = x.double().pow(2).mean(-1, keepdim=True).float()
-    return (x * (1.0 / torch.sqrt(ms + eps))) * weight
+    """ggml's RMSNorm: fp32 squares summed in float64, scale 1/sqrt(mean + eps) in fp32, then * weight."""
+    ms = (x * x).double().mean(-1, keepdim=True).float()
+    # sqrt and division in float64, each rounded to fp32: exactly ggml's 1.0f/sqrtf (torch's fp32
+    # sqrt is not always correctly rounded, and one ulp here can flip an activation quantization)
+    root = torch.sqrt((ms + eps).double()).float()  # sqrtf
+    scale = (1.0 / root.double()).float()  # 1.0f / root
+    return (x * scale) * weight
 
 
 def rope_tables(start: int, S: int, hd: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,9 +106,19 @@ def rope_tables(start: int, S: int, hd: int, theta: float, device) -> tuple[torc
 
 
 def rope_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, hd]: rotate interleaved pairs (2i, 2i+1) — llama.cpp's NORM mode."""
+    """x [..., hd]: rotate interleaved pairs (2i, 2i+1) — llama.cpp's NORM mode."""
     x0, x1 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+def make_rope(backend: str, B: int, S: int, start: int, cfg: EmoConfig, device):
+    """x [B*S, heads*hd] -> rotated, for positions start..start+S-1 of every sequence."""
+    hd = cfg.head_dim
+    if backend == "cpu":  # in C, with llama.cpp's exact arithmetic
+        pos = torch.arange(start, start + S).repeat(B)
+        return lambda x: cpu.rope_norm_(x.contiguous(), pos, hd, cfg.rope_theta)
+    cos, sin = rope_tables(start, S, hd, cfg.rope_theta, device)  # [S, hd/2]
+    return lambda x: rope_norm(x.view(B, S, -1, hd), cos[:, None], sin[:, None]).reshape(B * S, -1)
 
 
 # ---- layers ----------------------------------------------------------------------------------------
@@ -115,6 +131,8 @@ class GGUFMoE:
         self.spec = RoutingSpec(num_experts=E, top_k=min(cfg.num_experts_per_tok, E), num_shared=ns)
         router = _dense(T[gf.blk(i, gf.FFN_GATE_INP)], device)  # [E_r, D]
         self.router = torch.cat([router, router.new_zeros(ns, router.shape[1])]) if ns else router
+        # on the CPU kernels the routed logits get ggml's fp32 summation order (routing ties matter)
+        self.router_q = cpu.QWeight.from_tensor(router) if backend == "cpu" else None
         self.expert_ids = torch.as_tensor(expert_ids if expert_ids is not None else range(E))
         self.allowed: torch.Tensor | None = None
         names = (gf.FFN_GATE_EXPS, gf.FFN_UP_EXPS, gf.FFN_DOWN_EXPS)
@@ -125,8 +143,9 @@ class GGUFMoE:
             for name, sh, (r, c) in zip(names, shexp, ((Fw, D), (Fw, D), (D, Fw))):
                 stack = _qweight(T[gf.blk(i, name)], Er * r, c)
                 ws = [stack.slice_rows(e, r) for e in range(Er)]
-                if ns:
-                    ws.append(_qweight(T[gf.blk(i, sh)], r, c))
+                if ns:  # llama.cpp runs the shared expert as its own 2-D matmul
+                    q = _qweight(T[gf.blk(i, sh)], r, c)
+                    ws.append(dataclasses.replace(q, qtype=q.qtype | cpu.MATMUL_2D))
                 per.append(ws)
             self.cpu_weights = cpu.MoEWeights(*per)
         else:
@@ -138,7 +157,11 @@ class GGUFMoE:
             self.w_gate, self.w_up, self.w_down = stacks
 
     def __call__(self, x: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
-        logits = x @ self.router.t()  # [T, E]
+        if self.router_q is not None:
+            (logits,) = cpu.matmul(x, [self.router_q])  # [T, E_r]
+            logits = torch.cat([logits, logits.new_zeros(x.shape[0], self.spec.num_shared)], 1)  # [T, E]
+        else:
+            logits = x @ self.router.t()  # [T, E]
         r = route(logits, self.spec, self.allowed)
         norms = None
         if self.backend == "cpu":
@@ -168,13 +191,13 @@ class GGUFBlock:
             self.moe = None
             self.dense = [mat(n) for n in (gf.FFN_GATE, gf.FFN_UP, gf.FFN_DOWN)]
 
-    def attention(self, x, cos, sin, cache: KVCache | None, start: int) -> torch.Tensor:
+    def attention(self, x, rope, cache: KVCache | None, start: int) -> torch.Tensor:
         cfg = self.cfg
         B, S, D = x.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
         q, k, v = matmul(self.backend, x.reshape(B * S, D), [self.wq, self.wk, self.wv])
-        q = rope_norm(q.view(B, S, H, hd).transpose(1, 2), cos, sin)  # [B, H, S, hd]
-        k = rope_norm(k.view(B, S, Hkv, hd).transpose(1, 2), cos, sin)  # [B, Hkv, S, hd]
+        q = rope(q).view(B, S, H, hd).transpose(1, 2)  # [B, H, S, hd]
+        k = rope(k).view(B, S, Hkv, hd).transpose(1, 2)  # [B, Hkv, S, hd]
         v = v.view(B, S, Hkv, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.i, k, v, start)
@@ -191,9 +214,9 @@ class GGUFBlock:
         (out,) = matmul(self.backend, o.transpose(1, 2).reshape(B * S, H * hd), [self.wo])
         return out.view(B, S, D)
 
-    def __call__(self, h, cos, sin, cache, start, observer=None):
+    def __call__(self, h, rope, cache, start, observer=None):
         eps = self.cfg.rms_norm_eps
-        h = h + self.attention(rms_norm(h, self.attn_norm, eps), cos, sin, cache, start)
+        h = h + self.attention(rms_norm(h, self.attn_norm, eps), rope, cache, start)
         B, S, D = h.shape
         x = rms_norm(h, self.ffn_norm, eps).reshape(B * S, D)
         if self.moe is not None:
@@ -265,12 +288,12 @@ class GGUFModel:
         """Run layers [start_layer, stop_after] -> residual stream [B, S, D] (as EmoForCausalLM)."""
         B, S = input_ids.shape
         start = cache.length if cache is not None else 0
-        cos, sin = rope_tables(start, S, self.config.head_dim, self.config.rope_theta, self._device)
+        rope = make_rope(self.backend, B, S, start, self.config, self._device)
         h = self.embed_tokens(input_ids) if start_hidden is None else start_hidden
         last = len(self.layers) - 1 if stop_after is None else stop_after
         with torch.no_grad():
             for i in range(start_layer, last + 1):
-                h = self.layers[i](h, cos, sin, cache, start, observer)
+                h = self.layers[i](h, rope, cache, start, observer)
         if cache is not None and last == len(self.layers) - 1:
             cache.length = start + S
         return h

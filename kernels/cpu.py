@@ -29,8 +29,14 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared",
          "-ffp-contract=off"]
 
 F32, F16, Q4_0, Q8_0 = 0, 1, 2, 8  # GGML type ids
+# Q4_0 matrices with a multiple of 8 rows: llama.cpp repacks them 8 rows at a time and sums each
+# row block after block; the kernels follow that order for them (cpu_kernels.c, dot products)
+Q4_0_R = Q4_0 | 0x100
+# flag for an expert that llama.cpp computes as a plain 2-D matmul (the shared expert), which
+# changes its F32/F16 summation order for multi-token batches; other matrices need no flag
+MATMUL_2D = 0x200
 NATIVE_TYPES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q8_0: "Q8_0"}
-BLOCK = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q8_0: (32, 34)}  # (values, bytes) per block
+BLOCK = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q8_0: (32, 34), Q4_0_R: (32, 18)}  # (values, bytes)
 
 
 class KernelUnavailable(RuntimeError):
@@ -84,6 +90,7 @@ def library() -> ctypes.CDLL:
     lib.emo_matmul.argtypes = [ctypes.c_int, p, p, p, i64, p, i64, p]
     lib.emo_get_rows.argtypes = [p, ctypes.c_int, i64, p, i64, p]
     lib.emo_moe.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, p]
+    lib.emo_rope_norm.argtypes = [p, i64, i64, i64, p, ctypes.c_float]
     return lib
 
 
@@ -110,13 +117,16 @@ class QWeight:
     owner: object  # keeps the memory map / tensor alive while the pointer is used
 
     @classmethod
-    def from_array(cls, data: np.ndarray, qtype: int, n: int, k: int) -> "QWeight":
-        """`data`: the tensor's bytes as GGUFReader exposes them (uint8 rows for block types)."""
+    def from_array(cls, data: np.ndarray, qtype: int, n: int, k: int, matrix_rows: int | None = None) -> "QWeight":
+        """`data`: the tensor's bytes as GGUFReader exposes them (uint8 rows for block types);
+        `matrix_rows`: rows of each matrix when `data` stacks several (experts), else n."""
         if qtype not in NATIVE_TYPES:
             raise ValueError(f"GGML type {qtype} is not computed natively")
         vals, nbytes = BLOCK[qtype]
         if k % vals or data.nbytes != n * k // vals * nbytes or not data.flags.c_contiguous:
             raise ValueError(f"weight bytes do not match a [{n}, {k}] {NATIVE_TYPES[qtype]} matrix")
+        if qtype == Q4_0 and (matrix_rows or n) % 8 == 0:
+            qtype = Q4_0_R
         return cls(data.ctypes.data, qtype, n, k, data)
 
     @classmethod
@@ -150,6 +160,15 @@ def matmul(x: torch.Tensor, weights: list[QWeight]) -> list[torch.Tensor]:
         assert w.k == K, (w.k, K)
     lib.emo_matmul(m, ws, tys, ns, K, _ptr(x), T, yp)
     return ys
+
+
+def rope_norm_(x: torch.Tensor, positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+    """In place: NORM RoPE (pairs 2i, 2i+1) on x [T, H*hd] fp32 contiguous for positions [T],
+    with llama.cpp's fp32 angle recurrence, libm cosf/sinf and fused multiply-adds."""
+    assert x.dtype == torch.float32 and x.is_contiguous() and x.shape[1] % head_dim == 0
+    pos = positions.contiguous().to(torch.int64)
+    library().emo_rope_norm(_ptr(x), x.shape[0], x.shape[1] // head_dim, head_dim, _ptr(pos), base)
+    return x
 
 
 def get_rows(w: QWeight, ids: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,9 @@
 #include <string.h>
 
 enum { TY_F32 = 0, TY_F16 = 1, TY_Q4_0 = 2, TY_Q8_0 = 8 }; /* GGML type ids */
+#define TY_Q4_0_R (TY_Q4_0 | 0x100) /* Q4_0 summed like llama.cpp's 8-row repacked kernels */
+#define TY_2D 0x200 /* flag: llama.cpp runs this matrix as a plain 2-D mul_mat (see dot products) */
+#define BASE(t) ((t) & ~TY_2D)
 
 typedef struct { uint16_t d; int8_t qs[32]; } bq8;  /* 34 bytes: value i = d * qs[i] */
 typedef struct { uint16_t d; uint8_t qs[16]; } bq4; /* 18 bytes: value i = d * (nibble_i - 8), low nibbles = 0..15 */
@@ -49,16 +52,20 @@ static inline __m256i unpack_q4(const uint8_t *qs) { /* 16 bytes -> 32 int8 in [
 }
 
 size_t emo_row_bytes(int type, int64_t k) {
-    switch (type) {
+    switch (BASE(type)) {
     case TY_F32: return 4 * (size_t)k;
     case TY_F16: return 2 * (size_t)k;
     case TY_Q8_0: return (size_t)(k / 32) * sizeof(bq8);
-    case TY_Q4_0: return (size_t)(k / 32) * sizeof(bq4);
+    case TY_Q4_0:
+    case TY_Q4_0_R: return (size_t)(k / 32) * sizeof(bq4);
     default: return 0;
     }
 }
 
-static int act_type(int wtype) { return (wtype == TY_Q8_0 || wtype == TY_Q4_0) ? TY_Q8_0 : wtype; }
+static int act_type(int wtype) {
+    const int b = wtype & 0xFF;
+    return (b == TY_Q8_0 || b == TY_Q4_0) ? TY_Q8_0 : b;
+}
 
 /* ---- activation conversion ------------------------------------------------------------------- */
 static void quantize_row_q8(const float *x, bq8 *y, int64_t k) {
@@ -100,7 +107,18 @@ static void convert_row(const float *x, void *out, int atype, int64_t k) {
     }
 }
 
-/* ---- dot products: one weight row against `nt` activation rows (1..4) -------------------------- */
+/* ---- dot products ------------------------------------------------------------------------------
+ * Each follows the summation order of the llama.cpp CPU kernel for that type, so results agree to
+ * the bit where the inputs do (an fp32 ulp can otherwise flip the next activation quantization):
+ *   Q8_0, Q4_0   per block an exact int32 sum in 8 lanes, times d_w*d_x, into one 8-lane fp32
+ *                accumulator (FMA), horizontal sum at the end
+ *   Q4_0 "R"     matrices whose row count is a multiple of 8, which llama.cpp repacks 8 rows at a
+ *                time: per row, acc = fma(float(block int sum), d_w*d_x, acc) block after block
+ *   F32, F16     four 8-lane FMA accumulators over 32-value steps, reduced (0+2, 1+3), (0+1), then
+ *                128-bit halves and two horizontal adds; the tail (k % 32) added one by one; but a
+ *                plain 2-D matmul of >= 2 tokens with rows % 4 == 0 and k % 8 == 0 goes through
+ *                llama.cpp's tiled sgemm: one 8-lane accumulator, then the 8-lane horizontal sum
+ * One weight row is dotted with up to MAXT activation rows, so it is read once per token group. */
 #define MAXT 4
 
 static void dot_q8(const bq8 *w, const bq8 *const *x, int nt, int64_t nb, float *out) {
@@ -131,58 +149,148 @@ static void dot_q4(const bq4 *w, const bq8 *const *x, int nt, int64_t nb, float 
     for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]);
 }
 
-static void dot_f16(const uint16_t *w, const uint16_t *const *x, int nt, int64_t k, float *out) {
-    __m256 acc[MAXT];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= k; i += 8) {
-        const __m256 vw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i)));
-        for (int t = 0; t < nt; t++)
-            acc[t] = _mm256_fmadd_ps(vw, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x[t] + i))), acc[t]);
-    }
-    for (int t = 0; t < nt; t++) {
-        out[t] = hsum8(acc[t]);
-        for (int64_t j = i; j < k; j++) out[t] += h2f(w[j]) * h2f(x[t][j]);
-    }
+static inline __m256i i8dot_i32(__m256i a, __m256i b) { /* 8 exact int32 partial sums */
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
 
-static void dot_f32(const float *w, const float *const *x, int nt, int64_t k, float *out) {
-    __m256 acc[MAXT];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= k; i += 8) {
-        const __m256 vw = _mm256_loadu_ps(w + i);
-        for (int t = 0; t < nt; t++) acc[t] = _mm256_fmadd_ps(vw, _mm256_loadu_ps(x[t] + i), acc[t]);
-    }
-    for (int t = 0; t < nt; t++) {
-        out[t] = hsum8(acc[t]);
-        for (int64_t j = i; j < k; j++) out[t] += w[j] * x[t][j];
-    }
+/* lane r = sum of the 8 lanes of p[r] (exact integer adds) */
+static inline __m256i transpose_sum8(const __m256i *p) {
+    const __m256i a0 = _mm256_hadd_epi32(p[0], p[1]), a1 = _mm256_hadd_epi32(p[2], p[3]);
+    const __m256i a2 = _mm256_hadd_epi32(p[4], p[5]), a3 = _mm256_hadd_epi32(p[6], p[7]);
+    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
 }
 
-/* out[t] = <weight row, activation row t> for t < nt (nt <= MAXT), rows given in their own types */
-static void dot_rows(int wtype, const void *w, const void *const *x, int nt, int64_t k, float *out) {
-    switch (wtype) {
+/* 8 consecutive Q4_0 rows (row stride nb blocks) against nt activation rows: out[t*8 + r] */
+static void dot_q4_rows8(const bq4 *w, int64_t nb, const bq8 *const *x, int nt, float *out) {
+    __m256 acc[MAXT];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i qw[8];
+        float dw[8];
+        for (int r = 0; r < 8; r++) {
+            qw[r] = unpack_q4(w[r * nb + b].qs);
+            dw[r] = h2f(w[r * nb + b].d);
+        }
+        const __m256 vdw = _mm256_loadu_ps(dw);
+        for (int t = 0; t < nt; t++) {
+            const __m256i qx = _mm256_loadu_si256((const __m256i *)x[t][b].qs);
+            __m256i p[8];
+            for (int r = 0; r < 8; r++) p[r] = i8dot_i32(qw[r], qx);
+            const __m256 d = _mm256_mul_ps(vdw, _mm256_set1_ps(h2f(x[t][b].d)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum8(p)), d, acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
+
+static void dot_q4_seq(const bq4 *w, const bq8 *const *x, int nt, int64_t nb, float *out) {
+    float acc[MAXT] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i qw = unpack_q4(w[b].qs);
+        const float dw = h2f(w[b].d);
+        for (int t = 0; t < nt; t++) {
+            const __m256i s = i8dot_i32(qw, _mm256_loadu_si256((const __m256i *)x[t][b].qs));
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            h = _mm_hadd_epi32(h, h);
+            h = _mm_hadd_epi32(h, h);
+            acc[t] = fmaf((float)_mm_cvtsi128_si32(h), dw * h2f(x[t][b].d), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] = acc[t];
+}
+
+static inline float reduce4x8(__m256 *s) { /* llama.cpp's F32x8 reduction of four accumulators */
+    s[0] = _mm256_add_ps(s[0], s[2]);
+    s[1] = _mm256_add_ps(s[1], s[3]);
+    s[0] = _mm256_add_ps(s[0], s[1]);
+    const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(s[0]), _mm256_extractf128_ps(s[0], 1));
+    const __m128 t1 = _mm_hadd_ps(t0, t0);
+    return _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
+}
+
+static float dot_f32_one(const float *w, const float *x, int64_t k) {
+    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const int64_t np = k & ~(int64_t)31;
+    for (int64_t i = 0; i < np; i += 32)
+        for (int j = 0; j < 4; j++)
+            s[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8 * j), _mm256_loadu_ps(x + i + 8 * j), s[j]);
+    float sum = reduce4x8(s);
+    for (int64_t i = np; i < k; i++) sum += w[i] * x[i];
+    return sum;
+}
+
+static float dot_f16_one(const uint16_t *w, const uint16_t *x, int64_t k) {
+    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const int64_t np = k & ~(int64_t)31;
+    for (int64_t i = 0; i < np; i += 32)
+        for (int j = 0; j < 4; j++)
+            s[j] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8 * j))),
+                                   _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i + 8 * j))), s[j]);
+    double sum = reduce4x8(s);  /* llama.cpp keeps this one in double for the tail */
+    for (int64_t i = np; i < k; i++) sum += (double)(h2f(w[i]) * h2f(x[i]));
+    return (float)sum;
+}
+
+static float dot_f32_acc1(const float *w, const float *x, int64_t k) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc);
+    return hsum8(acc);
+}
+
+static float dot_f16_acc1(const uint16_t *w, const uint16_t *x, int64_t k) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))),
+                              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))), acc);
+    return hsum8(acc);
+}
+
+/* Which F32/F16 order llama.cpp uses for a matrix of `rows` rows applied to `ntok` tokens. */
+static int sgemm_order(int wtype, int64_t rows, int64_t k, int64_t ntok) {
+    return (wtype & TY_2D) && ntok >= 2 && rows % 4 == 0 && k % 8 == 0;
+}
+
+/* out[t] = <weight row, activation row t> for t < nt (nt <= MAXT), rows given in their own types;
+ * `acc1`: the single-accumulator F32/F16 order (sgemm_order) */
+static void dot_rows(int wtype, const void *w, const void *const *x, int nt, int64_t k, float *out, int acc1) {
+    switch (BASE(wtype)) {
     case TY_Q8_0: dot_q8((const bq8 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
     case TY_Q4_0: dot_q4((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
-    case TY_F16: dot_f16((const uint16_t *)w, (const uint16_t *const *)x, nt, k, out); break;
-    default: dot_f32((const float *)w, (const float *const *)x, nt, k, out); break;
+    case TY_Q4_0_R: dot_q4_seq((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
+    case TY_F16:
+        for (int t = 0; t < nt; t++)
+            out[t] = acc1 ? dot_f16_acc1((const uint16_t *)w, (const uint16_t *)x[t], k)
+                          : dot_f16_one((const uint16_t *)w, (const uint16_t *)x[t], k);
+        break;
+    default:
+        for (int t = 0; t < nt; t++)
+            out[t] = acc1 ? dot_f32_acc1((const float *)w, (const float *)x[t], k)
+                          : dot_f32_one((const float *)w, (const float *)x[t], k);
+        break;
     }
 }
 
-/* y[rows[i], n] for n in [n0, n1): one weight matrix against a list of converted activation rows,
- * written with row stride ldy. Tokens go MAXT at a time so each weight row is read once per group. */
-static void gemv_rows(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1, const uint8_t *xa,
-                      size_t xstride, const int64_t *rows, int64_t nrows, float *y, int64_t ldy) {
+/* ys[i][n] = <row n of w, xs[i]> for n in [n0, n1) and i < nx: one weight matrix against a list of
+ * converted activation rows. Tokens go MAXT at a time so a weight row is read once per group.
+ * rows/ntok: the matrix's row count and the tokens of the whole op (they pick llama.cpp's order). */
+static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1, const void *const *xs,
+                 float *const *ys, int64_t nx, int64_t rows, int64_t ntok) {
+    const int acc1 = sgemm_order(wtype, rows, k, ntok);
     const size_t wb = emo_row_bytes(wtype, k);
-    for (int64_t t0 = 0; t0 < nrows; t0 += MAXT) {
-        const int nt = (int)(nrows - t0 < MAXT ? nrows - t0 : MAXT);
-        const void *xs[MAXT];
-        for (int t = 0; t < nt; t++) xs[t] = xa + xstride * (size_t)rows[t0 + t];
-        float r[MAXT];
-        for (int64_t n = n0; n < n1; n++) {
-            dot_rows(wtype, w + wb * (size_t)n, xs, nt, k, r);
-            for (int t = 0; t < nt; t++) y[rows[t0 + t] * ldy + n] = r[t];
+    for (int64_t t0 = 0; t0 < nx; t0 += MAXT) {
+        const int nt = (int)(nx - t0 < MAXT ? nx - t0 : MAXT);
+        float r[8 * MAXT];
+        int64_t n = n0;
+        if (BASE(wtype) == TY_Q4_0_R) /* eight rows at a time, lanes = rows */
+            for (; n + 8 <= n1; n += 8) {
+                dot_q4_rows8((const bq4 *)(w + wb * (size_t)n), k / 32, (const bq8 *const *)(xs + t0), nt, r);
+                for (int t = 0; t < nt; t++) memcpy(ys[t0 + t] + n, r + 8 * t, 8 * sizeof(float));
+            }
+        for (; n < n1; n++) {
+            dot_rows(wtype, w + wb * (size_t)n, xs + t0, nt, k, r, acc1);
+            for (int t = 0; t < nt; t++) ys[t0 + t][n] = r[t];
         }
     }
 }
@@ -195,6 +303,7 @@ void emo_set_threads(int n) { omp_set_num_threads(n > 0 ? n : 1); }
  * are split into one work list (q/k/v share one parallel pass). */
 void emo_matmul(int m, const void *const *w, const int *wtype, const int64_t *n, int64_t k, const float *x,
                 int64_t T, float *const *y) {
+    if (m > 16) return; /* the Python side never passes more */
     void *conv[16] = {0};
     size_t stride[16] = {0};
     for (int j = 0; j < m; j++) {
@@ -205,8 +314,15 @@ void emo_matmul(int m, const void *const *w, const int *wtype, const int64_t *n,
             for (int64_t t = 0; t < T; t++) convert_row(x + t * k, (uint8_t *)conv[a] + stride[a] * t, a, k);
         }
     }
-    int64_t *ids = malloc(sizeof(int64_t) * (size_t)T);
-    for (int64_t t = 0; t < T; t++) ids[t] = t;
+    /* row pointers: activation t in each type, output row t of each matrix */
+    const void **xs = malloc(sizeof(void *) * (size_t)T * 16);
+    float **ys = malloc(sizeof(float *) * (size_t)T * (size_t)m);
+    for (int a = 0; a < 16; a++)
+        if (conv[a] || a == TY_F32)
+            for (int64_t t = 0; t < T; t++)
+                xs[a * T + t] = a == TY_F32 ? (const void *)(x + t * k) : (const uint8_t *)conv[a] + stride[a] * t;
+    for (int j = 0; j < m; j++)
+        for (int64_t t = 0; t < T; t++) ys[j * T + t] = y[j] + t * n[j];
     const int64_t chunk = 16;
     int64_t total = 0, starts[17];
     for (int j = 0; j < m; j++) { starts[j] = total; total += (n[j] + chunk - 1) / chunk; }
@@ -215,18 +331,42 @@ void emo_matmul(int m, const void *const *w, const int *wtype, const int64_t *n,
     for (int64_t c = 0; c < total; c++) {
         int j = 0;
         while (c >= starts[j + 1]) j++;
-        const int a = act_type(wtype[j]);
-        const uint8_t *xa = a == TY_F32 ? (const uint8_t *)x : (const uint8_t *)conv[a];
-        const size_t xs = a == TY_F32 ? 4 * (size_t)k : stride[a];
         const int64_t n0 = (c - starts[j]) * chunk, n1 = n0 + chunk < n[j] ? n0 + chunk : n[j];
-        gemv_rows(wtype[j], (const uint8_t *)w[j], k, n0, n1, xa, xs, ids, T, y[j], n[j]);
+        gemv(wtype[j] | TY_2D, (const uint8_t *)w[j], k, n0, n1, xs + act_type(wtype[j]) * T, ys + j * T, T, n[j], T);
     }
-    free(ids);
+    free(xs);
+    free(ys);
     for (int a = 0; a < 16; a++) free(conv[a]);
+}
+
+/* NORM-mode RoPE in place on x [T, H, hd] (pairs 2i, 2i+1) for token positions pos[T], with
+ * llama.cpp's arithmetic: angle_i = pos * base^(-2/hd) ^ i accumulated in fp32, libm cosf/sinf,
+ * and each output a single fused multiply-add of one rounded product. */
+void emo_rope_norm(float *x, int64_t T, int64_t H, int64_t hd, const int64_t *pos, float base) {
+    const float scale = powf(base, -2.0f / (float)hd);
+    float *cs = malloc(sizeof(float) * (size_t)hd);
+    for (int64_t t = 0; t < T; t++) {
+        float theta = (float)pos[t];
+        for (int64_t i = 0; i < hd / 2; i++) {
+            cs[2 * i] = cosf(theta);
+            cs[2 * i + 1] = sinf(theta);
+            theta *= scale;
+        }
+        for (int64_t h = 0; h < H; h++) {
+            float *v = x + (t * H + h) * hd;
+            for (int64_t i = 0; i < hd; i += 2) {
+                const float x0 = v[i], x1 = v[i + 1], c = cs[i], sn = cs[i + 1];
+                v[i] = fmaf(x0, c, -(x1 * sn));
+                v[i + 1] = fmaf(x0, sn, x1 * c);
+            }
+        }
+    }
+    free(cs);
 }
 
 /* Dequantize selected rows (embedding lookup): out [nrows, k]. */
 void emo_get_rows(const void *w, int wtype, int64_t k, const int64_t *rows, int64_t nrows, float *out) {
+    wtype = BASE(wtype);
     const size_t wb = emo_row_bytes(wtype, k);
     for (int64_t r = 0; r < nrows; r++) {
         const uint8_t *src = (const uint8_t *)w + wb * (size_t)rows[r];
@@ -272,12 +412,11 @@ void emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *exp
         pos_tok[q] = p / S;
         slot_pos[p] = q;
     }
-    int64_t *seq = malloc(sizeof(int64_t) * (size_t)(P > T ? P : T));
-    for (int64_t i = 0; i < (P > T ? P : T); i++) seq[i] = i;
 
-    /* activation of x in each type the gate/up weights need */
+    /* activation of x in each type the gate/up weights need, and row pointers by sorted position */
     void *conv[16] = {0};
     size_t cstride[16] = {0};
+    const void **xq = calloc((size_t)P * 16, sizeof(void *));
     for (int64_t e = 0; e < E; e++) {
         if (!count[e]) continue;
         const int ats[2] = {act_type(gtype[e]), act_type(utype[e])};
@@ -293,6 +432,11 @@ void emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *exp
 #pragma omp parallel for
             for (int64_t t = 0; t < T; t++) convert_row(x + t * D, (uint8_t *)conv[a] + cstride[a] * t, a, D);
         }
+    for (int a = 0; a < 16; a++)
+        if (conv[a] || a == TY_F32)
+            for (int64_t q = 0; q < P; q++)
+                xq[a * P + q] = a == TY_F32 ? (const void *)(x + pos_tok[q] * D)
+                                            : (const uint8_t *)conv[a] + cstride[a] * pos_tok[q];
 
     /* work lists: (expert, row chunk) for gate/up over F, and for down over D */
     const int64_t chunk = 16, cf = (F + chunk - 1) / chunk, cd = (D + chunk - 1) / chunk;
@@ -302,32 +446,24 @@ void emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *exp
     float *out = malloc(sizeof(float) * (size_t)(P * D));
     const size_t hstride = emo_row_bytes(TY_F32, F); /* widest activation row of h */
     uint8_t *hc = malloc(hstride * (size_t)P);
+    float **gp = malloc(sizeof(float *) * (size_t)P), **up_ = malloc(sizeof(float *) * (size_t)P);
+    float **op = malloc(sizeof(float *) * (size_t)P);
+    const void **hp = malloc(sizeof(void *) * (size_t)P);
+    for (int64_t q = 0; q < P; q++) {
+        gp[q] = g + q * F;
+        up_[q] = u + q * F;
+        op[q] = out + q * D;
+        hp[q] = hc + hstride * q;
+    }
 
 #pragma omp parallel
     {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nact * cf; c++) {
             const int64_t e = act[c / cf], n0 = (c % cf) * chunk, n1 = n0 + chunk < F ? n0 + chunk : F;
-            const int64_t *rows = seq + start[e];
-            for (int w = 0; w < 2; w++) {
-                const int ty = w ? utype[e] : gtype[e], a = act_type(ty);
-                const uint8_t *xa = a == TY_F32 ? (const uint8_t *)x : (const uint8_t *)conv[a];
-                const size_t xs = a == TY_F32 ? 4 * (size_t)D : cstride[a];
-                /* tokens of expert e, gathered through pos_tok: gemv_rows indexes x by token id */
-                const int64_t cnt = count[e];
-                for (int64_t t0 = 0; t0 < cnt; t0 += MAXT) {
-                    const int nt = (int)(cnt - t0 < MAXT ? cnt - t0 : MAXT);
-                    const void *xr[MAXT];
-                    for (int t = 0; t < nt; t++) xr[t] = xa + xs * (size_t)pos_tok[rows[t0 + t]];
-                    const size_t wb = emo_row_bytes(ty, D);
-                    const uint8_t *wm = (const uint8_t *)(w ? up[e] : gate[e]);
-                    float r[MAXT];
-                    for (int64_t n = n0; n < n1; n++) {
-                        dot_rows(ty, wm + wb * (size_t)n, xr, nt, D, r);
-                        for (int t = 0; t < nt; t++) (w ? u : g)[rows[t0 + t] * F + n] = r[t];
-                    }
-                }
-            }
+            const int64_t q0 = start[e];
+            gemv(gtype[e], (const uint8_t *)gate[e], D, n0, n1, xq + act_type(gtype[e]) * P + q0, gp + q0, count[e], F, T);
+            gemv(utype[e], (const uint8_t *)up[e], D, n0, n1, xq + act_type(utype[e]) * P + q0, up_ + q0, count[e], F, T);
         }
         /* h = silu(g) * u, converted to the down weights' activation type, one row per position */
 #pragma omp for
@@ -345,7 +481,7 @@ void emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *exp
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nact * cd; c++) {
             const int64_t e = act[c / cd], n0 = (c % cd) * chunk, n1 = n0 + chunk < D ? n0 + chunk : D;
-            gemv_rows(dtype[e], (const uint8_t *)down[e], F, n0, n1, hc, hstride, seq + start[e], count[e], out, D);
+            gemv(dtype[e], (const uint8_t *)down[e], F, n0, n1, hp + start[e], op + start[e], count[e], D, T);
         }
         /* combine in slot order: y[t] = ((w0*o0 + w1*o1) + w2*o2) ... */
 #pragma omp for
@@ -364,7 +500,7 @@ void emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *exp
             }
         }
     }
-    free(count); free(start); free(pos_tok); free(slot_pos); free(seq); free(act);
-    free(g); free(u); free(out); free(hc);
+    free(count); free(start); free(pos_tok); free(slot_pos); free(act); free(xq);
+    free(g); free(u); free(out); free(hc); free(gp); free(up_); free(op); free(hp);
     for (int a = 0; a < 16; a++) free(conv[a]);
 }

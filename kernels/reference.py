@@ -21,3 +21,36 @@ def reference_moe(x, experts, weights, w_gate, w_up, w_down) -> torch.Tensor:
         y = torch.einsum("tdf,tf->td", w_down[e].double(), h)
         out += weights[:, k].double().unsqueeze(1) * y
     return out
+
+
+def q8_0_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as the quantized CPU matmuls see it (float64): Q8_0 blocks of 32 values.
+
+    Per block: amax = max|x|, scale d = fp16(amax / 127), q = round-half-even(x * (127 / amax))
+    computed in fp32; value = q * d. This is llama.cpp's activation format for Q8_0/Q4_0 weights.
+    """
+    xb = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv)  # torch.round rounds half to even
+    return (q.double() * (amax / 127).half().double()).reshape(x.shape)
+
+
+def f16_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as F16 weights' matmuls see it: rounded to fp16 (nearest even)."""
+    return x.half().double()
+
+
+def reference_moe_rounded(x, experts, weights, w_gate, w_up, w_down, act_in, act_mid) -> torch.Tensor:
+    """`reference_moe` with the matmul inputs rounded like a kernel rounds them: `act_in` on x
+    before gate/up, `act_mid` on silu(gate) * up before down (e.g. q8_0_activations)."""
+    x64 = act_in(x.double())
+    out = torch.zeros_like(x64)
+    for k in range(experts.shape[1]):
+        e = experts[:, k]
+        g = torch.einsum("tfd,td->tf", w_gate[e].double(), x64)
+        u = torch.einsum("tfd,td->tf", w_up[e].double(), x64)
+        h = act_mid((g * torch.sigmoid(g) * u).float()).double()  # the kernel keeps h in fp32
+        y = torch.einsum("tdf,tf->td", w_down[e].double(), h)
+        out += weights[:, k].double().unsqueeze(1) * y
+    return out

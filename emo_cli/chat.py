@@ -243,8 +243,9 @@ def repl(m: OpenModel, params: SamplingParams) -> None:
             continue
         t0 = time.perf_counter()
         try:
-            for piece in session.turn(line):
-                ui.out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+            for piece in session.turn(line):  # raw text: model output is never rich markup
+                ui.out.file.write(piece)
+                ui.out.file.flush()
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
             session.last.stop = "interrupted"
         s = session.last

@@ -163,9 +163,15 @@ def test_repl_through_stdin(ggufs, tmp_path):
         assert expected in r.stdout, r.stdout
 
 
-def _read_until(fd, needle: str, buf: list, timeout=90.0) -> str:
+def _read_until(fd, needle: str, buf: list, timeout=90.0, after: str = "") -> str:
+    """Read the terminal until `needle` shows up (after the last `after`, when given)."""
     end = time.time() + timeout
-    while needle not in "".join(buf):
+
+    def seen() -> bool:
+        text = "".join(buf)
+        return needle in (text[text.rfind(after) + len(after):] if after else text) and (not after or after in text)
+
+    while not seen():
         left = end - time.time()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             raise AssertionError(f"no {needle!r} in {''.join(buf)!r}")
@@ -189,13 +195,13 @@ def test_repl_through_a_pty(ggufs, tmp_path):
     try:
         _read_until(master, "> ", buf)
         os.write(master, (PROMPT + "\r").encode())
-        out = _read_until(master, "tok/s", buf)
+        out = _read_until(master, "> ", buf, after="tok/s")
         one_shot = chat("--model", files["q8_0"], "--prompt", PROMPT, "--temperature", 0, "-n", 6)
         assert one_shot in out.replace("\r\n", "\n")
         os.write(master, b"/stats\r")
-        _read_until(master, "peak RSS MB", buf)
+        _read_until(master, "> ", buf, after="peak RSS MB")
         os.write(master, b"/reset\r")
-        _read_until(master, "conversation cleared", buf)
+        _read_until(master, "> ", buf, after="conversation cleared")  # readline waits again
         os.write(master, b"\x04")  # Ctrl-D
         assert proc.wait(timeout=60) == 0
     finally:

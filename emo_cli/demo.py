@@ -31,8 +31,9 @@ class DemoSettings:
     out: Path = Path("emo-demo")
     budget: str = "25%"
     method: str = "frequency"
-    profile_docs: int = 160
-    eval_docs: int = 40
+    profile_docs: int = 64
+    eval_docs: int = 32
+    guard_docs: int = 16
     seq_len: int = 512
     new_tokens: int = 24
     force: bool = False
@@ -72,7 +73,8 @@ def run_demo(s: DemoSettings) -> dict:
     build_corpus(data_dir, CorpusSpec(domains=PIP_DOMAINS, max_chars_per_domain=600_000, fetch=False))
     med_train, med_held = domain_files(data_dir, "medical")
     train_docs = read_documents([str(med_train)], max_docs=s.profile_docs)
-    held = {dom: read_documents([str(domain_files(data_dir, dom)[1])], max_docs=s.eval_docs) for dom in PIP_DOMAINS}
+    held = {dom: read_documents([str(domain_files(data_dir, dom)[1])],
+                                max_docs=s.eval_docs if dom == "medical" else s.guard_docs) for dom in PIP_DOMAINS}
     timings["data_s"] = time.perf_counter() - t0
 
     say("2/5 profiling the tiny EMO on medical documents")

@@ -131,14 +131,15 @@ def data_hash(docs: list[Document]) -> str:
     return h.hexdigest()[:16]
 
 
-def heldout_split(docs: list[Document], frac: float) -> tuple[list[Document], list[Document]]:
-    """(profiled, held out): a document is held out when the hash of its text falls below `frac`,
-    so the split is deterministic and independent of order and of --max-docs."""
+def heldout_split(docs: list[Document], frac: float, salt: str = "") -> tuple[list[Document], list[Document]]:
+    """(kept, held out): a document is held out when the hash of `salt` + its text falls below
+    `frac`, so the split is deterministic and independent of order and of --max-docs. Different
+    salts give independent splits (profiling's must not follow the corpus builder's)."""
     if not 0.0 <= frac < 1.0:
         raise EmoError(f"--heldout-frac must be in [0, 1), got {frac}")
     keep, held = [], []
     for d in docs:
-        u = int.from_bytes(hashlib.sha256(d.text.encode()).digest()[:8], "big") / 2**64
+        u = int.from_bytes(hashlib.sha256((salt + d.text).encode()).digest()[:8], "big") / 2**64
         (held if u < frac else keep).append(d)
     if frac > 0 and not held and len(docs) > 1:
         held, keep = keep[-1:], keep[:-1]  # small inputs: still hold one out

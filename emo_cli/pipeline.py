@@ -26,7 +26,7 @@ def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=
     if lm.kind != "hf":
         raise EmoError("profiling needs the full HF model (a .gguf file holds no router logits emo can trust); pass its directory")
     docs = read_documents(data, text_field=text_field, max_docs=max_docs)
-    profiled, held = heldout_split(docs, heldout_frac)
+    profiled, held = heldout_split(docs, heldout_frac, salt="emo-profile:")
     batches = batches_for(lm.tokenizer, profiled, seq_len, batch_size, max_tokens)
     meta = {
         "model": {"path": str(lm.path), "fingerprint": lm.fingerprint},

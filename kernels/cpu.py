@@ -1,6 +1,6 @@
 """ctypes binding of cpu_kernels.c: quantized matmuls and the routed SwiGLU MoE on the CPU.
 
-The C file is compiled once with gcc (about a second, so a clean clone or CI pays nothing worth
+The C file (with its headers) is compiled once with gcc (about a second, so a clean clone or CI pays nothing worth
 caching elsewhere) into ~/.cache/emo/kernels/<hash>.so, keyed by the source, flags and compiler,
 then loaded with ctypes. ctypes rather than a torch C++ extension: compiling against torch's
 headers takes ~a minute on two cores, and the kernels need nothing from torch but raw pointers.
@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared",
+HEADERS = [Path(__file__).with_name(n) for n in ("cpu_dot.h", "cpu_pool.h")]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-fPIC", "-shared",
          # keep mul and add separately rounded, as llama.cpp's graph does for the expert mixture
          "-ffp-contract=off"]
 
@@ -62,7 +63,8 @@ def _build() -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         raise KernelUnavailable(f"C compiler {cc!r} not found (needed once to build emo's CPU kernels)") from None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    text = b"".join(f.read_bytes() for f in (SOURCE, *HEADERS))
+    key = hashlib.sha256(text + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     out = cache_dir() / f"emo_cpu_{key}.so"
     if out.exists():
         return out

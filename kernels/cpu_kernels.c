@@ -10,333 +10,91 @@
  *
  * Shape legend: T tokens, K in-features (multiple of 32 for block types), N out-features,
  * E experts, S slots per token, F expert width, D hidden, P = T*S routed (token, slot) pairs.
- * Threads: OpenMP; inside torch's process this resolves to torch's own libgomp (same soname), so
- * torch and these kernels share one pool instead of fighting over the cores.
+ * Threads: cpu_pool.h. Work is split into items of whole row ranges of one matrix, so every
+ * thread streams through contiguous weight bytes (several interleaved streams per core measured
+ * ~2x slower from DRAM on the project's 2-core machines).
  */
-#include <immintrin.h>
-#include <math.h>
-#include <omp.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "cpu_dot.h"
+#include "cpu_pool.h"
 
-enum { TY_F32 = 0, TY_F16 = 1, TY_Q4_0 = 2, TY_Q8_0 = 8 }; /* GGML type ids */
-#define TY_Q4_0_R (TY_Q4_0 | 0x100) /* Q4_0 summed like llama.cpp's 8-row repacked kernels */
-#define TY_2D 0x200 /* flag: llama.cpp runs this matrix as a plain 2-D mul_mat (see dot products) */
-#define BASE(t) ((t) & ~TY_2D)
+/* ---- public: threads and dense matmuls -------------------------------------------------------- */
+#define ROWS_PER_ITEM 64 /* rows of one matrix per work item (a multiple of 8, for Q4_0 "R") */
 
-typedef struct { uint16_t d; int8_t qs[32]; } bq8;  /* 34 bytes: value i = d * qs[i] */
-typedef struct { uint16_t d; uint8_t qs[16]; } bq4; /* 18 bytes: value i = d * (nibble_i - 8), low nibbles = 0..15 */
+void emo_set_threads(int n) { pool_start(n); }
 
-static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-static inline uint16_t f2h(float f) { return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+/* Activation rows converted once per activation type; xs[a][t] points at row t in type a. */
+struct acts {
+    void *buf[16];
+    const void **xs[16];
+};
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* 8 int32 partial sums of 32 int8 products, as floats; |a| <= 127 keeps maddubs from saturating. */
-static inline __m256 i8dot(__m256i a, __m256i b) {
-    __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-}
-
-static inline __m256i unpack_q4(const uint8_t *qs) { /* 16 bytes -> 32 int8 in [-8, 7] */
-    __m128i b = _mm_loadu_si128((const __m128i *)qs);
-    __m128i m = _mm_set1_epi8(0x0F);
-    __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
-    return _mm256_sub_epi8(v, _mm256_set1_epi8(8));
-}
-
-size_t emo_row_bytes(int type, int64_t k) {
-    switch (BASE(type)) {
-    case TY_F32: return 4 * (size_t)k;
-    case TY_F16: return 2 * (size_t)k;
-    case TY_Q8_0: return (size_t)(k / 32) * sizeof(bq8);
-    case TY_Q4_0:
-    case TY_Q4_0_R: return (size_t)(k / 32) * sizeof(bq4);
-    default: return 0;
+static void acts_free(struct acts *A) {
+    for (int a = 0; a < 16; a++) {
+        free(A->buf[a]);
+        free(A->xs[a]);
     }
 }
 
-static int act_type(int wtype) {
-    const int b = wtype & 0xFF;
-    return (b == TY_Q8_0 || b == TY_Q4_0) ? TY_Q8_0 : b;
-}
-
-/* ---- activation conversion ------------------------------------------------------------------- */
-static void quantize_row_q8(const float *x, bq8 *y, int64_t k) {
-    for (int64_t b = 0; b < k / 32; b++, x += 32) {
-        __m256 v[4], mx = _mm256_setzero_ps();
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        for (int j = 0; j < 4; j++) {
-            v[j] = _mm256_loadu_ps(x + 8 * j);
-            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[j]));
-        }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float amax = _mm_cvtss_f32(m4);
-        y[b].d = f2h(amax / 127.f);
-        const __m256 id = _mm256_set1_ps(amax != 0.f ? 127.f / amax : 0.f);
-        __m256i q[4];
-        for (int j = 0; j < 4; j++)
-            q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        /* pack 4x8 int32 -> 32 int8 in element order (packs interleave 128-bit lanes: fix with a permute) */
-        __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
-        __m256i p8 = _mm256_packs_epi16(p16a, p16b);
-        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)y[b].qs, p8);
-    }
-}
-
-static void convert_row(const float *x, void *out, int atype, int64_t k) {
-    if (atype == TY_Q8_0) {
-        quantize_row_q8(x, (bq8 *)out, k);
-    } else if (atype == TY_F16) {
-        uint16_t *h = (uint16_t *)out;
-        int64_t i = 0;
-        for (; i + 8 <= k; i += 8)
-            _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
-        for (; i < k; i++) h[i] = f2h(x[i]);
-    } else {
-        memcpy(out, x, 4 * (size_t)k);
-    }
-}
-
-/* ---- dot products ------------------------------------------------------------------------------
- * Each follows the summation order of the llama.cpp CPU kernel for that type, so results agree to
- * the bit where the inputs do (an fp32 ulp can otherwise flip the next activation quantization):
- *   Q8_0, Q4_0   per block an exact int32 sum in 8 lanes, times d_w*d_x, into one 8-lane fp32
- *                accumulator (FMA), horizontal sum at the end
- *   Q4_0 "R"     matrices whose row count is a multiple of 8, which llama.cpp repacks 8 rows at a
- *                time: per row, acc = fma(float(block int sum), d_w*d_x, acc) block after block
- *   F32, F16     four 8-lane FMA accumulators over 32-value steps, reduced (0+2, 1+3), (0+1), then
- *                128-bit halves and two horizontal adds; the tail (k % 32) added one by one; but a
- *                plain 2-D matmul of >= 2 tokens with rows % 4 == 0 and k % 8 == 0 goes through
- *                llama.cpp's tiled sgemm: one 8-lane accumulator, then the 8-lane horizontal sum
- * One weight row is dotted with up to MAXT activation rows, so it is read once per token group. */
-#define MAXT 4
-
-static void dot_q8(const bq8 *w, const bq8 *const *x, int nt, int64_t nb, float *out) {
-    __m256 acc[MAXT];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const __m256i qw = _mm256_loadu_si256((const __m256i *)w[b].qs);
-        const float dw = h2f(w[b].d);
-        for (int t = 0; t < nt; t++) {
-            const __m256 d = _mm256_set1_ps(dw * h2f(x[t][b].d));
-            acc[t] = _mm256_fmadd_ps(d, i8dot(qw, _mm256_loadu_si256((const __m256i *)x[t][b].qs)), acc[t]);
-        }
-    }
-    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]);
-}
-
-static void dot_q4(const bq4 *w, const bq8 *const *x, int nt, int64_t nb, float *out) {
-    __m256 acc[MAXT];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const __m256i qw = unpack_q4(w[b].qs);
-        const float dw = h2f(w[b].d);
-        for (int t = 0; t < nt; t++) {
-            const __m256 d = _mm256_set1_ps(dw * h2f(x[t][b].d));
-            acc[t] = _mm256_fmadd_ps(d, i8dot(qw, _mm256_loadu_si256((const __m256i *)x[t][b].qs)), acc[t]);
-        }
-    }
-    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]);
-}
-
-static inline __m256i i8dot_i32(__m256i a, __m256i b) { /* 8 exact int32 partial sums */
-    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-}
-
-/* lane r = sum of the 8 lanes of p[r] (exact integer adds) */
-static inline __m256i transpose_sum8(const __m256i *p) {
-    const __m256i a0 = _mm256_hadd_epi32(p[0], p[1]), a1 = _mm256_hadd_epi32(p[2], p[3]);
-    const __m256i a2 = _mm256_hadd_epi32(p[4], p[5]), a3 = _mm256_hadd_epi32(p[6], p[7]);
-    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
-    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
-}
-
-/* 8 consecutive Q4_0 rows (row stride nb blocks) against nt activation rows: out[t*8 + r] */
-static void dot_q4_rows8(const bq4 *w, int64_t nb, const bq8 *const *x, int nt, float *out) {
-    __m256 acc[MAXT];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i qw[8];
-        float dw[8];
-        for (int r = 0; r < 8; r++) {
-            qw[r] = unpack_q4(w[r * nb + b].qs);
-            dw[r] = h2f(w[r * nb + b].d);
-        }
-        const __m256 vdw = _mm256_loadu_ps(dw);
-        for (int t = 0; t < nt; t++) {
-            const __m256i qx = _mm256_loadu_si256((const __m256i *)x[t][b].qs);
-            __m256i p[8];
-            for (int r = 0; r < 8; r++) p[r] = i8dot_i32(qw[r], qx);
-            const __m256 d = _mm256_mul_ps(vdw, _mm256_set1_ps(h2f(x[t][b].d)));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum8(p)), d, acc[t]);
-        }
-    }
-    for (int t = 0; t < nt; t++) _mm256_storeu_ps(out + 8 * t, acc[t]);
-}
-
-static void dot_q4_seq(const bq4 *w, const bq8 *const *x, int nt, int64_t nb, float *out) {
-    float acc[MAXT] = {0};
-    for (int64_t b = 0; b < nb; b++) {
-        const __m256i qw = unpack_q4(w[b].qs);
-        const float dw = h2f(w[b].d);
-        for (int t = 0; t < nt; t++) {
-            const __m256i s = i8dot_i32(qw, _mm256_loadu_si256((const __m256i *)x[t][b].qs));
-            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-            h = _mm_hadd_epi32(h, h);
-            h = _mm_hadd_epi32(h, h);
-            acc[t] = fmaf((float)_mm_cvtsi128_si32(h), dw * h2f(x[t][b].d), acc[t]);
-        }
-    }
-    for (int t = 0; t < nt; t++) out[t] = acc[t];
-}
-
-static inline float reduce4x8(__m256 *s) { /* llama.cpp's F32x8 reduction of four accumulators */
-    s[0] = _mm256_add_ps(s[0], s[2]);
-    s[1] = _mm256_add_ps(s[1], s[3]);
-    s[0] = _mm256_add_ps(s[0], s[1]);
-    const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(s[0]), _mm256_extractf128_ps(s[0], 1));
-    const __m128 t1 = _mm_hadd_ps(t0, t0);
-    return _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
-}
-
-static float dot_f32_one(const float *w, const float *x, int64_t k) {
-    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const int64_t np = k & ~(int64_t)31;
-    for (int64_t i = 0; i < np; i += 32)
-        for (int j = 0; j < 4; j++)
-            s[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8 * j), _mm256_loadu_ps(x + i + 8 * j), s[j]);
-    float sum = reduce4x8(s);
-    for (int64_t i = np; i < k; i++) sum += w[i] * x[i];
-    return sum;
-}
-
-static float dot_f16_one(const uint16_t *w, const uint16_t *x, int64_t k) {
-    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const int64_t np = k & ~(int64_t)31;
-    for (int64_t i = 0; i < np; i += 32)
-        for (int j = 0; j < 4; j++)
-            s[j] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8 * j))),
-                                   _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i + 8 * j))), s[j]);
-    double sum = reduce4x8(s);  /* llama.cpp keeps this one in double for the tail */
-    for (int64_t i = np; i < k; i++) sum += (double)(h2f(w[i]) * h2f(x[i]));
-    return (float)sum;
-}
-
-static float dot_f32_acc1(const float *w, const float *x, int64_t k) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < k; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc);
-    return hsum8(acc);
-}
-
-static float dot_f16_acc1(const uint16_t *w, const uint16_t *x, int64_t k) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < k; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))),
-                              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))), acc);
-    return hsum8(acc);
-}
-
-/* Which F32/F16 order llama.cpp uses for a matrix of `rows` rows applied to `ntok` tokens. */
-static int sgemm_order(int wtype, int64_t rows, int64_t k, int64_t ntok) {
-    return (wtype & TY_2D) && ntok >= 2 && rows % 4 == 0 && k % 8 == 0;
-}
-
-/* out[t] = <weight row, activation row t> for t < nt (nt <= MAXT), rows given in their own types;
- * `acc1`: the single-accumulator F32/F16 order (sgemm_order) */
-static void dot_rows(int wtype, const void *w, const void *const *x, int nt, int64_t k, float *out, int acc1) {
-    switch (BASE(wtype)) {
-    case TY_Q8_0: dot_q8((const bq8 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
-    case TY_Q4_0: dot_q4((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
-    case TY_Q4_0_R: dot_q4_seq((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
-    case TY_F16:
-        for (int t = 0; t < nt; t++)
-            out[t] = acc1 ? dot_f16_acc1((const uint16_t *)w, (const uint16_t *)x[t], k)
-                          : dot_f16_one((const uint16_t *)w, (const uint16_t *)x[t], k);
-        break;
-    default:
-        for (int t = 0; t < nt; t++)
-            out[t] = acc1 ? dot_f32_acc1((const float *)w, (const float *)x[t], k)
-                          : dot_f32_one((const float *)w, (const float *)x[t], k);
-        break;
-    }
-}
-
-/* ys[i][n] = <row n of w, xs[i]> for n in [n0, n1) and i < nx: one weight matrix against a list of
- * converted activation rows. Tokens go MAXT at a time so a weight row is read once per group.
- * rows/ntok: the matrix's row count and the tokens of the whole op (they pick llama.cpp's order). */
-static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1, const void *const *xs,
-                 float *const *ys, int64_t nx, int64_t rows, int64_t ntok) {
-    const int acc1 = sgemm_order(wtype, rows, k, ntok);
-    const size_t wb = emo_row_bytes(wtype, k);
-    for (int64_t t0 = 0; t0 < nx; t0 += MAXT) {
-        const int nt = (int)(nx - t0 < MAXT ? nx - t0 : MAXT);
-        float r[8 * MAXT];
-        int64_t n = n0;
-        if (BASE(wtype) == TY_Q4_0_R) /* eight rows at a time, lanes = rows */
-            for (; n + 8 <= n1; n += 8) {
-                dot_q4_rows8((const bq4 *)(w + wb * (size_t)n), k / 32, (const bq8 *const *)(xs + t0), nt, r);
-                for (int t = 0; t < nt; t++) memcpy(ys[t0 + t] + n, r + 8 * t, 8 * sizeof(float));
+/* rows[t] (token ids, or NULL for 0..R-1) of x [*, k], converted for every type in `types` */
+static void acts_build(struct acts *A, const float *x, int64_t k, const int64_t *rows, int64_t R,
+                       const int *types, int ntypes) {
+    memset(A, 0, sizeof *A);
+    for (int j = 0; j < ntypes; j++) {
+        const int a = act_type(types[j]);
+        if (A->xs[a]) continue;
+        A->xs[a] = malloc(sizeof(void *) * (size_t)(R ? R : 1));
+        const size_t st = emo_row_bytes(a, k);
+        if (a != TY_F32) A->buf[a] = malloc(st * (size_t)(R ? R : 1));
+        for (int64_t t = 0; t < R; t++) {
+            const float *src = x + (rows ? rows[t] : t) * k;
+            if (a == TY_F32) {
+                A->xs[a][t] = src;
+            } else {
+                convert_row(src, (uint8_t *)A->buf[a] + st * t, a, k);
+                A->xs[a][t] = (uint8_t *)A->buf[a] + st * t;
             }
-        for (; n < n1; n++) {
-            dot_rows(wtype, w + wb * (size_t)n, xs + t0, nt, k, r, acc1);
-            for (int t = 0; t < nt; t++) ys[t0 + t][n] = r[t];
         }
     }
 }
 
-/* ---- public: dense matmuls --------------------------------------------------------------------- */
-void emo_set_threads(int n) { omp_set_num_threads(n > 0 ? n : 1); }
+struct mm_ctx {
+    const void *const *w;
+    const int *wtype;
+    const int64_t *n;
+    int64_t k, T, starts[17];
+    struct acts A;
+    float **ys; /* [m][T] output rows */
+};
+
+static void mm_item(void *p, int64_t c) {
+    struct mm_ctx *m = p;
+    int j = 0;
+    while (c >= m->starts[j + 1]) j++;
+    const int64_t n0 = (c - m->starts[j]) * ROWS_PER_ITEM, n1 = n0 + ROWS_PER_ITEM < m->n[j] ? n0 + ROWS_PER_ITEM : m->n[j];
+    gemv(m->wtype[j] | TY_2D, (const uint8_t *)m->w[j], m->k, n0, n1, m->A.xs[act_type(m->wtype[j])],
+         m->ys + j * m->T, m->T, m->n[j], m->T);
+}
 
 /* m weight matrices w[j] [n[j], k] (all sharing the input) times x [T, k] -> y[j] [T, n[j]].
- * The activation is converted once per distinct activation type, then all rows of all matrices
- * are split into one work list (q/k/v share one parallel pass). */
+ * The activation is converted once per activation type; the rows of all matrices form one job
+ * (q/k/v share one pass). */
 void emo_matmul(int m, const void *const *w, const int *wtype, const int64_t *n, int64_t k, const float *x,
                 int64_t T, float *const *y) {
-    if (m > 16) return; /* the Python side never passes more */
-    void *conv[16] = {0};
-    size_t stride[16] = {0};
-    for (int j = 0; j < m; j++) {
-        const int a = act_type(wtype[j]);
-        if (a != TY_F32 && !conv[a]) {
-            stride[a] = emo_row_bytes(a, k);
-            conv[a] = malloc(stride[a] * (size_t)T);
-            for (int64_t t = 0; t < T; t++) convert_row(x + t * k, (uint8_t *)conv[a] + stride[a] * t, a, k);
-        }
-    }
-    /* row pointers: activation t in each type, output row t of each matrix */
-    const void **xs = malloc(sizeof(void *) * (size_t)T * 16);
-    float **ys = malloc(sizeof(float *) * (size_t)T * (size_t)m);
-    for (int a = 0; a < 16; a++)
-        if (conv[a] || a == TY_F32)
-            for (int64_t t = 0; t < T; t++)
-                xs[a * T + t] = a == TY_F32 ? (const void *)(x + t * k) : (const uint8_t *)conv[a] + stride[a] * t;
+    if (m > 16 || T <= 0) return; /* the Python side never passes more */
+    struct mm_ctx c = {.w = w, .wtype = wtype, .n = n, .k = k, .T = T};
+    acts_build(&c.A, x, k, NULL, T, wtype, m);
+    c.ys = malloc(sizeof(float *) * (size_t)(T * m));
     for (int j = 0; j < m; j++)
-        for (int64_t t = 0; t < T; t++) ys[j * T + t] = y[j] + t * n[j];
-    const int64_t chunk = 16;
-    int64_t total = 0, starts[17];
-    for (int j = 0; j < m; j++) { starts[j] = total; total += (n[j] + chunk - 1) / chunk; }
-    starts[m] = total;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t c = 0; c < total; c++) {
-        int j = 0;
-        while (c >= starts[j + 1]) j++;
-        const int64_t n0 = (c - starts[j]) * chunk, n1 = n0 + chunk < n[j] ? n0 + chunk : n[j];
-        gemv(wtype[j] | TY_2D, (const uint8_t *)w[j], k, n0, n1, xs + act_type(wtype[j]) * T, ys + j * T, T, n[j], T);
+        for (int64_t t = 0; t < T; t++) c.ys[j * T + t] = y[j] + t * n[j];
+    int64_t total = 0;
+    for (int j = 0; j < m; j++) {
+        c.starts[j] = total;
+        total += (n[j] + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
     }
-    free(xs);
-    free(ys);
-    for (int a = 0; a < 16; a++) free(conv[a]);
+    c.starts[m] = total;
+    run(mm_item, &c, total);
+    free(c.ys);
+    acts_free(&c.A);
 }
 
 /* NORM-mode RoPE in place on x [T, H, hd] (pairs 2i, 2i+1) for token positions pos[T], with
@@ -366,7 +124,7 @@ void emo_rope_norm(float *x, int64_t T, int64_t H, int64_t hd, const int64_t *po
 
 /* Dequantize selected rows (embedding lookup): out [nrows, k]. */
 void emo_get_rows(const void *w, int wtype, int64_t k, const int64_t *rows, int64_t nrows, float *out) {
-    wtype = BASE(wtype);
+    wtype = BASE(wtype) & 0xFF;
     const size_t wb = emo_row_bytes(wtype, k);
     for (int64_t r = 0; r < nrows; r++) {
         const uint8_t *src = (const uint8_t *)w + wb * (size_t)rows[r];
@@ -392,16 +150,95 @@ void emo_get_rows(const void *w, int wtype, int64_t k, const int64_t *rows, int6
 /* ---- public: the routed SwiGLU mixture --------------------------------------------------------- */
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
+struct moe_ctx {
+    int64_t T, D, F, S, P;
+    const void *const *gate, *const *up, *const *down;
+    const int *gtype, *utype, *dtype;
+    const int64_t *act, *start, *count; /* active experts; per expert: first sorted position, count */
+    int64_t nact, igu, idn;             /* items per expert: gate+up, down */
+    struct acts X;                      /* x rows by sorted position */
+    float *g, *u, *out;                 /* [P, F], [P, F], [P, D] */
+    uint8_t *hc;                        /* h rows converted for the down weights, stride hstride */
+    size_t hstride;
+    const float *weights;
+    const int64_t *slot_pos;
+    float *y, *norms;
+};
+
+/* gate or up rows [n0, n1) of one expert, for all its tokens */
+static void moe_gate_up(void *p, int64_t c) {
+    struct moe_ctx *m = p;
+    const int64_t e = m->act[c / m->igu], r = c % m->igu, half = m->igu / 2;
+    const int is_up = r >= half;
+    const int64_t n0 = (r % half) * ROWS_PER_ITEM, n1 = n0 + ROWS_PER_ITEM < m->F ? n0 + ROWS_PER_ITEM : m->F;
+    const int ty = is_up ? m->utype[e] : m->gtype[e];
+    const int64_t q0 = m->start[e], cnt = m->count[e];
+    float *ys[MAXT];
+    for (int64_t t0 = 0; t0 < cnt; t0 += MAXT) {
+        const int64_t nt = cnt - t0 < MAXT ? cnt - t0 : MAXT;
+        for (int64_t t = 0; t < nt; t++) ys[t] = (is_up ? m->u : m->g) + (q0 + t0 + t) * m->F;
+        gemv(ty, (const uint8_t *)(is_up ? m->up[e] : m->gate[e]), m->D, n0, n1, m->X.xs[act_type(ty)] + q0 + t0,
+             ys, nt, m->F, m->T);
+    }
+}
+
+/* h = silu(g) * u for one expert's positions, converted for its down weights */
+static void moe_swiglu(void *p, int64_t i) {
+    struct moe_ctx *m = p;
+    const int64_t e = m->act[i];
+    for (int64_t q = m->start[e]; q < m->start[e] + m->count[e]; q++) {
+        float *gq = m->g + q * m->F;
+        const float *uq = m->u + q * m->F;
+        for (int64_t f = 0; f < m->F; f++) gq[f] = silu(gq[f]) * uq[f];
+        convert_row(gq, m->hc + m->hstride * q, act_type(m->dtype[e]), m->F);
+    }
+}
+
+static void moe_down(void *p, int64_t c) {
+    struct moe_ctx *m = p;
+    const int64_t e = m->act[c / m->idn], n0 = (c % m->idn) * ROWS_PER_ITEM;
+    const int64_t n1 = n0 + ROWS_PER_ITEM < m->D ? n0 + ROWS_PER_ITEM : m->D;
+    const int64_t q0 = m->start[e], cnt = m->count[e];
+    const void *xs[MAXT];
+    float *ys[MAXT];
+    for (int64_t t0 = 0; t0 < cnt; t0 += MAXT) {
+        const int64_t nt = cnt - t0 < MAXT ? cnt - t0 : MAXT;
+        for (int64_t t = 0; t < nt; t++) {
+            xs[t] = m->hc + m->hstride * (q0 + t0 + t);
+            ys[t] = m->out + (q0 + t0 + t) * m->D;
+        }
+        gemv(m->dtype[e], (const uint8_t *)m->down[e], m->F, n0, n1, xs, ys, nt, m->D, m->T);
+    }
+}
+
+/* y[t] = ((w0*o0 + w1*o1) + w2*o2) ... in slot order, like llama.cpp's graph */
+static void moe_combine(void *p, int64_t t) {
+    struct moe_ctx *m = p;
+    float *yt = m->y + t * m->D;
+    for (int64_t d = 0; d < m->D; d++) yt[d] = 0.f;
+    for (int64_t s = 0; s < m->S; s++) {
+        const float wt = m->weights[t * m->S + s];
+        const float *o = m->out + m->slot_pos[t * m->S + s] * m->D;
+        for (int64_t d = 0; d < m->D; d++) yt[d] += wt * o[d];
+        if (m->norms) {
+            double acc = 0;
+            for (int64_t d = 0; d < m->D; d++) acc += (double)o[d] * o[d];
+            m->norms[t * m->S + s] = (float)sqrt(acc);
+        }
+    }
+}
+
 /* y [T, D] = sum_s weights[t, s] * down[e] (silu(gate[e] x_t) * up[e] x_t),  e = experts[t, s].
  * gate/up/down hold one pointer per expert (rows [F, D] / [D, F] in that expert's type), so the
  * routed experts can live in one stacked GGUF tensor and the shared expert in another.
  * Assignments are grouped by expert (counting sort): every weight row of an active expert is read
- * once per group of MAXT of its tokens. Slots are summed in slot order, like llama.cpp's graph.
- * norms [T, S] (optional) receives ||unweighted expert output|| per slot, for profiling. */
+ * once per group of MAXT of its tokens. norms [T, S] (optional) receives ||unweighted expert
+ * output|| per slot, for profiling. */
 void emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *experts, const float *weights,
              int64_t S, int64_t E, const void *const *gate, const void *const *up, const void *const *down,
              const int *gtype, const int *utype, const int *dtype, float *y, float *norms) {
     const int64_t P = T * S;
+    if (P <= 0) return;
     int64_t *count = calloc((size_t)E + 1, sizeof(int64_t)), *start = calloc((size_t)E + 1, sizeof(int64_t));
     int64_t *pos_tok = malloc(sizeof(int64_t) * (size_t)P), *slot_pos = malloc(sizeof(int64_t) * (size_t)P);
     for (int64_t p = 0; p < P; p++) count[experts[p]]++;
@@ -412,95 +249,35 @@ void emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *exp
         pos_tok[q] = p / S;
         slot_pos[p] = q;
     }
-
-    /* activation of x in each type the gate/up weights need, and row pointers by sorted position */
-    void *conv[16] = {0};
-    size_t cstride[16] = {0};
-    const void **xq = calloc((size_t)P * 16, sizeof(void *));
-    for (int64_t e = 0; e < E; e++) {
-        if (!count[e]) continue;
-        const int ats[2] = {act_type(gtype[e]), act_type(utype[e])};
-        for (int i = 0; i < 2; i++) {
-            const int a = ats[i];
-            if (a == TY_F32 || conv[a]) continue;
-            cstride[a] = emo_row_bytes(a, D);
-            conv[a] = malloc(cstride[a] * (size_t)T);
-        }
-    }
-    for (int a = 0; a < 16; a++)
-        if (conv[a]) {
-#pragma omp parallel for
-            for (int64_t t = 0; t < T; t++) convert_row(x + t * D, (uint8_t *)conv[a] + cstride[a] * t, a, D);
-        }
-    for (int a = 0; a < 16; a++)
-        if (conv[a] || a == TY_F32)
-            for (int64_t q = 0; q < P; q++)
-                xq[a * P + q] = a == TY_F32 ? (const void *)(x + pos_tok[q] * D)
-                                            : (const uint8_t *)conv[a] + cstride[a] * pos_tok[q];
-
-    /* work lists: (expert, row chunk) for gate/up over F, and for down over D */
-    const int64_t chunk = 16, cf = (F + chunk - 1) / chunk, cd = (D + chunk - 1) / chunk;
     int64_t nact = 0, *act = malloc(sizeof(int64_t) * (size_t)E);
-    for (int64_t e = 0; e < E; e++) if (count[e]) act[nact++] = e;
-    float *g = malloc(sizeof(float) * (size_t)(P * F)), *u = malloc(sizeof(float) * (size_t)(P * F));
-    float *out = malloc(sizeof(float) * (size_t)(P * D));
-    const size_t hstride = emo_row_bytes(TY_F32, F); /* widest activation row of h */
-    uint8_t *hc = malloc(hstride * (size_t)P);
-    float **gp = malloc(sizeof(float *) * (size_t)P), **up_ = malloc(sizeof(float *) * (size_t)P);
-    float **op = malloc(sizeof(float *) * (size_t)P);
-    const void **hp = malloc(sizeof(void *) * (size_t)P);
-    for (int64_t q = 0; q < P; q++) {
-        gp[q] = g + q * F;
-        up_[q] = u + q * F;
-        op[q] = out + q * D;
-        hp[q] = hc + hstride * q;
-    }
-
-#pragma omp parallel
-    {
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < nact * cf; c++) {
-            const int64_t e = act[c / cf], n0 = (c % cf) * chunk, n1 = n0 + chunk < F ? n0 + chunk : F;
-            const int64_t q0 = start[e];
-            gemv(gtype[e], (const uint8_t *)gate[e], D, n0, n1, xq + act_type(gtype[e]) * P + q0, gp + q0, count[e], F, T);
-            gemv(utype[e], (const uint8_t *)up[e], D, n0, n1, xq + act_type(utype[e]) * P + q0, up_ + q0, count[e], F, T);
-        }
-        /* h = silu(g) * u, converted to the down weights' activation type, one row per position */
-#pragma omp for
-        for (int64_t q = 0; q < P; q++) {
-            float *gq = g + q * F;
-            const float *uq = u + q * F;
-            for (int64_t f = 0; f < F; f++) gq[f] = silu(gq[f]) * uq[f];
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < nact; i++) {
-            const int64_t e = act[i];
-            for (int64_t q = start[e]; q < start[e] + count[e]; q++)
-                convert_row(g + q * F, hc + hstride * q, act_type(dtype[e]), F);
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < nact * cd; c++) {
-            const int64_t e = act[c / cd], n0 = (c % cd) * chunk, n1 = n0 + chunk < D ? n0 + chunk : D;
-            gemv(dtype[e], (const uint8_t *)down[e], F, n0, n1, hp + start[e], op + start[e], count[e], D, T);
-        }
-        /* combine in slot order: y[t] = ((w0*o0 + w1*o1) + w2*o2) ... */
-#pragma omp for
-        for (int64_t t = 0; t < T; t++) {
-            float *yt = y + t * D;
-            for (int64_t d = 0; d < D; d++) yt[d] = 0.f;
-            for (int64_t s = 0; s < S; s++) {
-                const float wt = weights[t * S + s];
-                const float *o = out + slot_pos[t * S + s] * D;
-                for (int64_t d = 0; d < D; d++) yt[d] += wt * o[d];
-                if (norms) {
-                    double acc = 0;
-                    for (int64_t d = 0; d < D; d++) acc += (double)o[d] * o[d];
-                    norms[t * S + s] = (float)sqrt(acc);
+    int types[16], ntypes = 0, seen[16] = {0}; /* distinct activation types the experts need */
+    for (int64_t e = 0; e < E; e++)
+        if (count[e]) {
+            act[nact++] = e;
+            const int ts[2] = {act_type(gtype[e]), act_type(utype[e])};
+            for (int i = 0; i < 2; i++)
+                if (!seen[ts[i]]) {
+                    seen[ts[i]] = 1;
+                    types[ntypes++] = ts[i];
                 }
-            }
         }
-    }
-    free(count); free(start); free(pos_tok); free(slot_pos); free(act); free(xq);
-    free(g); free(u); free(out); free(hc); free(gp); free(up_); free(op); free(hp);
-    for (int a = 0; a < 16; a++) free(conv[a]);
+    struct moe_ctx m = {.T = T, .D = D, .F = F, .S = S, .P = P, .gate = gate, .up = up, .down = down,
+                        .gtype = gtype, .utype = utype, .dtype = dtype, .act = act, .start = start,
+                        .count = count, .nact = nact, .weights = weights, .slot_pos = slot_pos,
+                        .y = y, .norms = norms};
+    m.igu = 2 * ((F + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM);
+    m.idn = (D + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    acts_build(&m.X, x, D, pos_tok, P, types, ntypes);
+    m.g = malloc(sizeof(float) * (size_t)(P * F));
+    m.u = malloc(sizeof(float) * (size_t)(P * F));
+    m.out = malloc(sizeof(float) * (size_t)(P * D));
+    m.hstride = emo_row_bytes(TY_F32, F); /* widest converted row of h */
+    m.hc = malloc(m.hstride * (size_t)P);
+    run(moe_gate_up, &m, nact * m.igu);
+    run(moe_swiglu, &m, nact);
+    run(moe_down, &m, nact * m.idn);
+    run(moe_combine, &m, T);
+    acts_free(&m.X);
+    free(count); free(start); free(pos_tok); free(slot_pos); free(act);
+    free(m.g); free(m.u); free(m.out); free(m.hc);
 }

@@ -1,0 +1,334 @@
+/* Block formats, activation conversion and dot products of emo's CPU kernels (cpu_kernels.c).
+ * Each dot product follows the summation order of llama.cpp's CPU kernel for that weight type
+ * (see "dot products" below), so the two agree to the bit where their inputs do.
+ * Shape legend: k in-features, n out-features (rows), nt activation rows handled together.
+ */
+#pragma once
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { TY_F32 = 0, TY_F16 = 1, TY_Q4_0 = 2, TY_Q8_0 = 8 }; /* GGML type ids */
+#define TY_Q4_0_R (TY_Q4_0 | 0x100) /* Q4_0 summed like llama.cpp's 8-row repacked kernels */
+#define TY_2D 0x200 /* flag: llama.cpp runs this matrix as a plain 2-D mul_mat (see dot products) */
+#define BASE(t) ((t) & ~TY_2D)
+
+typedef struct { uint16_t d; int8_t qs[32]; } bq8;  /* 34 bytes: value i = d * qs[i] */
+typedef struct { uint16_t d; uint8_t qs[16]; } bq4; /* 18 bytes: value i = d * (nibble_i - 8), low nibbles = 0..15 */
+
+static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+static inline uint16_t f2h(float f) { return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 int32 partial sums of 32 int8 products, as floats; |a| <= 127 keeps maddubs from saturating. */
+static inline __m256 i8dot(__m256i a, __m256i b) {
+    __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+static inline __m256i nibbles(const uint8_t *qs) { /* 16 bytes -> 32 uint8 in [0, 15], element order */
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
+}
+
+static inline __m256i unpack_q4(const uint8_t *qs) { /* 16 bytes -> 32 int8 in [-8, 7] */
+    return _mm256_sub_epi8(nibbles(qs), _mm256_set1_epi8(8));
+}
+
+size_t emo_row_bytes(int type, int64_t k) {
+    switch (BASE(type)) {
+    case TY_F32: return 4 * (size_t)k;
+    case TY_F16: return 2 * (size_t)k;
+    case TY_Q8_0: return (size_t)(k / 32) * sizeof(bq8);
+    case TY_Q4_0:
+    case TY_Q4_0_R: return (size_t)(k / 32) * sizeof(bq4);
+    default: return 0;
+    }
+}
+
+static int act_type(int wtype) {
+    const int b = wtype & 0xFF;
+    return (b == TY_Q8_0 || b == TY_Q4_0) ? TY_Q8_0 : b;
+}
+
+/* ---- activation conversion ------------------------------------------------------------------- */
+static void quantize_row_q8(const float *x, bq8 *y, int64_t k) {
+    for (int64_t b = 0; b < k / 32; b++, x += 32) {
+        __m256 v[4], mx = _mm256_setzero_ps();
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(x + 8 * j);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[j]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        y[b].d = f2h(amax / 127.f);
+        const __m256 id = _mm256_set1_ps(amax != 0.f ? 127.f / amax : 0.f);
+        __m256i q[4];
+        for (int j = 0; j < 4; j++)
+            q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        /* pack 4x8 int32 -> 32 int8 in element order (packs interleave 128-bit lanes: fix with a permute) */
+        __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+        __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)y[b].qs, p8);
+    }
+}
+
+static void convert_row(const float *x, void *out, int atype, int64_t k) {
+    if (atype == TY_Q8_0) {
+        quantize_row_q8(x, (bq8 *)out, k);
+    } else if (atype == TY_F16) {
+        uint16_t *h = (uint16_t *)out;
+        int64_t i = 0;
+        for (; i + 8 <= k; i += 8)
+            _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+        for (; i < k; i++) h[i] = f2h(x[i]);
+    } else {
+        memcpy(out, x, 4 * (size_t)k);
+    }
+}
+
+/* ---- dot products ------------------------------------------------------------------------------
+ * Each follows the summation order of the llama.cpp CPU kernel for that type, so results agree to
+ * the bit where the inputs do (an fp32 ulp can otherwise flip the next activation quantization):
+ *   Q8_0, Q4_0   per block an exact int32 sum in 8 lanes, times d_w*d_x, into one 8-lane fp32
+ *                accumulator (FMA), horizontal sum at the end
+ *   Q4_0 "R"     matrices whose row count is a multiple of 8, which llama.cpp repacks 8 rows at a
+ *                time: per row, acc = fma(float(block int sum), d_w*d_x, acc) block after block
+ *   F32, F16     four 8-lane FMA accumulators over 32-value steps, reduced (0+2, 1+3), (0+1), then
+ *                128-bit halves and two horizontal adds; the tail (k % 32) added one by one; but a
+ *                plain 2-D matmul of >= 2 tokens with rows % 4 == 0 and k % 8 == 0 goes through
+ *                llama.cpp's tiled sgemm: one 8-lane accumulator, then the 8-lane horizontal sum
+ * One weight row is dotted with up to MAXT activation rows, so it is read once per token group. */
+#define MAXT 4
+#define Q8_PF_ROWS 4 /* software prefetch distance of the Q8_0 row stream (measured 2.8 -> 2.3 ns/block) */
+
+static void dot_q8(const bq8 *w, const bq8 *const *x, int nt, int64_t nb, float *out) {
+    __m256 acc[MAXT];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        if ((b & 1) == 0) _mm_prefetch((const char *)&w[b + Q8_PF_ROWS * nb], _MM_HINT_T0);
+        const __m256i qw = _mm256_loadu_si256((const __m256i *)w[b].qs);
+        const float dw = h2f(w[b].d);
+        for (int t = 0; t < nt; t++) {
+            const __m256 d = _mm256_set1_ps(dw * h2f(x[t][b].d));
+            acc[t] = _mm256_fmadd_ps(d, i8dot(qw, _mm256_loadu_si256((const __m256i *)x[t][b].qs)), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]);
+}
+
+static void dot_q4(const bq4 *w, const bq8 *const *x, int nt, int64_t nb, float *out) {
+    __m256 acc[MAXT];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i qw = unpack_q4(w[b].qs);
+        const float dw = h2f(w[b].d);
+        for (int t = 0; t < nt; t++) {
+            const __m256 d = _mm256_set1_ps(dw * h2f(x[t][b].d));
+            acc[t] = _mm256_fmadd_ps(d, i8dot(qw, _mm256_loadu_si256((const __m256i *)x[t][b].qs)), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]);
+}
+
+static inline __m256i i8dot_i32(__m256i a, __m256i b) { /* 8 exact int32 partial sums */
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+/* lane r = sum of the 8 lanes of p[r] (exact integer adds) */
+static inline __m256i transpose_sum8(const __m256i *p) {
+    const __m256i a0 = _mm256_hadd_epi32(p[0], p[1]), a1 = _mm256_hadd_epi32(p[2], p[3]);
+    const __m256i a2 = _mm256_hadd_epi32(p[4], p[5]), a3 = _mm256_hadd_epi32(p[6], p[7]);
+    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
+}
+
+/* 8 consecutive Q4_0 rows (row stride nb blocks) against nt activation rows: out[t*8 + r].
+ * Unsigned trick: sum (n - 8) x = sum n x - 8 sum x with n the raw nibble in [0, 15], so one
+ * maddubs per row and block; every sum is an exact integer, so the result is unchanged. */
+/* the decode case of dot_q4_rows8 (one activation row), kept in registers */
+static void dot_q4_rows8_t1(const bq4 *w, int64_t nb, const bq8 *x, float *out) {
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        if ((b & 3) == 0) /* eight row streams defeat the hardware prefetcher: fetch 16 rows ahead */
+            for (int r = 0; r < 8; r++) _mm_prefetch((const char *)&w[(r + 16) * nb + b], _MM_HINT_T0);
+        const __m256i qx = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        const __m256i sx = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, qx), ones16);
+#define ROWDOT(r) _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(w[(r) * nb + b].qs), qx), ones16)
+        const __m256i a0 = _mm256_hadd_epi32(ROWDOT(0), ROWDOT(1)), a1 = _mm256_hadd_epi32(ROWDOT(2), ROWDOT(3));
+        const __m256i a2 = _mm256_hadd_epi32(ROWDOT(4), ROWDOT(5)), a3 = _mm256_hadd_epi32(ROWDOT(6), ROWDOT(7));
+#undef ROWDOT
+        /* lane r of the last hadd pair = row r's sum; the x-sum correction rides along as a 9th "row" */
+        const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
+        const __m256i rows = _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20),
+                                              _mm256_permute2x128_si256(b0, b1, 0x31));
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sx), _mm256_extracti128_si256(sx, 1));
+        h = _mm_hadd_epi32(h, h);
+        h = _mm_hadd_epi32(h, h);
+        const __m256i isum = _mm256_sub_epi32(rows, _mm256_slli_epi32(_mm256_broadcastd_epi32(h), 3));
+        const __m128i dh = _mm_setr_epi16((short)w[b].d, (short)w[nb + b].d, (short)w[2 * nb + b].d,
+                                          (short)w[3 * nb + b].d, (short)w[4 * nb + b].d, (short)w[5 * nb + b].d,
+                                          (short)w[6 * nb + b].d, (short)w[7 * nb + b].d);
+        const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(dh), _mm256_set1_ps(h2f(x[b].d)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc);
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
+static void dot_q4_rows8(const bq4 *w, int64_t nb, const bq8 *const *x, int nt, float *out) {
+    if (nt == 1) {
+        dot_q4_rows8_t1(w, nb, x[0], out);
+        return;
+    }
+    __m256 acc[MAXT];
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i qw[8];
+        for (int r = 0; r < 8; r++) qw[r] = nibbles(w[r * nb + b].qs);
+        /* scales gathered in a register (eight 2-byte stores reloaded as one vector would stall) */
+        const __m128i dh = _mm_setr_epi16((short)w[b].d, (short)w[nb + b].d, (short)w[2 * nb + b].d,
+                                          (short)w[3 * nb + b].d, (short)w[4 * nb + b].d, (short)w[5 * nb + b].d,
+                                          (short)w[6 * nb + b].d, (short)w[7 * nb + b].d);
+        const __m256 vdw = _mm256_cvtph_ps(dh);
+        for (int t = 0; t < nt; t++) {
+            const __m256i qx = _mm256_loadu_si256((const __m256i *)x[t][b].qs);
+            __m256i p[8];
+            for (int r = 0; r < 8; r++) p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(qw[r], qx), ones16);
+            const __m256i sx = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, qx), ones16);
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sx), _mm256_extracti128_si256(sx, 1));
+            h = _mm_hadd_epi32(h, h);
+            h = _mm_hadd_epi32(h, h);
+            const __m256i corr = _mm256_set1_epi32(8 * _mm_cvtsi128_si32(h));
+            const __m256i rows = _mm256_sub_epi32(transpose_sum8(p), corr);
+            const __m256 d = _mm256_mul_ps(vdw, _mm256_set1_ps(h2f(x[t][b].d)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows), d, acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
+
+static void dot_q4_seq(const bq4 *w, const bq8 *const *x, int nt, int64_t nb, float *out) {
+    float acc[MAXT] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i qw = unpack_q4(w[b].qs);
+        const float dw = h2f(w[b].d);
+        for (int t = 0; t < nt; t++) {
+            const __m256i s = i8dot_i32(qw, _mm256_loadu_si256((const __m256i *)x[t][b].qs));
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            h = _mm_hadd_epi32(h, h);
+            h = _mm_hadd_epi32(h, h);
+            acc[t] = fmaf((float)_mm_cvtsi128_si32(h), dw * h2f(x[t][b].d), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] = acc[t];
+}
+
+static inline float reduce4x8(__m256 *s) { /* llama.cpp's F32x8 reduction of four accumulators */
+    s[0] = _mm256_add_ps(s[0], s[2]);
+    s[1] = _mm256_add_ps(s[1], s[3]);
+    s[0] = _mm256_add_ps(s[0], s[1]);
+    const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(s[0]), _mm256_extractf128_ps(s[0], 1));
+    const __m128 t1 = _mm_hadd_ps(t0, t0);
+    return _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
+}
+
+static float dot_f32_one(const float *w, const float *x, int64_t k) {
+    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const int64_t np = k & ~(int64_t)31;
+    for (int64_t i = 0; i < np; i += 32)
+        for (int j = 0; j < 4; j++)
+            s[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8 * j), _mm256_loadu_ps(x + i + 8 * j), s[j]);
+    float sum = reduce4x8(s);
+    for (int64_t i = np; i < k; i++) sum += w[i] * x[i];
+    return sum;
+}
+
+static float dot_f16_one(const uint16_t *w, const uint16_t *x, int64_t k) {
+    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const int64_t np = k & ~(int64_t)31;
+    for (int64_t i = 0; i < np; i += 32)
+        for (int j = 0; j < 4; j++)
+            s[j] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8 * j))),
+                                   _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i + 8 * j))), s[j]);
+    double sum = reduce4x8(s);  /* llama.cpp keeps this one in double for the tail */
+    for (int64_t i = np; i < k; i++) sum += (double)(h2f(w[i]) * h2f(x[i]));
+    return (float)sum;
+}
+
+static float dot_f32_acc1(const float *w, const float *x, int64_t k) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc);
+    return hsum8(acc);
+}
+
+static float dot_f16_acc1(const uint16_t *w, const uint16_t *x, int64_t k) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))),
+                              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))), acc);
+    return hsum8(acc);
+}
+
+/* Which F32/F16 order llama.cpp uses for a matrix of `rows` rows applied to `ntok` tokens. */
+static int sgemm_order(int wtype, int64_t rows, int64_t k, int64_t ntok) {
+    return (wtype & TY_2D) && ntok >= 2 && rows % 4 == 0 && k % 8 == 0;
+}
+
+/* out[t] = <weight row, activation row t> for t < nt (nt <= MAXT), rows given in their own types;
+ * `acc1`: the single-accumulator F32/F16 order (sgemm_order) */
+static void dot_rows(int wtype, const void *w, const void *const *x, int nt, int64_t k, float *out, int acc1) {
+    switch (BASE(wtype)) {
+    case TY_Q8_0: dot_q8((const bq8 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
+    case TY_Q4_0: dot_q4((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
+    case TY_Q4_0_R: dot_q4_seq((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
+    case TY_F16:
+        for (int t = 0; t < nt; t++)
+            out[t] = acc1 ? dot_f16_acc1((const uint16_t *)w, (const uint16_t *)x[t], k)
+                          : dot_f16_one((const uint16_t *)w, (const uint16_t *)x[t], k);
+        break;
+    default:
+        for (int t = 0; t < nt; t++)
+            out[t] = acc1 ? dot_f32_acc1((const float *)w, (const float *)x[t], k)
+                          : dot_f32_one((const float *)w, (const float *)x[t], k);
+        break;
+    }
+}
+
+/* ys[i][n] = <row n of w, xs[i]> for n in [n0, n1) and i < nx: one weight matrix against a list of
+ * converted activation rows. Tokens go MAXT at a time so a weight row is read once per group.
+ * rows/ntok: the matrix's row count and the tokens of the whole op (they pick llama.cpp's order). */
+static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1, const void *const *xs,
+                 float *const *ys, int64_t nx, int64_t rows, int64_t ntok) {
+    const int acc1 = sgemm_order(wtype, rows, k, ntok);
+    const size_t wb = emo_row_bytes(wtype, k);
+    for (int64_t t0 = 0; t0 < nx; t0 += MAXT) {
+        const int nt = (int)(nx - t0 < MAXT ? nx - t0 : MAXT);
+        float r[8 * MAXT];
+        int64_t n = n0;
+        if (BASE(wtype) == TY_Q4_0_R) /* eight rows at a time, lanes = rows */
+            for (; n + 8 <= n1; n += 8) {
+                dot_q4_rows8((const bq4 *)(w + wb * (size_t)n), k / 32, (const bq8 *const *)(xs + t0), nt, r);
+                for (int t = 0; t < nt; t++) memcpy(ys[t0 + t] + n, r + 8 * t, 8 * sizeof(float));
+            }
+        for (; n < n1; n++) {
+            dot_rows(wtype, w + wb * (size_t)n, xs + t0, nt, k, r, acc1);
+            for (int t = 0; t < nt; t++) ys[t0 + t][n] = r[t];
+        }
+    }
+}
+

@@ -208,7 +208,7 @@ def heatmap_png(st: ProfileStats, vmax: float, budget: str) -> str:
     ax.scatter([x for x, _ in dots], [y for _, y in dots], s=14 if E <= 48 else 5, facecolors="white",
                edgecolors="black", linewidths=0.5)
     ax.set_yticks(range(L), [str(layer) for layer in st.layers])
-    if E <= 32:
+    if E <= 16:
         ax.set_xticks(range(E))
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=16))

@@ -156,7 +156,9 @@ class GGUFMoE:
                 stacks.append(torch.cat([w, _dense(T[gf.blk(i, sh)], device).reshape(1, r, c)]) if ns else w)
             self.w_gate, self.w_up, self.w_down = stacks
 
-    def __call__(self, x: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, observer: Observer | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, D] -> mixture [T, D]; `residual` (CPU kernels) is added to it inside the kernel."""
         if self.router_q is not None:
             (logits,) = cpu.matmul(x, [self.router_q])  # [T, E_r]
             logits = torch.cat([logits, logits.new_zeros(x.shape[0], self.spec.num_shared)], 1)  # [T, E]
@@ -165,14 +167,33 @@ class GGUFMoE:
         r = route(logits, self.spec, self.allowed)
         norms = None
         if self.backend == "cpu":
-            res = cpu.moe(x, r.experts, r.weights, self.cpu_weights, return_norms=observer is not None)
+            res = cpu.moe(x, r.experts, r.weights, self.cpu_weights, return_norms=observer is not None,
+                          residual=residual)
             out, norms = res if observer is not None else (res, None)
         else:
             out = self.moe_fn(x, r.experts, r.weights, self.w_gate, self.w_up, self.w_down)
+            if residual is not None:
+                out = residual + out
         if observer is not None:
             observer(MoEObservation(self.layer, x, logits, r, out, norms))
         self.last_routing = r
         return out
+
+
+def reserve_cache(cache: KVCache, layer: int, need: int, kv_heads: int, head_dim: int):
+    """The layer's key/value buffers [1, Hkv, cap, hd] with cap >= need, grown like KVCache.update
+    (doubling, cached positions kept), so the C decode and the torch prefill share one cache."""
+    buf = cache.k[layer]
+    if buf is None or buf.shape[2] < need or buf.shape[0] != 1:
+        cap = max(need, 2 * (buf.shape[2] if buf is not None else 64))
+        k = torch.empty(1, kv_heads, cap, head_dim)
+        v = torch.empty(1, kv_heads, cap, head_dim)
+        if buf is not None and buf.shape[0] == 1:
+            n = min(cache.length, buf.shape[2])
+            k[:, :, :n] = buf[:, :, :n]
+            v[:, :, :n] = cache.v[layer][:, :, :n]
+        cache.k[layer], cache.v[layer] = k, v
+    return cache.k[layer], cache.v[layer]
 
 
 class GGUFBlock:
@@ -190,6 +211,16 @@ class GGUFBlock:
         else:
             self.moe = None
             self.dense = [mat(n) for n in (gf.FFN_GATE, gf.FFN_UP, gf.FFN_DOWN)]
+        self.attn_c = None
+        if backend == "cpu":
+            self.attn_c = cpu.AttentionWeights(self.attn_norm, self.ffn_norm, self.wq.w, self.wk.w, self.wv.w,
+                                               self.wo.w, cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim,
+                                               cfg.rms_norm_eps, cfg.rope_theta)
+
+    def norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.backend == "cpu":
+            return cpu.rms_norm(x, w, self.cfg.rms_norm_eps)
+        return rms_norm(x, w, self.cfg.rms_norm_eps)
 
     def attention(self, x, rope, cache: KVCache | None, start: int) -> torch.Tensor:
         cfg = self.cfg
@@ -215,16 +246,26 @@ class GGUFBlock:
         return out.view(B, S, D)
 
     def __call__(self, h, rope, cache, start, observer=None):
-        eps = self.cfg.rms_norm_eps
-        h = h + self.attention(rms_norm(h, self.attn_norm, eps), rope, cache, start)
+        h = h + self.attention(self.norm(h, self.attn_norm), rope, cache, start)
         B, S, D = h.shape
-        x = rms_norm(h, self.ffn_norm, eps).reshape(B * S, D)
+        return self.ffn(h.reshape(B * S, D), self.norm(h, self.ffn_norm).reshape(B * S, D), observer).view(B, S, D)
+
+    def ffn(self, h: torch.Tensor, x: torch.Tensor, observer=None) -> torch.Tensor:
+        """h + FFN(x) for h, x [T, D] (x = the normed h)."""
         if self.moe is not None:
-            y = self.moe(x, observer)
-        else:
-            g, u = matmul(self.backend, x, self.dense[:2])
-            (y,) = matmul(self.backend, F_.silu(g) * u, self.dense[2:])
-        return h + y.view(B, S, D)
+            return self.moe(x, observer, residual=h)
+        g, u = matmul(self.backend, x, self.dense[:2])
+        (y,) = matmul(self.backend, F_.silu(g) * u, self.dense[2:])
+        return h + y
+
+    def decode_step(self, h: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """One token of one sequence on the CPU kernels: h [1, D] -> [1, D]; the attention block
+        runs in one C call (cpu.attn_decode), routing stays emo_cli.routing.route."""
+        cfg = self.cfg
+        k, v = reserve_cache(cache, self.i, pos + 1, cfg.kv_heads, cfg.head_dim)
+        h = h.clone()
+        x = cpu.attn_decode(h, self.attn_c, k, v, pos)
+        return self.ffn(h, x)
 
 
 class GGUFModel:
@@ -288,19 +329,28 @@ class GGUFModel:
         """Run layers [start_layer, stop_after] -> residual stream [B, S, D] (as EmoForCausalLM)."""
         B, S = input_ids.shape
         start = cache.length if cache is not None else 0
-        rope = make_rope(self.backend, B, S, start, self.config, self._device)
         h = self.embed_tokens(input_ids) if start_hidden is None else start_hidden
         last = len(self.layers) - 1 if stop_after is None else stop_after
+        fast = (self.backend == "cpu" and B == 1 and S == 1 and cache is not None and observer is None
+                and self.config.head_dim % 8 == 0)
         with torch.no_grad():
-            for i in range(start_layer, last + 1):
-                h = self.layers[i](h, rope, cache, start, observer)
+            if fast:  # decode: one C call per attention block, one per MoE
+                x = h.reshape(1, -1).contiguous()
+                for i in range(start_layer, last + 1):
+                    x = self.layers[i].decode_step(x, cache, start)
+                h = x.view(1, 1, -1)
+            else:
+                rope = make_rope(self.backend, B, S, start, self.config, self._device)
+                for i in range(start_layer, last + 1):
+                    h = self.layers[i](h, rope, cache, start, observer)
         if cache is not None and last == len(self.layers) - 1:
             cache.length = start + S
         return h
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         B, S, D = h.shape
-        x = rms_norm(h, self.norm, self.config.rms_norm_eps).reshape(B * S, D)
+        norm = cpu.rms_norm if self.backend == "cpu" else rms_norm
+        x = norm(h, self.norm, self.config.rms_norm_eps).reshape(B * S, D)
         with torch.no_grad():
             (logits,) = matmul(self.backend, x, [self.lm_head])
         return logits.view(B, S, -1)  # [B, S, V]

@@ -90,8 +90,13 @@ def library() -> ctypes.CDLL:
     lib.emo_set_threads.argtypes = [ctypes.c_int]
     lib.emo_row_bytes.argtypes, lib.emo_row_bytes.restype = [ctypes.c_int, i64], ctypes.c_size_t
     lib.emo_matmul.argtypes = [ctypes.c_int, p, p, p, i64, p, i64, p]
-    lib.emo_get_rows.argtypes = [p, ctypes.c_int, i64, p, i64, p]
-    lib.emo_moe.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, p]
+    lib.emo_get_rows.argtypes = [p, ctypes.c_int, i64, i64, p, i64, p]
+    lib.emo_get_rows.restype = ctypes.c_int
+    lib.emo_moe.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, p, p]
+    lib.emo_moe.restype = ctypes.c_int
+    lib.emo_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
+    lib.emo_attn_decode.argtypes = [p, i64, p, p, ctypes.c_float, p, p, i64, i64, i64, p, p, i64, i64,
+                                    ctypes.c_float, p]
     lib.emo_rope_norm.argtypes = [p, i64, i64, i64, p, ctypes.c_float]
     return lib
 
@@ -176,10 +181,9 @@ def rope_norm_(x: torch.Tensor, positions: torch.Tensor, head_dim: int, base: fl
 def get_rows(w: QWeight, ids: torch.Tensor) -> torch.Tensor:
     """Dequantize rows `ids` [T] of `w` -> [T, K] fp32 (the embedding lookup)."""
     ids = ids.reshape(-1).contiguous().to(torch.int64)
-    if int(ids.min()) < 0 or int(ids.max()) >= w.n:
-        raise IndexError(f"token id out of range for {w.n} rows")
     out = torch.empty(ids.numel(), w.k, dtype=torch.float32)
-    library().emo_get_rows(w.ptr, w.qtype, w.k, _ptr(ids), ids.numel(), _ptr(out))
+    if library().emo_get_rows(w.ptr, w.qtype, w.n, w.k, _ptr(ids), ids.numel(), _ptr(out)):
+        raise IndexError(f"token id out of range for {w.n} rows")
     return out
 
 
@@ -199,18 +203,58 @@ class MoEWeights:
 
 
 def moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, layer: MoEWeights,
-        return_norms: bool = False):
-    """x [T, D] fp32, experts/weights [T, S] -> y [T, D] (and ||expert output|| per slot [T, S])."""
+        return_norms: bool = False, residual: torch.Tensor | None = None):
+    """x [T, D] fp32, experts/weights [T, S] -> y [T, D] (and ||expert output|| per slot [T, S]);
+    with `residual` [T, D], y = residual + mixture (added last, as llama.cpp's graph does)."""
     x = x.contiguous().float()
     T, D = x.shape
     S = experts.shape[1]
     ex = experts.contiguous().to(torch.int64)
     wt = weights.contiguous().float()
-    if T and (int(ex.min()) < 0 or int(ex.max()) >= layer.E):
-        raise IndexError(f"expert id out of range for {layer.E} experts")
     y = torch.empty(T, D, dtype=torch.float32)
     norms = torch.empty(T, S, dtype=torch.float32) if return_norms else None
-    library().emo_moe(_ptr(x), T, D, layer.F, _ptr(ex), _ptr(wt), S, layer.E, layer.gate, layer.up,
-                      layer.down, layer.gtype, layer.utype, layer.dtype, _ptr(y),
-                      _ptr(norms) if norms is not None else None)
+    res = None
+    if residual is not None:
+        res = residual.contiguous().float()
+        assert res.shape == (T, D)
+    if library().emo_moe(_ptr(x), T, D, layer.F, _ptr(ex), _ptr(wt), S, layer.E, layer.gate, layer.up,
+                         layer.down, layer.gtype, layer.utype, layer.dtype, _ptr(y),
+                         _ptr(norms) if norms is not None else None, _ptr(res) if res is not None else None):
+        raise IndexError(f"expert id out of range for {layer.E} experts")
     return (y, norms) if return_norms else y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] fp32 -> RMSNorm(x) * weight with ggml's arithmetic (squares summed in double)."""
+    x = x.contiguous().float()
+    D = x.shape[-1]
+    w = weight.contiguous().float()
+    out = torch.empty_like(x)
+    library().emo_rms_norm(_ptr(x), _ptr(w), x.numel() // D, D, eps, _ptr(out))
+    return out
+
+
+class AttentionWeights:
+    """A layer's attention block for `attn_decode`: norms [D] and q, k, v, o weights."""
+
+    def __init__(self, attn_norm: torch.Tensor, ffn_norm: torch.Tensor, q: QWeight, k: QWeight,
+                 v: QWeight, o: QWeight, heads: int, kv_heads: int, head_dim: int, eps: float, rope_base: float):
+        self.attn_norm, self.ffn_norm = attn_norm.contiguous().float(), ffn_norm.contiguous().float()
+        self.w = (ctypes.c_void_p * 4)(*[m.ptr for m in (q, k, v, o)])
+        self.types = (ctypes.c_int * 4)(*[m.qtype for m in (q, k, v, o)])
+        self.owners = [q.owner, k.owner, v.owner, o.owner]
+        self.D, self.H, self.Hkv, self.hd = q.k, heads, kv_heads, head_dim
+        self.eps, self.rope_base = eps, rope_base
+
+
+def attn_decode(h: torch.Tensor, a: AttentionWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                pos: int) -> torch.Tensor:
+    """One decode step of the attention block, in place on h [1, D] (fp32, contiguous): the new
+    key/value go to position `pos` of the caches [1, Hkv, cap, hd]. Returns RMSNorm(h) * ffn_norm."""
+    assert h.is_contiguous() and h.dtype == torch.float32 and h.shape == (1, a.D)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2] > pos
+    x_ffn = torch.empty(1, a.D, dtype=torch.float32)
+    library().emo_attn_decode(_ptr(h), a.D, _ptr(a.attn_norm), _ptr(a.ffn_norm), a.eps, a.w, a.types, a.H,
+                              a.Hkv, a.hd, _ptr(k_cache), _ptr(v_cache), k_cache.shape[2], pos, a.rope_base,
+                              _ptr(x_ffn))
+    return x_ffn

@@ -122,8 +122,100 @@ void emo_rope_norm(float *x, int64_t T, int64_t H, int64_t hd, const int64_t *po
     free(cs);
 }
 
+/* out [T, D] = ggml's RMSNorm of x times w: fp32 squares summed in double, scale 1.0f/sqrtf(mean + eps) */
+void emo_rms_norm(const float *x, const float *w, int64_t T, int64_t D, float eps, float *out) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *xt = x + t * D;
+        double sum = 0.0;
+        for (int64_t i = 0; i < D; i++) sum += (double)(xt[i] * xt[i]);
+        const float mean = (float)(sum / (double)D);
+        const float scale = 1.0f / sqrtf(mean + eps);
+        for (int64_t i = 0; i < D; i++) out[t * D + i] = xt[i] * scale * w[i];
+    }
+}
+
+struct attn_ctx {
+    const float *q;           /* [H, hd] */
+    const float *kc, *vc;     /* caches [Hkv, cap, hd] */
+    int64_t H, Hkv, hd, cap, n;
+    float scale;
+    float *out;               /* [H, hd] */
+};
+
+/* One query head over n cached positions, in llama.cpp's decode order: scores by vec_dot over hd,
+ * softmax with the exp sum in double, and out[d] = vec_dot over positions of v[:, d] and p — its
+ * four-accumulator grouping (position j -> accumulator (j/8)%4, lane j%8) kept per d. */
+static void attn_head(void *p, int64_t h) {
+    const struct attn_ctx *a = p;
+    const int64_t kvh = h / (a->H / a->Hkv), n = a->n, hd = a->hd;
+    const float *q = a->q + h * hd, *K = a->kc + kvh * a->cap * hd, *V = a->vc + kvh * a->cap * hd;
+    float *pr = malloc(sizeof(float) * (size_t)n), *part = calloc((size_t)(32 * hd), sizeof(float));
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+        pr[j] = dot_f32_one(K + j * hd, q, hd) * a->scale;
+        mx = pr[j] > mx ? pr[j] : mx;
+    }
+    double sum = 0.0;
+    for (int64_t j = 0; j < n; j++) {
+        pr[j] = expf(pr[j] - mx);
+        sum += (double)pr[j];
+    }
+    const float inv = (float)(1.0 / sum);
+    for (int64_t j = 0; j < n; j++) {
+        pr[j] *= inv;
+        float *acc = part + (j % 32) * hd; /* accumulator (j/8)%4, lane j%8 */
+        const __m256 pj = _mm256_set1_ps(pr[j]);
+        for (int64_t d = 0; d < hd; d += 8)
+            _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, _mm256_loadu_ps(V + j * hd + d), _mm256_loadu_ps(acc + d)));
+    }
+    for (int64_t d = 0; d < hd; d++) { /* reduce like reduce4x8: (0+2) + (1+3), halves, two hadds */
+        float u[8];
+        for (int l = 0; l < 8; l++) {
+            const float s0 = part[l * hd + d] + part[(16 + l) * hd + d];
+            const float s1 = part[(8 + l) * hd + d] + part[(24 + l) * hd + d];
+            u[l] = s0 + s1;
+        }
+        const float t0 = u[0] + u[4], t1 = u[1] + u[5], t2 = u[2] + u[6], t3 = u[3] + u[7];
+        a->out[h * hd + d] = (t0 + t1) + (t2 + t3);
+    }
+    free(pr);
+    free(part);
+}
+
+/* One decode step of a layer's attention block for a single sequence, in place on h [D]:
+ *   xn = rms(h) * attn_norm; q, k, v = xn @ Wq/Wk/Wv; NORM RoPE at `pos`; k, v appended to the
+ *   caches [Hkv, cap, hd] at `pos`; attention over positions 0..pos; h += o @ Wo;
+ * then x_ffn = rms(h) * ffn_norm. w[4]/types[4]: q, k, v, o weights. */
+void emo_attn_decode(float *h, int64_t D, const float *attn_norm, const float *ffn_norm, float eps,
+                     const void *const *w, const int *types, int64_t H, int64_t Hkv, int64_t hd,
+                     float *kc, float *vc, int64_t cap, int64_t pos, float rope_base, float *x_ffn) {
+    float *xn = malloc(sizeof(float) * (size_t)D), *qkv = malloc(sizeof(float) * (size_t)((H + 2 * Hkv) * hd));
+    float *o = malloc(sizeof(float) * (size_t)(H * hd)), *ao = malloc(sizeof(float) * (size_t)D);
+    emo_rms_norm(h, attn_norm, 1, D, eps, xn);
+    const int64_t n3[3] = {H * hd, Hkv * hd, Hkv * hd};
+    float *y3[3] = {qkv, qkv + H * hd, qkv + (H + Hkv) * hd};
+    emo_matmul(3, w, types, n3, D, xn, 1, y3);
+    emo_rope_norm(y3[0], 1, H, hd, &pos, rope_base);
+    emo_rope_norm(y3[1], 1, Hkv, hd, &pos, rope_base);
+    for (int64_t g = 0; g < Hkv; g++) {
+        memcpy(kc + (g * cap + pos) * hd, y3[1] + g * hd, sizeof(float) * (size_t)hd);
+        memcpy(vc + (g * cap + pos) * hd, y3[2] + g * hd, sizeof(float) * (size_t)hd);
+    }
+    struct attn_ctx a = {.q = y3[0], .kc = kc, .vc = vc, .H = H, .Hkv = Hkv, .hd = hd, .cap = cap,
+                         .n = pos + 1, .scale = 1.0f / sqrtf((float)hd), .out = o};
+    run(attn_head, &a, H);
+    const int64_t nD = D;
+    float *yo[1] = {ao};
+    emo_matmul(1, w + 3, types + 3, &nD, H * hd, o, 1, yo);
+    for (int64_t i = 0; i < D; i++) h[i] = ao[i] + h[i];
+    emo_rms_norm(h, ffn_norm, 1, D, eps, x_ffn);
+    free(xn); free(qkv); free(o); free(ao);
+}
+
 /* Dequantize selected rows (embedding lookup): out [nrows, k]. */
-void emo_get_rows(const void *w, int wtype, int64_t k, const int64_t *rows, int64_t nrows, float *out) {
+int emo_get_rows(const void *w, int wtype, int64_t n, int64_t k, const int64_t *rows, int64_t nrows, float *out) {
+    for (int64_t r = 0; r < nrows; r++)
+        if (rows[r] < 0 || rows[r] >= n) return -1;
     wtype = BASE(wtype) & 0xFF;
     const size_t wb = emo_row_bytes(wtype, k);
     for (int64_t r = 0; r < nrows; r++) {
@@ -145,6 +237,7 @@ void emo_get_rows(const void *w, int wtype, int64_t k, const int64_t *rows, int6
             }
         }
     }
+    return 0;
 }
 
 /* ---- public: the routed SwiGLU mixture --------------------------------------------------------- */
@@ -163,6 +256,7 @@ struct moe_ctx {
     const float *weights;
     const int64_t *slot_pos;
     float *y, *norms;
+    const float *residual; /* optional [T, D]: y = residual + mixture (llama.cpp adds it last) */
 };
 
 /* gate or up rows [n0, n1) of one expert, for all its tokens */
@@ -214,18 +308,21 @@ static void moe_down(void *p, int64_t c) {
 /* y[t] = ((w0*o0 + w1*o1) + w2*o2) ... in slot order, like llama.cpp's graph */
 static void moe_combine(void *p, int64_t t) {
     struct moe_ctx *m = p;
-    float *yt = m->y + t * m->D;
-    for (int64_t d = 0; d < m->D; d++) yt[d] = 0.f;
+    float *yt = m->y + t * m->D, *sum = malloc(sizeof(float) * (size_t)m->D);
+    for (int64_t d = 0; d < m->D; d++) sum[d] = 0.f;
     for (int64_t s = 0; s < m->S; s++) {
         const float wt = m->weights[t * m->S + s];
         const float *o = m->out + m->slot_pos[t * m->S + s] * m->D;
-        for (int64_t d = 0; d < m->D; d++) yt[d] += wt * o[d];
+        for (int64_t d = 0; d < m->D; d++) sum[d] += wt * o[d];
         if (m->norms) {
             double acc = 0;
             for (int64_t d = 0; d < m->D; d++) acc += (double)o[d] * o[d];
             m->norms[t * m->S + s] = (float)sqrt(acc);
         }
     }
+    const float *res = m->residual ? m->residual + t * m->D : NULL;
+    for (int64_t d = 0; d < m->D; d++) yt[d] = res ? res[d] + sum[d] : sum[d];
+    free(sum);
 }
 
 /* y [T, D] = sum_s weights[t, s] * down[e] (silu(gate[e] x_t) * up[e] x_t),  e = experts[t, s].
@@ -233,12 +330,14 @@ static void moe_combine(void *p, int64_t t) {
  * routed experts can live in one stacked GGUF tensor and the shared expert in another.
  * Assignments are grouped by expert (counting sort): every weight row of an active expert is read
  * once per group of MAXT of its tokens. norms [T, S] (optional) receives ||unweighted expert
- * output|| per slot, for profiling. */
-void emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *experts, const float *weights,
-             int64_t S, int64_t E, const void *const *gate, const void *const *up, const void *const *down,
-             const int *gtype, const int *utype, const int *dtype, float *y, float *norms) {
+ * output|| per slot, for profiling; residual [T, D] (optional, may be y itself) is added last. */
+int emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *experts, const float *weights,
+            int64_t S, int64_t E, const void *const *gate, const void *const *up, const void *const *down,
+            const int *gtype, const int *utype, const int *dtype, float *y, float *norms, const float *residual) {
     const int64_t P = T * S;
-    if (P <= 0) return;
+    if (P <= 0) return 0;
+    for (int64_t p = 0; p < P; p++)
+        if (experts[p] < 0 || experts[p] >= E) return -1;
     int64_t *count = calloc((size_t)E + 1, sizeof(int64_t)), *start = calloc((size_t)E + 1, sizeof(int64_t));
     int64_t *pos_tok = malloc(sizeof(int64_t) * (size_t)P), *slot_pos = malloc(sizeof(int64_t) * (size_t)P);
     for (int64_t p = 0; p < P; p++) count[experts[p]]++;
@@ -264,7 +363,7 @@ void emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *exp
     struct moe_ctx m = {.T = T, .D = D, .F = F, .S = S, .P = P, .gate = gate, .up = up, .down = down,
                         .gtype = gtype, .utype = utype, .dtype = dtype, .act = act, .start = start,
                         .count = count, .nact = nact, .weights = weights, .slot_pos = slot_pos,
-                        .y = y, .norms = norms};
+                        .y = y, .norms = norms, .residual = residual};
     m.igu = 2 * ((F + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM);
     m.idn = (D + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
     acts_build(&m.X, x, D, pos_tok, P, types, ntypes);
@@ -280,4 +379,5 @@ void emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *exp
     acts_free(&m.X);
     free(count); free(start); free(pos_tok); free(slot_pos); free(act);
     free(m.g); free(m.u); free(m.out); free(m.hc);
+    return 0;
 }

@@ -95,6 +95,10 @@ def test_cpu_moe_unused_experts_and_shared_pointer_table():
     dense = [torch.cat([w, s]) for w, s in ((wg, sg), (wu, su), (wd, sd))]
     ref = reference_moe_rounded(x, experts, weights, *dense, q8_0_activations, q8_0_activations)
     assert rel(y, ref) < 2e-5
+    res = torch.from_numpy(rng.standard_normal((T, D)).astype(np.float32))  # residual added last
+    assert torch.equal(cpu.moe(x, experts, weights, layer, residual=res), res + y)
+    with pytest.raises(IndexError):
+        cpu.moe(x, torch.full((T, 2), E), weights, layer)
 
 
 @pytest.mark.parametrize("qt", [QT.F32, QT.F16, QT.Q8_0, QT.Q4_0], ids=lambda q: q.name)

@@ -4,10 +4,12 @@
     .venv/bin/python bench/decode.py --models slim-q4_0 --threads 2 --prompt 128 --decode 32 --json
 
 Models:
-  tiny        the embedded tiny model (emo_cli/assets/tiny-emo) exported to q8_0, when it exists
-  slim-q8_0   a synthetic EMO-shaped slim model: 16 layers, d 2048, 31 routed + 1 shared experts of
-  slim-q4_0   width 1024, top-8, vocabulary 100352, random weights written straight as quant blocks
-              (a few GB; written once into --workdir, reused after)
+  tiny              the embedded tiny model (emo_cli/assets/tiny-emo) exported to q8_0, when it exists
+  tiny-random-q8_0  the tiny model's shapes (recipes/tiny-emo.toml: 4 layers, d 128, 31+1 experts of
+                    width 64, top-4, vocabulary 8192) with random weights
+  slim-q8_0         a synthetic EMO-shaped slim model: 16 layers, d 2048, 31 routed + 1 shared experts
+  slim-q4_0         of width 1024, top-8, vocabulary 100352, random weights written straight as quant
+                    blocks (a few GB; written once into --workdir, reused after)
 Each (model, engine) pair runs in its own subprocess, so the peak RSS (VmHWM) of one does not leak
 into the other; both engines memory-map the file, so touched weights count in their RSS. Greedy
 decoding (argmax) from the same random prompt; the first decode step is a warm-up and not timed.
@@ -27,7 +29,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-SLIM = dict(layers=16, hidden=2048, heads=16, experts=32, shared=1, width=1024, top_k=8, vocab=100352)
+SHAPES = {
+    "slim": dict(layers=16, hidden=2048, heads=16, experts=32, shared=1, width=1024, top_k=8, vocab=100352),
+    "tiny-random": dict(layers=4, hidden=128, heads=4, experts=32, shared=1, width=64, top_k=4, vocab=8192),
+}
 
 
 # ---- synthetic slim model ------------------------------------------------------------------------
@@ -46,8 +51,8 @@ def _random_blocks(rng, rows: int, cols: int, qtype, std: float) -> np.ndarray:
     return np.concatenate([scale, q], axis=2).reshape(rows, -1)
 
 
-def write_slim_gguf(path: Path, quant: str, seed: int = 0) -> Path:
-    """Write the synthetic slim model in emo's GGUF layout (gguf_format names and keys)."""
+def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0) -> Path:
+    """Write a random model of SHAPES[shape] in emo's GGUF layout (gguf_format names and keys)."""
     import tempfile
 
     from gguf import GGMLQuantizationType as QT
@@ -58,7 +63,7 @@ def write_slim_gguf(path: Path, quant: str, seed: int = 0) -> Path:
     from emo_cli.config import EmoConfig
     from emo_cli.gguf_export import add_tokenizer
 
-    s = SLIM
+    s = SHAPES[shape]
     qtype = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0}[quant]
     D, F, E, V = s["hidden"], s["width"], s["experts"], s["vocab"]
     Er = E - s["shared"]
@@ -67,7 +72,7 @@ def write_slim_gguf(path: Path, quant: str, seed: int = 0) -> Path:
                     intermediate_size=F, num_experts=E, num_experts_per_tok=s["top_k"], num_shared_experts=1)
     tmp = path.with_name(path.name + ".tmp")
     w = GGUFWriter(tmp, gf.ARCH)
-    w.add_name("synthetic-emo-slim")
+    w.add_name(f"synthetic-emo-{shape}")
     w.add_file_type(int(gf.QUANTS[quant][0]))
     w.add_context_length(4096)
     w.add_embedding_length(D)
@@ -230,7 +235,7 @@ def measure(engine: str, path: Path, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="tiny,slim-q8_0,slim-q4_0")
+    ap.add_argument("--models", default="tiny,tiny-random-q8_0,slim-q8_0,slim-q4_0")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     ap.add_argument("--decode", type=int, default=32, help="timed decode steps")
@@ -253,11 +258,13 @@ def main() -> None:
                 print("tiny: emo_cli/assets/tiny-emo does not exist yet; skipped", file=sys.stderr)
                 continue
         else:
-            quant = name.removeprefix("slim-")
-            path = args.workdir / f"slim-{quant}.gguf"
+            shape, _, quant = name.rpartition("-")
+            if shape not in SHAPES or quant not in ("q8_0", "q4_0"):
+                raise SystemExit(f"unknown model {name!r} (tiny, tiny-random-q8_0, slim-q8_0, slim-q4_0, ...)")
+            path = args.workdir / f"{name}.gguf"
             if not path.exists():
                 print(f"writing {path} ...", file=sys.stderr)
-                write_slim_gguf(path, quant)
+                write_synthetic_gguf(path, shape, quant)
         emo = measure("emo", path, args)
         ref = measure("llama.cpp", path, args)
         size = path.stat().st_size
@@ -270,13 +277,21 @@ def main() -> None:
         return
     from emo_cli.ui import out, table
 
-    cols = ["model", "file MB", "emo decode tok/s", "llama.cpp decode tok/s", "decode ratio",
-            "emo prefill tok/s", "llama.cpp prefill tok/s", "prefill ratio", "emo peak RSS / file",
-            "llama.cpp peak RSS / file"]
-    out.print(table(f"decode/prefill, {args.threads} threads, prompt {args.prompt}, decode {args.decode}", cols, [
-        [r["model"], r["file_bytes"] / 1e6, r["emo"]["decode_tps"], r["llama.cpp"]["decode_tps"], r["decode_ratio"],
-         r["emo"]["prefill_tps"], r["llama.cpp"]["prefill_tps"], r["prefill_ratio"], r["emo_rss_over_file"],
-         r["llama_rss_over_file"]] for r in rows]))
+    table_rows = []
+    for r in rows:
+        e, l = r["emo"], r["llama.cpp"]
+        table_rows += [
+            [r["model"], "decode tok/s", e["decode_tps"], l["decode_tps"], r["decode_ratio"]],
+            ["", "prefill tok/s", e["prefill_tps"], l["prefill_tps"], r["prefill_ratio"]],
+            ["", f"peak RSS MB (file {r['file_bytes'] / 1e6:,.0f})", e["peak_rss"] / 1e6, l["peak_rss"] / 1e6,
+             e["peak_rss"] / l["peak_rss"]],
+            ["", "peak RSS / file", r["emo_rss_over_file"], r["llama_rss_over_file"], None],
+            ["", "same greedy tokens", str(e["tokens"] == l["tokens"]), "", None],
+        ]
+    out.print(table(f"emo CPU kernels vs llama.cpp: {args.threads} threads, prompt {args.prompt}, "
+                    f"{args.decode} decode steps", ["model", "", "emo", "llama.cpp", "emo / llama.cpp"],
+                    table_rows, justify_right_from=2))
+    out.print("targets: decode ratio >= 0.5 (stretch 0.9); emo peak RSS <= 1.3x the file")
 
 
 if __name__ == "__main__":

@@ -263,8 +263,7 @@ class GGUFBlock:
         runs in one C call (cpu.attn_decode), routing stays emo_cli.routing.route."""
         cfg = self.cfg
         k, v = reserve_cache(cache, self.i, pos + 1, cfg.kv_heads, cfg.head_dim)
-        h = h.clone()
-        x = cpu.attn_decode(h, self.attn_c, k, v, pos)
+        x = cpu.attn_decode(h, self.attn_c, k, v, pos)  # h is this step's own tensor: updated in place
         return self.ffn(h, x)
 
 

@@ -129,6 +129,18 @@ static void dot_q8(const bq8 *w, const bq8 *const *x, int nt, int64_t nb, float 
     for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]);
 }
 
+/* dot_q8 for one activation row, inlined into the decode loop (short rows pay per-call overhead) */
+static inline float dot_q8_1(const bq8 *w, const bq8 *x, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        if ((b & 1) == 0) _mm_prefetch((const char *)&w[b + Q8_PF_ROWS * nb], _MM_HINT_T0);
+        const __m256 d = _mm256_set1_ps(h2f(w[b].d) * h2f(x[b].d));
+        acc = _mm256_fmadd_ps(d, i8dot(_mm256_loadu_si256((const __m256i *)w[b].qs),
+                                       _mm256_loadu_si256((const __m256i *)x[b].qs)), acc);
+    }
+    return hsum8(acc);
+}
+
 static void dot_q4(const bq4 *w, const bq8 *const *x, int nt, int64_t nb, float *out) {
     __m256 acc[MAXT];
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
@@ -316,6 +328,10 @@ static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1,
                  float *const *ys, int64_t nx, int64_t rows, int64_t ntok) {
     const int acc1 = sgemm_order(wtype, rows, k, ntok);
     const size_t wb = emo_row_bytes(wtype, k);
+    if (nx == 1 && BASE(wtype) == TY_Q8_0) { /* decode */
+        for (int64_t n = n0; n < n1; n++) ys[0][n] = dot_q8_1((const bq8 *)(w + wb * (size_t)n), xs[0], k / 32);
+        return;
+    }
     for (int64_t t0 = 0; t0 < nx; t0 += MAXT) {
         const int nt = (int)(nx - t0 < MAXT ? nx - t0 : MAXT);
         float r[8 * MAXT];

@@ -334,7 +334,7 @@ class GGUFModel:
                 and self.config.head_dim % 8 == 0)
         with torch.no_grad():
             if fast:  # decode: one C call per attention block, one per MoE
-                x = h.reshape(1, -1).contiguous()
+                x = h.reshape(1, -1).clone()  # the C attention updates it in place
                 for i in range(start_layer, last + 1):
                     x = self.layers[i].decode_step(x, cache, start)
                 h = x.view(1, 1, -1)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from emo_kernels.grouped import grouped_moe
+
 from .bpe import EOS_TOKEN, save_tokenizer, train_bpe
 from .config import EmoConfig
 from .corpus import build_corpus, domain_files, read_texts
@@ -277,7 +279,7 @@ def check_out_dir(out: Path, resume: bool, force: bool) -> None:
 
 
 def pretrain(recipe: Recipe, out: Path, resume: bool = False, force: bool = False, device: str = "auto",
-             progress=None, log=None, keep_checkpoint: bool = False) -> dict:
+             progress=None, log=None, keep_checkpoint: bool = False, command: str | None = None) -> dict:
     """Run `recipe` into `out` (HF model dir + training.json). Returns the training record.
 
     `progress(step, total, tokens, loss)` is called after every step; `log(msg)` gets notices.
@@ -302,6 +304,7 @@ def pretrain(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fals
     hook = RouterHook(recipe.pool.min_size, recipe.pool.max_size, recipe.pool.enabled)
     for blk in model.moe_blocks().values():
         blk.pool_fn = hook
+        blk.moe_fn = grouped_moe  # the plain-torch path autograd trains through
     ckpt = out / CKPT_DIR
     state = {"format": STATE_FORMAT, "recipe_fingerprint": recipe.fingerprint(), "step": 0, "tokens": 0,
              "train_seconds": 0.0, "history": []}
@@ -349,7 +352,7 @@ def pretrain(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fals
     for blk in model.moe_blocks().values():
         blk.pool_fn = None
     model.eval()
-    record = finish(recipe, model, out, tok_dir, state, manifest, device, log)
+    record = finish(recipe, model, out, tok_dir, state, manifest, device, log, command)
     if not keep_checkpoint:
         shutil.rmtree(ckpt, ignore_errors=True)
     else:
@@ -366,7 +369,8 @@ def heldout_losses(model, tokenizer, corpus_dir: Path, domains: list[str], seq_l
     return out
 
 
-def finish(recipe: Recipe, model, out: Path, tok_dir: Path, state: dict, manifest: dict, device: str, log) -> dict:
+def finish(recipe: Recipe, model, out: Path, tok_dir: Path, state: dict, manifest: dict, device: str, log,
+           command: str | None) -> dict:
     """Write the HF model atomically (config.json last), reload it from disk and score held-out data."""
     t = recipe.train
     tmp = out / ".final.partial"
@@ -379,7 +383,7 @@ def finish(recipe: Recipe, model, out: Path, tok_dir: Path, state: dict, manifes
     tokenizer = EmoTokenizer.from_dir(tmp)
     tail = state["history"][-5:]
     record = {
-        "recipe": recipe.name, "recipe_fingerprint": recipe.fingerprint(), "document_pool":
+        "recipe": recipe.name, "command": command, "recipe_fingerprint": recipe.fingerprint(), "document_pool":
             ({"min_size": recipe.pool.min_size, "max_size": recipe.pool.max_size} if recipe.pool.enabled else None),
         "steps": state["step"], "tokens": state["tokens"], "train_seconds": round(state["train_seconds"], 1),
         "tokens_per_second": round(state["tokens"] / max(state["train_seconds"], 1e-9)),
@@ -392,8 +396,27 @@ def finish(recipe: Recipe, model, out: Path, tok_dir: Path, state: dict, manifes
         "history": state["history"],
     }
     (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    (tmp / "TRAINING.md").write_text(training_markdown(record))
     names = sorted(p.name for p in tmp.iterdir())
     for name in [n for n in names if n != "config.json"] + ["config.json"]:
         os.replace(tmp / name, out / name)
     tmp.rmdir()
     return record
+
+
+def training_markdown(r: dict) -> str:
+    """A short human-readable record next to training.json."""
+    pool = r["document_pool"]
+    lines = [f"# {r['recipe']}: how this model was trained", "",
+             f"- command: `{r['command'] or 'emo pretrain --recipe recipe.toml'}` (recipe copy: `recipe.toml`)",
+             f"- document-level expert pool: " + (f"d ~ U{{{pool['min_size']}..{pool['max_size']}}} routed experts per "
+                                                  "document and layer" if pool else "none (standard MoE)"),
+             f"- {r['steps']} steps, {r['tokens']:,} tokens, {r['train_seconds'] / 60:.1f} min on {r['device']} "
+             f"({r['threads']} threads, {r['tokens_per_second']:,} tokens/s), {r['parameters']:,} parameters",
+             f"- final training loss (mean of the last logged windows): {r['final_train_ce']:.3f} nats/token",
+             "- held-out loss (nats/token, each document alone, first context-length tokens): "
+             + ", ".join(f"{d} {v:.3f}" for d, v in r["heldout_loss"].items()),
+             "- corpus: " + "; ".join(f"{d} {c['train_docs']} docs / {c['train_chars']:,} chars ({c['source']})"
+                                      for d, c in r["corpus"].items()),
+             "", "Loss curve and every setting: `training.json`.", ""]
+    return "\n".join(lines)

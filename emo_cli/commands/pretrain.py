@@ -42,15 +42,26 @@ def pretrain_cmd(
     with ui.progress(disable=json_out) as prog:
         task = prog.add_task(f"{rec.name}", total=rec.train.steps, tokens=0)
 
+        every = max(rec.train.log_every, rec.train.steps // 50)
+        plain = not ui.err.is_terminal and not json_out  # a log file gets a line now and then, not a bar
+
+        per_step = rec.train.batch_size * rec.train.seq_len
+        start: dict[str, int] = {}
+
         def on_step(step, total, tokens, loss):
-            prog.update(task, completed=step, tokens=tokens, description=f"{rec.name} loss {loss:.3f}")
+            session = tokens - start.setdefault("tokens", tokens - per_step)  # tokens/s of this run, even resumed
+            prog.update(task, completed=step, tokens=session, description=f"{rec.name} loss {loss:.3f}")
+            if plain and (step % every == 0 or step == total):
+                el = prog.tasks[task].elapsed or 0.0
+                ui.err.print(f"step {step}/{total}  loss {loss:.3f}  {session / max(el, 1e-9):,.0f} tok/s", markup=False)
 
         def log(msg):
             if not json_out:
                 ui.err.print(msg, markup=False, highlight=False)
 
+        command = f"emo pretrain --recipe {recipe} -o {out}" + (f" --threads {threads}" if threads else "")
         record = pretrain(rec, out, resume=resume, force=force, device=device, progress=on_step, log=log,
-                          keep_checkpoint=keep_checkpoint)
+                          keep_checkpoint=keep_checkpoint, command=command)
     if json_out:
         ui.print_json(record)
         return

@@ -132,7 +132,7 @@ class GGUFMoE:
         router = _dense(T[gf.blk(i, gf.FFN_GATE_INP)], device)  # [E_r, D]
         self.router = torch.cat([router, router.new_zeros(ns, router.shape[1])]) if ns else router
         # on the CPU kernels the routed logits get ggml's fp32 summation order (routing ties matter)
-        self.router_q = cpu.QWeight.from_tensor(router) if backend == "cpu" else None
+        self.router_q = cpu.MatmulPlan([cpu.QWeight.from_tensor(router)]) if backend == "cpu" else None
         self.expert_ids = torch.as_tensor(expert_ids if expert_ids is not None else range(E))
         self.allowed: torch.Tensor | None = None
         names = (gf.FFN_GATE_EXPS, gf.FFN_UP_EXPS, gf.FFN_DOWN_EXPS)
@@ -160,8 +160,13 @@ class GGUFMoE:
                  residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, D] -> mixture [T, D]; `residual` (CPU kernels) is added to it inside the kernel."""
         if self.router_q is not None:
-            (logits,) = cpu.matmul(x, [self.router_q])  # [T, E_r]
-            logits = torch.cat([logits, logits.new_zeros(x.shape[0], self.spec.num_shared)], 1)  # [T, E]
+            T, ns = x.shape[0], self.spec.num_shared
+            if T == 1 or not ns:  # the routed logits land in the first E_r columns; shared ones stay 0
+                logits = torch.zeros(T, self.spec.num_experts)
+                self.router_q(x, outs=[logits])
+            else:
+                (logits,) = self.router_q(x)  # [T, E_r]
+                logits = torch.cat([logits, logits.new_zeros(T, ns)], 1)  # [T, E]
         else:
             logits = x @ self.router.t()  # [T, E]
         r = route(logits, self.spec, self.allowed)
@@ -285,6 +290,7 @@ class GGUFModel:
         embd = T[gf.TOKEN_EMBD]
         self.embed = Mat(embd, backend, device)
         self.lm_head = Mat(T[gf.OUTPUT], backend, device) if gf.OUTPUT in T else self.embed
+        self.lm_plan = cpu.MatmulPlan([self.lm_head.w]) if backend == "cpu" else None
 
     def _check_tensors(self, T: dict, path: Path) -> None:
         cfg = self.config
@@ -332,7 +338,7 @@ class GGUFModel:
         last = len(self.layers) - 1 if stop_after is None else stop_after
         fast = (self.backend == "cpu" and B == 1 and S == 1 and cache is not None and observer is None
                 and self.config.head_dim % 8 == 0)
-        with torch.no_grad():
+        with torch.inference_mode():  # half the per-op cost of no_grad: decode is op-bound
             if fast:  # decode: one C call per attention block, one per MoE
                 x = h.reshape(1, -1).clone()  # the C attention updates it in place
                 for i in range(start_layer, last + 1):
@@ -350,8 +356,8 @@ class GGUFModel:
         B, S, D = h.shape
         norm = cpu.rms_norm if self.backend == "cpu" else rms_norm
         x = norm(h, self.norm, self.config.rms_norm_eps).reshape(B * S, D)
-        with torch.no_grad():
-            (logits,) = matmul(self.backend, x, [self.lm_head])
+        with torch.inference_mode():  # half the per-op cost of no_grad: decode is op-bound
+            (logits,) = self.lm_plan(x) if self.lm_plan else matmul(self.backend, x, [self.lm_head])
         return logits.view(B, S, -1)  # [B, S, V]
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,

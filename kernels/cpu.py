@@ -152,21 +152,33 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+class MatmulPlan:
+    """Matrices sharing one input, with their ctypes arguments built once (decode calls it per token)."""
+
+    def __init__(self, weights: list[QWeight]):
+        self.m, self.k = len(weights), weights[0].k
+        assert all(w.k == self.k for w in weights), [w.k for w in weights]
+        self.n = [w.n for w in weights]
+        self.ws = (ctypes.c_void_p * self.m)(*[w.ptr for w in weights])
+        self.tys = (ctypes.c_int * self.m)(*[w.qtype for w in weights])
+        self.ns = (ctypes.c_int64 * self.m)(*self.n)
+        self.owners = [w.owner for w in weights]
+
+    def __call__(self, x: torch.Tensor, outs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """x [T, K] fp32 -> [x @ W.T]; `outs` (optional) are contiguous fp32 [T, n] buffers to fill."""
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.contiguous().float()
+        T = x.shape[0]
+        assert x.shape[1] == self.k, (x.shape, self.k)
+        ys = outs if outs is not None else [torch.empty(T, n, dtype=torch.float32) for n in self.n]
+        yp = (ctypes.c_void_p * self.m)(*[y.data_ptr() for y in ys])
+        library().emo_matmul(self.m, self.ws, self.tys, self.ns, self.k, x.data_ptr(), T, yp)
+        return ys
+
+
 def matmul(x: torch.Tensor, weights: list[QWeight]) -> list[torch.Tensor]:
     """x [T, K] fp32 -> [x @ W.T for W in weights]; matrices sharing an input run in one pass."""
-    lib = library()
-    x = x.contiguous().float()
-    T, K = x.shape
-    m = len(weights)
-    ys = [torch.empty(T, w.n, dtype=torch.float32) for w in weights]
-    ws = (ctypes.c_void_p * m)(*[w.ptr for w in weights])
-    tys = (ctypes.c_int * m)(*[w.qtype for w in weights])
-    ns = (ctypes.c_int64 * m)(*[w.n for w in weights])
-    yp = (ctypes.c_void_p * m)(*[_ptr(y) for y in ys])
-    for w in weights:
-        assert w.k == K, (w.k, K)
-    lib.emo_matmul(m, ws, tys, ns, K, _ptr(x), T, yp)
-    return ys
+    return MatmulPlan(weights)(x)
 
 
 def rope_norm_(x: torch.Tensor, positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:

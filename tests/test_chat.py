@@ -32,6 +32,8 @@ def ggufs(tmp_path_factory, tiny_model_factory):
 
 
 def chat(*args) -> str:
+    if "--threads" not in args:  # one thread: tests share the machine, and results do not depend on it
+        args = (*args, "--threads", 1)
     r = runner.invoke(app, ["chat", *map(str, args)])
     assert r.exit_code == 0, r.output
     return r.stdout
@@ -40,7 +42,7 @@ def chat(*args) -> str:
 def llama_greedy(path: Path, prompt: str, n: int) -> tuple[list[int], str]:
     """llama.cpp's greedy decoding: argmax over eval'd logits, fp32 KV cache, no BOS."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, type_k=llama_cpp.GGML_TYPE_F32,
                           type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
     llm.eval(llm.tokenize(prompt.encode(), add_bos=False, special=False))
     out = []
@@ -63,7 +65,7 @@ def test_greedy_chat_equals_llama_cpp(ggufs, quant, backend):
     _, files = ggufs
     ids, text = llama_greedy(files[quant], PROMPT, 16)
     ours = chat("--model", files[quant], "--prompt", PROMPT, "--temperature", 0, "--max-new-tokens", 16,
-                "--seed", 0, "--backend", backend, "--threads", 2)
+                "--seed", 0, "--backend", backend, "--threads", 1)
     assert ours == text
     lm = load_model(files[quant], backend="cpu" if backend == "auto" else backend)
     got = list(generate(EmoEngine(lm.model, lm.tokenizer), lm.tokenizer.encode(PROMPT),
@@ -153,7 +155,7 @@ def _cli_env(tmp_path) -> dict:
 def test_repl_through_stdin(ggufs, tmp_path):
     _, files = ggufs
     r = subprocess.run([sys.executable, "-m", "emo_cli.cli", "chat", "--model", str(files["q8_0"]),
-                        "--temperature", "0", "-n", "6", "--threads", "2"],
+                        "--temperature", "0", "-n", "6", "--threads", "1"],
                        input=f"{PROMPT}\n/stats\n/reset\n/bogus\n/exit\n", capture_output=True, text=True,
                        env=_cli_env(tmp_path), timeout=120)
     assert r.returncode == 0, r.stderr
@@ -188,7 +190,7 @@ def test_repl_through_a_pty(ggufs, tmp_path):
     _, files = ggufs
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "emo_cli.cli", "chat", "--model", str(files["q8_0"]),
-                             "--temperature", "0", "-n", "6", "--threads", "2", "--backend", "cpu"],
+                             "--temperature", "0", "-n", "6", "--threads", "1", "--backend", "cpu"],
                             stdin=slave, stdout=slave, stderr=slave, env=_cli_env(tmp_path), close_fds=True)
     os.close(slave)
     buf: list[str] = []

@@ -74,7 +74,7 @@ def test_bad_gguf_is_one_clear_error(tmp_path):
 # ---- llama.cpp as the peer -------------------------------------------------------------------------
 def llama_logits(path, ids):
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, type_k=llama_cpp.GGML_TYPE_F32,
                           type_v=llama_cpp.GGML_TYPE_F32, logits_all=True, verbose=False)
     llm.eval(ids)
     out = np.array(llm.scores[:len(ids)])
@@ -119,7 +119,7 @@ def test_decode_steps_equal_llama_cpp(exported, quant):
     _, path = exported("shared", quant, WIDE)
     gg = load_model(path, backend="cpu")
     ids = gg.tokenizer.encode(TEXT)
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, type_k=llama_cpp.GGML_TYPE_F32,
                           type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
     cache = gg.model.new_cache()
     gg.model(torch.tensor([ids[:6]]), cache=cache)

@@ -24,12 +24,9 @@ def chat(
 ):
     """Chat with a model, streaming tokens; or continue one prompt with --prompt.
 
-    Interactive: /reset clears the conversation, /stats shows tokens/s and memory, /exit quits;
-    arrow keys edit and recall lines. Base models continue raw text; a chat template is applied
-    when the tokenizer provides one.
+    Interactive: /reset clears the conversation, /stats shows tokens/s and memory, /exit quits; arrow keys edit and recall lines. Base models continue raw text; a chat template is applied when the tokenizer provides one.
 
-    Example: emo chat --model slim-med.gguf
-             emo chat --model slim-med.gguf --prompt "The patient was" --temperature 0 --max-new-tokens 32
+    Example: emo chat --model slim-med.gguf --prompt "The patient was" --temperature 0 --max-new-tokens 32
     """
     from ..chat import one_shot, open_model, repl
     from ..generate import SamplingParams

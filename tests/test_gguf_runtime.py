@@ -137,3 +137,39 @@ def test_decode_steps_equal_llama_cpp(exported, quant):
     assert per_pos[0] < (1e-6 if quant == "f32" else 1e-9), per_pos
     assert per_pos.max() < (1e-5 if quant == "f32" else 5e-2), per_pos
     agree_modulo_ties(ours, ref)
+
+
+TRITON_MODEL_SCRIPT = r"""
+import json, sys, torch
+from emo_cli.runtime import load_model
+from emo_kernels.dispatch import moe_function
+gguf, src = sys.argv[1], sys.argv[2]
+hf = load_model(src)
+ids = torch.tensor([hf.tokenizer.encode("The patient was given a dose of aspirin")])
+ref = hf.model(ids)
+tri = load_model(gguf, backend="triton").model(ids)
+for blk in hf.model.moe_blocks().values():
+    blk.moe_fn = moe_function("triton")
+hf_tri = hf.model(ids)
+rel = lambda a: float((a - ref).abs().max() / ref.abs().max())
+print(json.dumps({"gguf_triton": rel(tri), "hf_triton": rel(hf_tri)}))
+"""
+
+
+def test_triton_backend_end_to_end_under_interpreter(exported):
+    """`--backend triton` (GGUF runtime and HF model) on tiny shapes, via TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src, path = exported("shared")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-c", TRITON_MODEL_SCRIPT, str(path), str(src)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    errs = json.loads(r.stdout.strip().splitlines()[-1])
+    assert errs["gguf_triton"] < 1e-5 and errs["hf_triton"] < 1e-5, errs

@@ -73,7 +73,8 @@ def test_cpu_moe_equals_reference(qt, seed):
     experts, weights = routing(rng, T, S, E)
     y, norms = cpu.moe(x, experts, weights, layer, return_norms=True)
     rounded = reference_moe_rounded(x, experts, weights, wg, wu, wd, ACT[qt], ACT[qt])
-    assert rel(y, rounded) < 2e-5, (E, S, T, D, F)
+    # up to an fp32 ulp in h flipping one rounding of the down projection's input
+    assert rel(y, rounded) < {QT.F32: 1e-6, QT.F16: 2e-4, QT.Q8_0: 1e-3, QT.Q4_0: 1e-3}[qt], (E, S, T, D, F)
     plain = reference_moe(x, experts, weights, wg, wu, wd)
     assert rel(y, plain) < {QT.F32: 2e-6, QT.F16: 5e-3, QT.Q8_0: 5e-2, QT.Q4_0: 5e-2}[qt]
     # per-slot norms are of the unweighted expert outputs

@@ -20,7 +20,11 @@
 /* ---- public: threads and dense matmuls -------------------------------------------------------- */
 #define ROWS_PER_ITEM 64 /* rows of one matrix per work item (a multiple of 8, for Q4_0 "R") */
 
-void emo_set_threads(int n) { pool_start(n); }
+void emo_set_threads(int n) {
+    pthread_mutex_lock(&pool.run_mu);
+    pool_start(n);
+    pthread_mutex_unlock(&pool.run_mu);
+}
 
 /* Activation rows converted once per activation type; xs[a][t] points at row t in type a. */
 struct acts {

@@ -32,12 +32,14 @@ static struct {
     pthread_t th[POOL_MAX];
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    pthread_mutex_t run_mu;     /* one job at a time, if several Python threads call the kernels */
     atomic_uint gen;            /* bumped for every job */
     struct job *_Atomic job;    /* the current job, NULL between jobs */
     atomic_int busy;            /* helpers that may hold a pointer to the current job */
     atomic_int sleeping;
     atomic_int stop;
-} pool = {.nth = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+} pool = {.nth = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER,
+        .run_mu = PTHREAD_MUTEX_INITIALIZER};
 
 static void pool_work(struct job *j) {
     int64_t i;
@@ -98,6 +100,7 @@ static void run(job_fn fn, void *ctx, int64_t n) {
         for (int64_t i = 0; i < n; i++) fn(ctx, i);
         return;
     }
+    pthread_mutex_lock(&pool.run_mu);
     struct job j = {.fn = fn, .ctx = ctx, .n = n};
     atomic_init(&j.next, 0);
     atomic_init(&j.done, 0);
@@ -112,4 +115,5 @@ static void run(job_fn fn, void *ctx, int64_t n) {
     while (atomic_load(&j.done) < n) _mm_pause(); /* items a helper claimed and is finishing */
     atomic_store(&pool.job, NULL);
     while (atomic_load(&pool.busy)) _mm_pause(); /* no helper may still see &j when we return */
+    pthread_mutex_unlock(&pool.run_mu);
 }

@@ -55,6 +55,15 @@ def tiny_recipe(corpus, name="t", pool="true"):
                                     if k not in ("domains", "fetch")}), "tiny.toml")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # these tensors are tiny: a second thread only adds synchronisation, which costs a lot on a busy machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return small_corpus(tmp_path_factory.mktemp("shared"))

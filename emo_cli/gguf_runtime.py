@@ -12,6 +12,10 @@ RMSNorm sums squares in float64 as ggml does; the quantized matmuls quantize act
 Q8_0 (inside the kernels). The shared expert is re-attached as the last expert with a zero router
 row: in its own one-way softmax it gets weight exactly 1.0, as EMO's legacy-shared routing says.
 
+Decoding one token of one sequence on the CPU kernels takes a fast path: per layer one C call for
+the attention block (cpu.attn_decode) and one for the experts, with emo_cli.routing.route between
+them; everything else (prefill, batches, observers) goes through the general path below.
+
 Shape legend: B batch, S sequence, T = B*S, D hidden, H/Hkv heads, hd head dim, E experts (shared
 last), F expert width, V vocab.
 """
@@ -97,11 +101,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rope_tables(start: int, S: int, hd: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [S, hd/2] with llama.cpp's angles: pos * scale^i accumulated in fp32."""
     scale = np.float32(theta) ** np.float32(-2.0 / hd)
-    steps = np.full(hd // 2, scale, dtype=np.float32)
-    steps[0] = np.float32(1.0)
     pos = np.arange(start, start + S, dtype=np.float32)[:, None]
-    ang = np.multiply.accumulate(np.concatenate([pos, np.broadcast_to(steps[1:], (S, hd // 2 - 1))], 1),
-                                 axis=1, dtype=np.float32)  # [S, hd/2]
+    steps = np.full((S, hd // 2 - 1), scale, dtype=np.float32)
+    ang = np.multiply.accumulate(np.concatenate([pos, steps], 1), axis=1, dtype=np.float32)  # [S, hd/2]
     ang_t = torch.from_numpy(ang)
     return ang_t.cos().to(device), ang_t.sin().to(device)
 

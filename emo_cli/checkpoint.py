@@ -13,7 +13,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -186,14 +185,6 @@ class ShardWriter:
         (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
-def hf_names_for_layer_moe(layer: int, num_experts: int) -> Iterator[str]:
-    p = f"model.layers.{layer}.mlp"
-    yield f"{p}.gate.weight"
-    for j in range(num_experts):
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            yield f"{p}.experts.{j}.{proj}.weight"
-
-
 def write_moe_layer(writer: ShardWriter, layer: int, router, w_gate, w_up, w_down) -> None:
     """Unstack one MoE layer into the released per-expert names."""
     p = f"model.layers.{layer}.mlp"
@@ -202,7 +193,3 @@ def write_moe_layer(writer: ShardWriter, layer: int, router, w_gate, w_up, w_dow
         writer.add(f"{p}.experts.{j}.gate_proj.weight", w_gate[j])
         writer.add(f"{p}.experts.{j}.up_proj.weight", w_up[j])
         writer.add(f"{p}.experts.{j}.down_proj.weight", w_down[j])
-
-
-def iter_non_moe(names: Iterable[str]) -> list[str]:
-    return [n for n in names if not EXPERT_RE.match(n) and not re.match(r"^model\.layers\.\d+\.mlp\.gate\.weight$", n)]

@@ -184,7 +184,6 @@ class GGUFMoE:
                 out = residual + out
         if observer is not None:
             observer(MoEObservation(self.layer, x, logits, r, out, norms))
-        self.last_routing = r
         return out
 
 

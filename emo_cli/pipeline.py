@@ -52,24 +52,25 @@ def _reread(part: dict) -> list[Document]:
     return docs
 
 
-def profiled_documents(profiles: list[Profile]) -> list[Document]:
-    """The documents the profiles were computed on (data re-read, held-out documents excluded)."""
-    out = []
-    for prof in profiles:
-        for part in prof.parts():
-            held = set(part.get("heldout_ids", []))
-            out += [d for d in _reread(part) if d.index not in held]
-    return out
-
-
-def heldout_documents(profiles: list[Profile]) -> list[Document]:
+def _documents(profiles: list[Profile], held_out: bool) -> list[Document]:
     out = []
     for prof in profiles:
         for part in prof.parts():
             ids = set(part.get("heldout_ids", []))
-            if ids:
-                out += [d for d in _reread(part) if d.index in ids]
+            if held_out and not ids:
+                continue
+            out += [d for d in _reread(part) if (d.index in ids) == held_out]
     return out
+
+
+def profiled_documents(profiles: list[Profile]) -> list[Document]:
+    """The documents the profiles were computed on (data re-read, held-out documents excluded)."""
+    return _documents(profiles, held_out=False)
+
+
+def heldout_documents(profiles: list[Profile]) -> list[Document]:
+    """The documents the profiles held out (for loss-guided selection and reports)."""
+    return _documents(profiles, held_out=True)
 
 
 def make_plan(profiles, method, budget, allocation, model=None, tokenizer=None, heldout_docs=None,

@@ -167,7 +167,7 @@ def run_emo(path: Path, prompt: list[int], n_decode: int, threads: int) -> dict:
 
     def step(ids, cache):
         h = m.hidden_states(torch.tensor([ids]), cache=cache)
-        return int(m.logits_from_hidden(h[:, -1:])[0, -1].argmax())
+        return int(m.logits(h[:, -1:])[0, -1].argmax())
 
     return _timed(step, m.new_cache, prompt, n_decode, load_s)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .config import EmoConfig
 from .errors import EmoError
 from .generate import EmoEngine, Engine, GenerationStats, SamplingParams, TextStream, generate
 from .loading import is_gguf, resolve_model_path
@@ -65,7 +66,11 @@ def open_model(spec: str, backend: str = "auto", device: str = "auto", threads: 
                        "first, or use --backend auto for this HF directory")
     from .runtime import load_model
 
-    lm = load_model(path, device=device, backend=chosen)
+    from .memory import Workload
+
+    ctx = None if gguf else int(EmoConfig.from_file(Path(path) / "config.json").max_position_embeddings)
+    lm = load_model(path, device=device, backend=chosen, what="chat",
+                    workload=Workload(batch_size=1, seq_len=ctx or 1, kv_tokens=ctx or 0, streamable=False))
     if not gguf:
         for blk in lm.model.moe_blocks().values():
             blk.moe_fn = moe_function(chosen)

@@ -12,8 +12,10 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -25,10 +27,14 @@ SINGLE_NAME = "model.safetensors"
 EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+# numpy carriers of the same width: bf16 has no numpy dtype, so it travels as uint16 and is
+# reinterpreted by torch (a view, no copy)
+_CARRIERS = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "F64": np.float64}
 
 
-def _read_header(path: Path) -> dict:
-    """The safetensors JSON header (names, dtypes, shapes) without touching tensor data."""
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors JSON header (names, dtypes, shapes, byte ranges) and where the data starts,
+    without touching tensor data."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -40,7 +46,7 @@ def _read_header(path: Path) -> dict:
     except (ValueError, json.JSONDecodeError):
         raise EmoError(f"{path}: not a valid safetensors file") from None
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + n
 
 
 class SafetensorsCheckpoint:
@@ -64,8 +70,9 @@ class SafetensorsCheckpoint:
             shards = found
         self.headers: dict[str, dict] = {}
         self.shard_of: dict[str, str] = {}
+        self.data_start: dict[str, int] = {}
         for shard in shards:
-            header = _read_header(self.dir / shard)
+            header, self.data_start[shard] = _read_header(self.dir / shard)
             for name, info in header.items():
                 self.headers[name] = info
                 self.shard_of[name] = shard
@@ -74,6 +81,7 @@ class SafetensorsCheckpoint:
             if missing:
                 raise EmoError(f"{self.dir}: index lists {missing[0]} but no shard holds it")
         self._handles: dict[str, object] = {}
+        self._maps: dict[str, np.memmap] = {}
 
     def names(self) -> list[str]:
         return list(self.headers)
@@ -95,6 +103,52 @@ class SafetensorsCheckpoint:
             self._handles[shard] = safe_open(str(self.dir / shard), framework="pt")
         return self._handles[shard].get_tensor(name)
 
+    def view(self, name: str) -> torch.Tensor:
+        """A read-only tensor over the memory-mapped shard: no copy, no anonymous memory. Its pages
+        are file cache the kernel can drop, so streamed passes read weights straight from here.
+        Never write through it."""
+        if name not in self.shard_of:
+            raise EmoError(f"{self.dir}: checkpoint has no tensor {name}")
+        info, shard = self.headers[name], self.shard_of[name]
+        code = info["dtype"]
+        if code not in _CARRIERS:
+            raise EmoError(f"{self.dir}: tensor {name} has unsupported dtype {code}")
+        if shard not in self._maps:
+            self._maps[shard] = np.memmap(self.dir / shard, dtype=np.uint8, mode="r")
+        buf = self._maps[shard]
+        begin, end = (self.data_start[shard] + int(o) for o in info["data_offsets"])
+        carrier = np.dtype(_CARRIERS[code])
+        shape = tuple(info["shape"])
+        if end > buf.size or end - begin != carrier.itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise EmoError(f"{self.dir / shard}: tensor {name} lies outside the file (truncated download?)")
+        raw = buf[begin:end]
+        if begin % carrier.itemsize:  # an unaligned tensor (old writers): copy it, rare and small
+            raw = np.array(raw)
+        with warnings.catch_warnings():  # torch warns that the map is read-only; it is never written
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(raw.view(carrier).reshape(shape))
+        return t.view(torch.bfloat16) if code == "BF16" else t
+
+    def prefetch(self, prefix: str) -> None:
+        """Ask the kernel to start reading every tensor whose name starts with `prefix` into the
+        page cache (posix_fadvise WILLNEED): a streamed pass computes one layer while the next is
+        read. Advice only, so where the call is unavailable nothing happens."""
+        spans: dict[str, list[int]] = {}
+        for name, shard in self.shard_of.items():
+            if name.startswith(prefix):
+                b, e = (self.data_start[shard] + int(o) for o in self.headers[name]["data_offsets"])
+                lo, hi = spans.get(shard, (b, e))
+                spans[shard] = [min(lo, b), max(hi, e)]
+        for shard, (b, e) in spans.items():
+            try:
+                fd = os.open(self.dir / shard, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, b, e - b, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+            except (OSError, AttributeError):
+                return
+
     def bytes_on_disk(self) -> int:
         return sum((self.dir / s).stat().st_size for s in set(self.shard_of.values()))
 
@@ -109,25 +163,6 @@ class SafetensorsCheckpoint:
             if name.endswith("norm.weight"):
                 h.update(self.get(name).float().numpy().tobytes())
         return h.hexdigest()[:16]
-
-
-def hf_layer_tensors(ckpt: SafetensorsCheckpoint, layer: int, num_experts: int, dtype=None):
-    """Stacked MoE tensors of one layer from per-expert HF names: router [E,D], gate/up [E,F,D], down [E,D,F]."""
-    p = f"model.layers.{layer}.mlp"
-
-    def load(name):
-        t = ckpt.get(name)
-        return t.to(dtype) if dtype is not None else t
-
-    router = load(f"{p}.gate.weight")
-    if router.shape[0] != num_experts:
-        raise EmoError(
-            f"{ckpt.dir}: layer {layer} router has {router.shape[0]} rows but config says {num_experts} experts"
-        )
-    stacks = {}
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        stacks[proj] = torch.stack([load(f"{p}.experts.{j}.{proj}.weight") for j in range(num_experts)])
-    return router, stacks["gate_proj"], stacks["up_proj"], stacks["down_proj"]
 
 
 class ShardWriter:

@@ -11,12 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import torch
-import torch.nn.functional as F
-
-from .data import Document, make_batches, tokenize_documents
-
-HEAD_CHUNK = 2048  # tokens per lm_head slice: bounds the [N, V] logits buffer
+from .data import Document, make_batches
+from .passes import batch_nll
 
 
 @dataclass
@@ -39,42 +35,27 @@ def scored_bytes(tokenizer, doc: Document, ids: list[int], full_len: int) -> int
     return len(tokenizer.decode(ids).encode("utf-8"))
 
 
-@torch.no_grad()
-def nll_per_document(model, batch_ids: torch.Tensor, batch_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token NLL (nats, float64) per row of a right-padded batch [B, S] -> [B]."""
-    device = model.device
-    ids, mask = batch_ids.to(device), batch_mask.to(device)
-    h = model.hidden_states(ids)  # [B, S, D]
-    pred = mask[:, 1:]  # [B, S-1] positions whose next token is real
-    hs = h[:, :-1][pred]  # [N, D]
-    targets = ids[:, 1:][pred]  # [N]
-    rows = torch.arange(ids.shape[0], device=device)[:, None].expand_as(pred)[pred]  # [N]
-    out = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)
-    for s in range(0, hs.shape[0], HEAD_CHUNK):
-        logits = model.logits_from_hidden(hs[s:s + HEAD_CHUNK])  # [n, V] fp32
-        nll = F.cross_entropy(logits, targets[s:s + HEAD_CHUNK], reduction="none").double()
-        out.index_add_(0, rows[s:s + HEAD_CHUNK], nll)
-    return out
-
-
 def evaluate_loss(model, tokenizer, docs: list[Document], seq_len: int = 2048, batch_size: int = 8,
-                  on_batch=None) -> LossResult:
-    """Score `docs` with `model`; `on_batch(n_docs, n_tokens)` reports progress."""
+                  masks: dict | None = None, on_step=None) -> LossResult:
+    """Score `docs` with `model` (routing masked by `masks`, layer -> [E] bool), in one layer-major
+    pass; `on_step(layer, n_docs, n_tokens)` reports progress after each batch of each layer."""
     full = tokenizer.encode_batch([d.text for d in docs])
     toks = [t[:seq_len] for t in full]
     batches = make_batches(toks, docs, batch_size, tokenizer.pad_id)
+    step = None
+    if on_step:
+        def step(layer, b):
+            on_step(layer, len(batches[b].doc_index), int(batches[b].mask.sum()))
+    per_batch = batch_nll(model, [b.ids for b in batches], [b.mask for b in batches], masks=masks, on_step=step)
     pos = {d.index: i for i, d in enumerate(docs)}
     nll_sum, tokens, nbytes, ndocs = 0.0, 0, 0, 0
-    for b in batches:
-        per_doc = nll_per_document(model, b.ids, b.mask)
+    for b, per_doc in zip(batches, per_batch):
         nll_sum += float(per_doc.sum())
         for di in b.doc_index:
             i = pos[di]
             tokens += len(toks[i]) - 1
             nbytes += scored_bytes(tokenizer, docs[i], toks[i], len(full[i]))
             ndocs += 1
-        if on_batch:
-            on_batch(len(b.doc_index), int(b.mask.sum()))
     loss = nll_sum / max(tokens, 1)
     return LossResult(loss=loss, ppl=math.exp(loss) if loss < 700 else float("inf"),
                       bits_per_byte=nll_sum / math.log(2) / max(nbytes, 1), tokens=tokens, docs=ndocs,

@@ -5,12 +5,13 @@ from __future__ import annotations
 from .data import read_documents
 from .evaluate import evaluate_loss
 from .multiple_choice import evaluate_mc, is_multiple_choice, read_mc_items
+from .memory import Workload
 from .runtime import load_model
 from . import ui
 
 
 def run_eval(models: list[str], data: list[str], max_docs=None, seq_len=2048, batch_size=8,
-             text_field=None, device="cpu", dtype="auto", quiet=False) -> dict:
+             text_field=None, device="cpu", dtype="auto", streaming="auto", max_memory=None, quiet=False) -> dict:
     datasets = []
     for d in data:
         if text_field is None and is_multiple_choice(d):
@@ -20,19 +21,19 @@ def run_eval(models: list[str], data: list[str], max_docs=None, seq_len=2048, ba
     results = []
     with ui.progress(disable=quiet) as prog:
         for spec in models:
-            lm = load_model(spec, device=device, dtype=dtype)
+            lm = load_model(spec, device=device, dtype=dtype, streaming=streaming, max_memory=max_memory,
+                            workload=Workload(batch_size, seq_len), what=f"evaluating {spec}")
+            if lm.memory and lm.memory.streaming and not quiet:
+                prog.console.print(lm.memory.describe(), style="dim")
             for name, kind, docs in datasets:
-                task = prog.add_task(f"{spec} · {name}", total=len(docs), tokens=0)
-
-                def step(nd, nt, task=task):
-                    prog.update(task, advance=nd, tokens=prog.tasks[task].fields["tokens"] + nt)
-
+                step = ui.layer_steps(prog, f"{spec} · {name}", lm.model.num_layers,
+                                      sum(len(it.choices) for it in docs) if kind == "mc" else len(docs))
                 if kind == "mc":
-                    r = evaluate_mc(lm.model, lm.tokenizer, docs, seq_len=seq_len, on_item=step)
+                    r = evaluate_mc(lm.model, lm.tokenizer, docs, seq_len=seq_len, on_step=step)
                     results.append({"model": spec, "data": name, **r})
                     continue
                 r = evaluate_loss(lm.model, lm.tokenizer, docs, seq_len=seq_len, batch_size=batch_size,
-                                  on_batch=step)
+                                  on_step=step)
                 results.append({"model": spec, "data": name, "loss": r.loss, "ppl": r.ppl,
                                 "bits_per_byte": r.bits_per_byte, "tokens": r.tokens, "docs": r.docs})
             del lm

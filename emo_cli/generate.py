@@ -48,8 +48,8 @@ class EmoEngine:
     def feed(self, ids: list[int]) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
         with torch.no_grad():
-            h = self.model.hidden_states(x, cache=self.cache)
-            logits = self.model.logits_from_hidden(h[:, -1:])  # only the last position is sampled
+            h = self.model.run_layers(self.model.embed(x), 0, self.model.num_layers, cache=self.cache)
+            logits = self.model.logits(h[:, -1:])  # only the last position is sampled
         self.tokens += ids
         return logits[0, -1].float().cpu()
 

@@ -42,7 +42,8 @@ from . import gguf_format as gf
 from .bpe import CL100K_SPLIT
 from .config import EmoConfig
 from .errors import EmoError
-from .models.emo import KVCache, MoEObservation, Observer
+from .model_api import expert_mask
+from .models.emo import KVCache, MoEObservation, Observer, causal_attention
 from .routing import RoutingSpec, route
 from .runtime import LoadedModel
 from .tokenizer import EmoTokenizer
@@ -159,9 +160,8 @@ class GGUFMoE:
                 stacks.append(torch.cat([w, _dense(T[gf.blk(i, sh)], device).reshape(1, r, c)]) if ns else w)
             self.w_gate, self.w_up, self.w_down = stacks
 
-    def __call__(self, x: torch.Tensor, observer: Observer | None = None,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, D] -> mixture [T, D]; `residual` (CPU kernels) is added to it inside the kernel."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] of x [T, D]; the shared experts' columns are 0."""
         if self.router_q is not None:
             T, ns = x.shape[0], self.spec.num_shared
             if T == 1 or not ns:  # the routed logits land in the first E_r columns; shared ones stay 0
@@ -172,7 +172,14 @@ class GGUFMoE:
                 logits = torch.cat([logits, logits.new_zeros(T, ns)], 1)  # [T, E]
         else:
             logits = x @ self.router.t()  # [T, E]
-        r = route(logits, self.spec, self.allowed)
+        return logits
+
+    def __call__(self, x: torch.Tensor, observer: Observer | None = None, residual: torch.Tensor | None = None,
+                 allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, D] -> mixture [T, D]; `residual` (CPU kernels) is added to it inside the kernel;
+        `allowed` ([E] or [T, E] bool) masks routing for this call, else the switched subset."""
+        logits = self.logits(x)
+        r = route(logits, self.spec, self.allowed if allowed is None else allowed)
         norms = None
         if self.backend == "cpu":
             res = cpu.moe(x, r.experts, r.weights, self.cpu_weights, return_norms=observer is not None,
@@ -239,28 +246,26 @@ class GGUFBlock:
         v = v.view(B, S, Hkv, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.i, k, v, start)
-        if H // Hkv > 1:  # query head h reads kv head h // rep, as ggml's broadcast does
-            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-        Sk = k.shape[2]
-        if start == 0 and Sk == S:
-            o = F_.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif S == 1:  # one new token sees the whole cache
-            o = F_.scaled_dot_product_attention(q, k, v)
-        else:
-            qpos = torch.arange(start, start + S, device=x.device)[:, None]
-            o = F_.scaled_dot_product_attention(q, k, v, attn_mask=torch.arange(Sk, device=x.device)[None, :] <= qpos)
+        o = causal_attention(q, k, v, start)  # [B, H, S, hd]
         (out,) = matmul(self.backend, o.transpose(1, 2).reshape(B * S, H * hd), [self.wo])
         return out.view(B, S, D)
 
-    def __call__(self, h, rope, cache, start, observer=None):
+    def __call__(self, h, rope, cache, start, observer=None, allowed=None):
         h = h + self.attention(self.norm(h, self.attn_norm), rope, cache, start)
         B, S, D = h.shape
-        return self.ffn(h.reshape(B * S, D), self.norm(h, self.ffn_norm).reshape(B * S, D), observer).view(B, S, D)
+        x = self.norm(h, self.ffn_norm).reshape(B * S, D)
+        return self.ffn(h.reshape(B * S, D), x, observer, allowed).view(B, S, D)
 
-    def ffn(self, h: torch.Tensor, x: torch.Tensor, observer=None) -> torch.Tensor:
+    def router_probs(self, h, rope) -> torch.Tensor:
+        """Unmasked routing probabilities [T, E] for the layer input h [B, S, D]."""
+        h = h + self.attention(self.norm(h, self.attn_norm), rope, None, 0)
+        x = self.norm(h, self.ffn_norm).reshape(-1, h.shape[-1])
+        return route(self.moe.logits(x), self.moe.spec).probs
+
+    def ffn(self, h: torch.Tensor, x: torch.Tensor, observer=None, allowed=None) -> torch.Tensor:
         """h + FFN(x) for h, x [T, D] (x = the normed h)."""
         if self.moe is not None:
-            return self.moe(x, observer, residual=h)
+            return self.moe(x, observer, residual=h, allowed=allowed)
         g, u = matmul(self.backend, x, self.dense[:2])
         (y,) = matmul(self.backend, F_.silu(g) * u, self.dense[2:])
         return h + y
@@ -294,8 +299,8 @@ def populate(data: np.ndarray) -> None:
 
 
 class GGUFModel:
-    """EmoForCausalLM's inference API over a GGUF file (hidden_states, logits_from_hidden,
-    forward, new_cache, set_expert_mask, moe_blocks, device, config)."""
+    """The model interface (model_api.py) over a GGUF file, plus whole-model conveniences
+    (hidden_states, forward, new_cache, set_expert_mask) for chat."""
 
     def __init__(self, path: Path, backend: str, device: str):
         self.reader = gf.open_reader(path)
@@ -304,6 +309,7 @@ class GGUFModel:
             populate(self.reader.data)
         self.backend = backend
         self._device = torch.device(device)
+        self.activation_budget = 2 * 1024**3
         T = {t.name: t for t in self.reader.tensors}
         self._check_tensors(T, path)
         kept = gf.provenance(self.reader).get("experts_kept_per_layer")
@@ -311,8 +317,8 @@ class GGUFModel:
                        for i in range(cfg.num_hidden_layers)]
         self.norm = _dense(T[gf.OUTPUT_NORM], device)
         embd = T[gf.TOKEN_EMBD]
-        self.embed = Mat(embd, backend, device)
-        self.lm_head = Mat(T[gf.OUTPUT], backend, device) if gf.OUTPUT in T else self.embed
+        self.embed_matrix = Mat(embd, backend, device)
+        self.lm_head = Mat(T[gf.OUTPUT], backend, device) if gf.OUTPUT in T else self.embed_matrix
         self.lm_plan = cpu.MatmulPlan([self.lm_head.w]) if backend == "cpu" else None
 
     def _check_tensors(self, T: dict, path: Path) -> None:
@@ -325,67 +331,77 @@ class GGUFModel:
         if missing:
             raise EmoError(f"{path}: GGUF lacks tensor {missing[0]} (not a complete emo export)")
 
+    # ---- the model interface ------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return self._device
 
     @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
+    def num_layers(self) -> int:
+        return len(self.layers)
 
-    def moe_blocks(self) -> dict[int, GGUFMoE]:
-        return {i: b.moe for i, b in enumerate(self.layers) if b.moe is not None}
+    def expert_ids(self) -> list[list[int] | None]:
+        return [b.moe.expert_ids.tolist() if b.moe is not None else None for b in self.layers]
 
-    def set_expert_mask(self, kept: dict[int, list[int]] | None) -> None:
-        """Restrict routing to the given ORIGINAL expert ids per layer (None clears every mask)."""
-        for i, m in self.moe_blocks().items():
-            if kept is None or i not in kept:
-                m.allowed = None
-                continue
-            keep = {int(e) for e in kept[i]}
-            m.allowed = torch.tensor([int(e) in keep for e in m.expert_ids.tolist()], device=self._device)
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
         B, S = ids.shape
         if self.backend == "cpu":
-            return cpu.get_rows(self.embed.w, ids.cpu()).view(B, S, -1)
-        return F_.embedding(ids.to(self._device), self.embed.w)
+            return cpu.get_rows(self.embed_matrix.w, ids.cpu()).view(B, S, -1)
+        return F_.embedding(ids.to(self._device), self.embed_matrix.w)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                      observer: Observer | None = None, stop_after: int | None = None,
-                      start_hidden: torch.Tensor | None = None, start_layer: int = 0) -> torch.Tensor:
-        """Run layers [start_layer, stop_after] -> residual stream [B, S, D] (as EmoForCausalLM)."""
-        B, S = input_ids.shape
-        start = cache.length if cache is not None else 0
-        h = self.embed_tokens(input_ids) if start_hidden is None else start_hidden
-        last = len(self.layers) - 1 if stop_after is None else stop_after
+    def run_layers(self, h: torch.Tensor, start: int, stop: int, masks: dict | None = None,
+                   observer: Observer | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        B, S, _ = h.shape
+        pos = cache.length if cache is not None else 0
         fast = (self.backend == "cpu" and B == 1 and S == 1 and cache is not None and observer is None
-                and self.config.head_dim % 8 == 0)
+                and not masks and self.config.head_dim % 8 == 0)
         with torch.inference_mode():  # half the per-op cost of no_grad: decode is op-bound
             if fast:  # decode: one C call per attention block, one per MoE
                 x = h.reshape(1, -1).clone()  # the C attention updates it in place
-                for i in range(start_layer, last + 1):
-                    x = self.layers[i].decode_step(x, cache, start)
+                for i in range(start, stop):
+                    x = self.layers[i].decode_step(x, cache, pos)
                 h = x.view(1, 1, -1)
             else:
-                rope = make_rope(self.backend, B, S, start, self.config, self._device)
-                for i in range(start_layer, last + 1):
-                    h = self.layers[i](h, rope, cache, start, observer)
-        if cache is not None and last == len(self.layers) - 1:
-            cache.length = start + S
+                rope = make_rope(self.backend, B, S, pos, self.config, self._device)
+                for i in range(start, stop):
+                    h = self.layers[i](h, rope, cache, pos, observer, masks.get(i) if masks else None)
+        if cache is not None and stop == len(self.layers):
+            cache.length = pos + S
         return h
 
-    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        B, S, D = h.shape
+    def router_probs(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        B, S, _ = h.shape
+        with torch.inference_mode():
+            return self.layers[layer].router_probs(h, make_rope(self.backend, B, S, 0, self.config, self._device))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> fp32 [..., V]."""
+        lead, D = h.shape[:-1], h.shape[-1]
         norm = cpu.rms_norm if self.backend == "cpu" else rms_norm
-        x = norm(h, self.norm, self.config.rms_norm_eps).reshape(B * S, D)
+        x = norm(h.reshape(-1, D).contiguous(), self.norm, self.config.rms_norm_eps)
         with torch.inference_mode():  # half the per-op cost of no_grad: decode is op-bound
             (logits,) = self.lm_plan(x) if self.lm_plan else matmul(self.backend, x, [self.lm_head])
-        return logits.view(B, S, -1)  # [B, S, V]
+        return logits.view(*lead, -1)
+
+    def release(self) -> None:
+        """The file stays mapped: nothing to drop."""
+
+    # ---- whole-model conveniences -------------------------------------------------------------
+    def set_expert_mask(self, kept: dict[int, list[int]] | None) -> None:
+        """Switch routing to the given ORIGINAL expert ids per layer (None clears every mask)."""
+        for b in self.layers:
+            if b.moe is not None:
+                ids = b.moe.expert_ids.tolist()
+                b.moe.allowed = None if kept is None or b.i not in kept else \
+                    expert_mask(ids, kept[b.i]).to(self._device)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      observer: Observer | None = None) -> torch.Tensor:
+        return self.run_layers(self.embed(input_ids), 0, len(self.layers), observer=observer, cache=cache)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 observer: Observer | None = None) -> torch.Tensor:
-        return self.logits_from_hidden(self.hidden_states(input_ids, cache, observer))
+        return self.logits(self.hidden_states(input_ids, cache, observer))
 
     __call__ = forward
 

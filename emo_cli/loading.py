@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SafetensorsCheckpoint, ShardWriter, hf_layer_tensors, write_moe_layer
+from .checkpoint import SafetensorsCheckpoint, ShardWriter, write_moe_layer
 from .config import EmoConfig
 from .errors import EmoError
-from .models.emo import EmoForCausalLM, MoEBlock
+from .models.emo import Block, EmoForCausalLM, MoEBlock
 
 DEFAULT_MODEL = "allenai/Emo_1b14b_1T"
+EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -123,57 +124,84 @@ def check_device(device: str) -> str:
     return device
 
 
-def load_hf_model(path: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> tuple[EmoForCausalLM, HFModelFiles]:
-    files = open_hf_dir(path)
+def source_expert_ids(model_dir: Path, cfg) -> list[list[int] | None]:
+    """ORIGINAL ids of each layer's experts (identity for an unpruned model)."""
+    meta = read_pruning_metadata(model_dir)
+    known = meta.get("experts_kept_per_layer") if meta else None
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        n = cfg.layer_experts(i)
+        if n == 0:
+            out.append(None)
+        elif known and known[i] is not None:
+            out.append([int(e) for e in known[i]])
+        else:
+            out.append(list(range(n)))
+    return out
+
+
+def read_weight(files: HFModelFiles, name: str, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+    """One tensor converted from the mapped checkpoint into a tensor of its own (never the map)."""
+    t = files.ckpt.view(name)
+    if tuple(t.shape) != tuple(shape):
+        raise EmoError(f"{files.dir}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    return t.to(device=device, dtype=dtype, copy=True)
+
+
+def load_block(files: HFModelFiles, i: int, device, dtype: torch.dtype, expert_ids: list[int] | None) -> Block:
+    """Decoder layer i from the checkpoint: the unit a streamed pass holds at a time. Each expert
+    is copied (and converted) straight from the map into its row of the stacked tensors, so
+    loading never holds a second copy of the layer."""
     cfg, ckpt = files.config, files.ckpt
+    with torch.device("meta"):
+        block = Block(cfg, i)
+    expected = {n: tuple(p.shape) for n, p in block.named_parameters()}
+    p = f"model.layers.{i}"
+    state: dict[str, torch.Tensor] = {}
+    moe = isinstance(block.mlp, MoEBlock)
+    for n, shape in expected.items():  # block names mirror the HF names below the layer prefix
+        if not (moe and n.startswith("mlp.")):
+            state[n] = read_weight(files, f"{p}.{n}", shape, device, dtype)
+    if moe:
+        E = block.mlp.spec.num_experts
+        router = read_weight(files, f"{p}.mlp.gate.weight", expected["mlp.router"], device, dtype)
+        if router.shape[0] != E:
+            raise EmoError(f"{files.dir}: layer {i} router has {router.shape[0]} rows but config says {E} experts")
+        state["mlp.router"] = router
+        for ours, proj in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+            stack = torch.empty(expected[f"mlp.{ours}"], device=device, dtype=dtype)  # [E, F, D] / [E, D, F]
+            for j in range(E):
+                view = ckpt.view(f"{p}.mlp.experts.{j}.{proj}.weight")
+                if tuple(view.shape) != tuple(stack.shape[1:]):
+                    raise EmoError(f"{files.dir}: layer {i} expert {j} {proj} has shape {tuple(view.shape)}, "
+                                   f"expected {tuple(stack.shape[1:])}")
+                stack[j].copy_(view)
+            state[f"mlp.{ours}"] = stack
+        state["mlp.expert_ids"] = torch.tensor(expert_ids if expert_ids is not None else range(E),
+                                               dtype=torch.long, device=device)
+    block.load_state_dict(state, assign=True, strict=True)
+    return block.requires_grad_(False).eval()
+
+
+def load_hf_model(path: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> tuple[EmoForCausalLM, HFModelFiles]:
+    """The whole model resident on `device`, no memory planning (runtime.load_model plans)."""
+    files = open_hf_dir(path)
     device = check_device(device)
-    dtype = dtype or default_dtype(device, ckpt.dtype("model.embed_tokens.weight"))
+    return load_resident(files, device, dtype or default_dtype(device, files.ckpt.dtype(EMBED))), files
+
+
+def load_resident(files: HFModelFiles, device: str, dtype: torch.dtype) -> EmoForCausalLM:
+    """The whole model resident on `device` (see streaming.py for one layer at a time)."""
+    cfg = files.config
     with torch.device("meta"):
         model = EmoForCausalLM(cfg)
-    state: dict[str, torch.Tensor] = {}
-
-    def take(hf_name: str, ours: str, shape: tuple[int, ...]):
-        t = ckpt.get(hf_name)
-        if tuple(t.shape) != shape:
-            raise EmoError(f"{path}: tensor {hf_name} has shape {tuple(t.shape)}, expected {shape}")
-        state[ours] = t.to(device=device, dtype=dtype)
-
-    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    take("model.embed_tokens.weight", "embed_tokens.weight", expected["embed_tokens.weight"])
-    take("model.norm.weight", "norm.weight", expected["norm.weight"])
-    take("lm_head.weight", "lm_head.weight", expected["lm_head.weight"])
-    meta = read_pruning_metadata(path)
-    kept = meta.get("experts_kept_per_layer") if meta else None
-    for i, block in enumerate(model.layers):
-        p = f"model.layers.{i}"
-        for name, ours in (("pre_attention_layernorm.weight", "pre_attention_layernorm.weight"),
-                           ("pre_feedforward_layernorm.weight", "pre_feedforward_layernorm.weight")):
-            take(f"{p}.{name}", f"layers.{i}.{ours}", expected[f"layers.{i}.{ours}"])
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            for kind in ("weight", "bias"):
-                ours = f"layers.{i}.self_attn.{proj}.{kind}"
-                if ours in expected:
-                    take(f"{p}.self_attn.{proj}.{kind}", ours, expected[ours])
-        if isinstance(block.mlp, MoEBlock):
-            E = block.mlp.spec.num_experts
-            router, wg, wu, wd = hf_layer_tensors(ckpt, i, E)
-            for ours, t in (("router", router), ("w_gate", wg), ("w_up", wu), ("w_down", wd)):
-                key = f"layers.{i}.mlp.{ours}"
-                if tuple(t.shape) != expected[key]:
-                    raise EmoError(f"{path}: layer {i} {ours} has shape {tuple(t.shape)}, expected {expected[key]}")
-                state[key] = t.to(device=device, dtype=dtype)
-            ids = kept[i] if kept and kept[i] is not None else list(range(E))
-            state[f"layers.{i}.mlp.expert_ids"] = torch.tensor(ids, dtype=torch.long, device=device)
-        else:
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                for kind in ("weight", "bias"):
-                    ours = f"layers.{i}.mlp.{proj}.{kind}"
-                    if ours in expected:
-                        take(f"{p}.mlp.{proj}.{kind}", ours, expected[ours])
-    model.load_state_dict(state, assign=True, strict=True)
+    ids = source_expert_ids(files.dir, cfg)
+    model.layers = torch.nn.ModuleList(load_block(files, i, device, dtype, ids[i]) for i in range(cfg.num_hidden_layers))
+    for name, module in ((EMBED, model.embed_tokens), (FINAL_NORM, model.norm), (LM_HEAD, model.lm_head)):
+        module.weight = torch.nn.Parameter(read_weight(files, name, module.weight.shape, device, dtype), requires_grad=False)
     model.requires_grad_(False)
     model.eval()
-    return model, files
+    return model
 
 
 def read_pruning_metadata(path: Path) -> dict | None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .data import data_files, load_table
 from .errors import EmoError
+from .passes import embed_batches, run_layers
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -67,37 +68,58 @@ def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[i
     return whole[:len(ctx)], whole[len(ctx):]
 
 
-@torch.no_grad()
-def choice_logprobs(model, tokenizer, item: MCItem, seq_len: int) -> list[float]:
+def _rows(tokenizer, items: list[MCItem], seq_len: int) -> list[tuple[list[int], int]]:
+    """One row per (item, choice): the token ids and how many trailing ones are the choice."""
     rows = []
-    for c in item.choices:
-        ctx, cont = continuation_ids(tokenizer, item.question, " " + c)
-        if not cont:
-            raise EmoError(f"choice {c!r} tokenizes to nothing")
-        ids = (ctx + cont)[-seq_len:]
-        rows.append((ids, min(len(cont), len(ids) - 1)))
-    S = max(len(r[0]) for r in rows)
-    batch = torch.full((len(rows), S), tokenizer.pad_id, dtype=torch.long)
-    for i, (ids, _) in enumerate(rows):
-        batch[i, :len(ids)] = torch.tensor(ids)
-    logits = model(batch.to(model.device))  # [C, S, V]
-    logp = F.log_softmax(logits.double(), dim=-1)
-    out = []
-    for i, (ids, n) in enumerate(rows):
-        pos = torch.arange(len(ids) - n - 1, len(ids) - 1)
-        tgt = torch.tensor(ids[len(ids) - n:])
-        out.append(float(logp[i, pos, tgt].sum()))
+    for it in items:
+        for c in it.choices:
+            ctx, cont = continuation_ids(tokenizer, it.question, " " + c)
+            if not cont:
+                raise EmoError(f"choice {c!r} tokenizes to nothing")
+            ids = (ctx + cont)[-seq_len:]
+            rows.append((ids, min(len(cont), len(ids) - 1)))
+    return rows
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, items: list[MCItem], seq_len: int, batch_size: int = 16,
+                    on_step=None) -> list[list[float]]:
+    """Summed log-probability of every choice of every item, in one layer-major pass."""
+    rows = _rows(tokenizer, items, seq_len)
+    order = sorted(range(len(rows)), key=lambda r: (-len(rows[r][0]), r))  # similar lengths together
+    groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    id_batches = []
+    for g in groups:
+        batch = torch.full((len(g), len(rows[g[0]][0])), tokenizer.pad_id, dtype=torch.long)  # [B, S]
+        for j, r in enumerate(g):
+            batch[j, :len(rows[r][0])] = torch.tensor(rows[r][0])
+        id_batches.append(batch)
+    step = (lambda layer, b: on_step(layer, len(groups[b]), 0)) if on_step else None
+    store = embed_batches(model, id_batches)
+    scores = [0.0] * len(rows)
+    try:
+        run_layers(model, store, 0, model.num_layers, on_step=step)
+        for g, h in zip(groups, (store[b] for b in range(len(store)))):
+            for j, r in enumerate(g):
+                ids, n = rows[r]
+                pos = torch.arange(len(ids) - n - 1, len(ids) - 1)
+                logp = F.log_softmax(model.logits(h[j, pos]).double(), dim=-1)  # [n, V]
+                scores[r] = float(logp[torch.arange(n), torch.tensor(ids[len(ids) - n:])].sum())
+    finally:
+        store.close()
+        model.release()
+    out, k = [], 0
+    for it in items:
+        out.append(scores[k:k + len(it.choices)])
+        k += len(it.choices)
     return out
 
 
-def evaluate_mc(model, tokenizer, items: list[MCItem], seq_len: int = 2048, on_item=None) -> dict:
+def evaluate_mc(model, tokenizer, items: list[MCItem], seq_len: int = 2048, on_step=None) -> dict:
     correct = correct_norm = 0
-    for it in items:
-        lp = choice_logprobs(model, tokenizer, it, seq_len)
+    for it, lp in zip(items, choice_logprobs(model, tokenizer, items, seq_len, on_step=on_step)):
         norm = [v / max(len(c.encode("utf-8")), 1) for v, c in zip(lp, it.choices)]
         correct += int(max(range(len(lp)), key=lambda j: (lp[j], -j)) == it.answer)
         correct_norm += int(max(range(len(norm)), key=lambda j: (norm[j], -j)) == it.answer)
-        if on_item:
-            on_item(1, 0)
     n = len(items)
     return {"acc": correct / n, "acc_norm": correct_norm / n, "items": n}

@@ -23,8 +23,6 @@ def batches_for(tokenizer, docs: list[Document], seq_len: int, batch_size: int, 
 
 def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=None, seq_len=2048,
                 batch_size=8, heldout_frac=0.1, quiet=False) -> Profile:
-    if lm.kind != "hf":
-        raise EmoError("profiling needs the full HF model (a .gguf file holds no router logits emo can trust); pass its directory")
     docs = read_documents(data, text_field=text_field, max_docs=max_docs)
     profiled, held = heldout_split(docs, heldout_frac, salt="emo-profile:")
     batches = batches_for(lm.tokenizer, profiled, seq_len, batch_size, max_tokens)
@@ -37,12 +35,8 @@ def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=
         "settings": {"max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size},
     }
     with ui.progress(disable=quiet) as prog:
-        task = prog.add_task("profiling", total=meta["data"]["docs"], tokens=0)
-
-        def step(nd, nt):
-            prog.update(task, advance=nd, tokens=prog.tasks[task].fields["tokens"] + nt)
-
-        return profile_model(lm.model, batches, meta, on_batch=step)
+        step = ui.layer_steps(prog, "profiling", lm.model.num_layers, meta["data"]["docs"])
+        return profile_model(lm.model, batches, meta, on_step=step)
 
 
 def _reread(part: dict) -> list[Document]:
@@ -79,7 +73,7 @@ def make_plan(profiles, method, budget, allocation, model=None, tokenizer=None, 
     from .search import greedy_plan, router_plan
     from .select import score_plan
 
-    top_k = model.config.num_experts_per_tok if model is not None else profiles[0].meta["model"].get("top_k")
+    top_k = profiles[0].meta["model"].get("top_k")
     if top_k is None:
         raise EmoError("profile lacks the model's top-k; profile again with this emo version")
     if method in ("frequency", "reap", "easyep", "random"):
@@ -89,7 +83,7 @@ def make_plan(profiles, method, budget, allocation, model=None, tokenizer=None, 
         calib = batches_for(tokenizer, profiled_documents(profiles), s["seq_len"], s["batch_size"], s.get("max_tokens"))
         with ui.progress(disable=quiet) as prog:
             if method == "router":
-                task = prog.add_task("router: layerwise", total=len(model.layers), tokens=0)
+                task = prog.add_task("router: layerwise", total=model.num_layers, tokens=0)
                 plan = router_plan(model, calib, profiles, budget, allocation, top_k,
                                    on_layer=lambda _l: prog.update(task, advance=1))
             elif method == "greedy":
@@ -103,12 +97,12 @@ def make_plan(profiles, method, budget, allocation, model=None, tokenizer=None, 
     return plan
 
 
-def masked_loss(model, tokenizer, docs, kept, seq_len, batch_size=8) -> float:
+def masked_loss(model, tokenizer, docs, kept, seq_len, batch_size=8, quiet=True) -> float:
     """Held-out loss of the model with routing masked to `kept` (= the slim model, by the identity)."""
     from .evaluate import evaluate_loss
+    from .model_api import masks_for
 
-    model.set_expert_mask(kept)
-    try:
-        return evaluate_loss(model, tokenizer, docs, seq_len=seq_len, batch_size=batch_size).loss
-    finally:
-        model.set_expert_mask(None)
+    with ui.progress(disable=quiet) as prog:
+        step = ui.layer_steps(prog, "held-out loss" + (" (pruned)" if kept else ""), model.num_layers, len(docs))
+        return evaluate_loss(model, tokenizer, docs, seq_len=seq_len, batch_size=batch_size,
+                             masks=masks_for(model, kept), on_step=step).loss

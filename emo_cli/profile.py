@@ -22,7 +22,9 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import EmoError
+from .model_api import layout
 from .models.emo import MoEObservation
+from .passes import embed_batches, run_layers
 
 STATS = ("counts", "prob", "reap", "easyep")
 
@@ -114,33 +116,14 @@ class Profile:
         return cls(**t, meta=meta)
 
 
-def model_layout(model) -> dict:
-    """Per layer: original expert ids, fixed (shared/always-active) ids, routed top-k."""
-    ids, fixed, routed_k = [], [], []
-    blocks = model.moe_blocks()
-    for i in range(len(model.layers)):
-        blk = blocks.get(i)
-        if blk is None:
-            ids.append(None), fixed.append(None), routed_k.append(0)
-            continue
-        orig = blk.expert_ids.tolist()
-        spec = blk.spec
-        local_fixed = list(spec.always_active) or list(range(spec.num_experts - spec.num_shared, spec.num_experts))
-        ids.append(orig)
-        fixed.append([orig[j] for j in local_fixed])
-        routed_k.append(spec.top_k - len(local_fixed))
-    return {"expert_ids": ids, "fixed_ids": fixed, "routed_top_k": routed_k,
-            "top_k": model.config.num_experts_per_tok}
-
-
 class ProfileAccumulator:
-    """Observer for EmoForCausalLM: accumulates statistics of non-pad tokens into a Profile."""
+    """Observer of a pass: accumulates statistics of non-pad tokens into a Profile."""
 
-    def __init__(self, profile: Profile, model):
+    def __init__(self, profile: Profile, expert_ids: list[list[int] | None]):
         self.p = profile
         self.mask: torch.Tensor | None = None  # [T] bool, set per batch
         # local expert index -> column (original id) per layer
-        self.cols = {i: b.expert_ids.to("cpu") for i, b in model.moe_blocks().items()}
+        self.cols = {i: torch.tensor(ids) for i, ids in enumerate(expert_ids) if ids is not None}
 
     def __call__(self, ob: MoEObservation) -> None:
         m = self.mask
@@ -165,22 +148,32 @@ class ProfileAccumulator:
 
 
 @torch.no_grad()
-def profile_model(model, batches, meta: dict, on_batch=None) -> Profile:
-    """Run every batch through `model` (no lm_head) and accumulate the profile."""
-    layout = model_layout(model)
-    width = max((max(ids) + 1 for ids in layout["expert_ids"] if ids), default=0)
+def profile_model(model, batches, meta: dict, on_step=None) -> Profile:
+    """Run every batch through `model` (layer-major, no lm_head) and accumulate the profile;
+    `on_step(layer, n_docs, n_tokens)` reports progress after each batch of each layer."""
+    lay = layout(model)
+    width = max((max(ids) + 1 for ids in lay["expert_ids"] if ids), default=0)
     if width == 0:
         raise EmoError("the model has no MoE layers to profile")
     meta = dict(meta)
-    meta["model"] = {**meta.get("model", {}), **layout}
+    meta["model"] = {**meta.get("model", {}), **lay}
     meta["emo_version"] = __version__
-    prof = Profile.empty(len(model.layers), width, meta)
-    acc = ProfileAccumulator(prof, model)
-    for b in batches:
-        acc.mask = b.mask.reshape(-1).to(model.device)
-        model.hidden_states(b.ids.to(model.device), observer=acc)
-        if on_batch:
-            on_batch(len(b.doc_index), int(b.mask.sum()))
+    prof = Profile.empty(model.num_layers, width, meta)
+    acc = ProfileAccumulator(prof, lay["expert_ids"])
+
+    def before(b):
+        acc.mask = batches[b].mask.reshape(-1).to(model.device)
+
+    def step(layer, b):
+        if on_step:
+            on_step(layer, len(batches[b].doc_index), int(batches[b].mask.sum()))
+
+    store = embed_batches(model, [b.ids for b in batches])
+    try:
+        run_layers(model, store, 0, model.num_layers, before_batch=before, observer=acc, on_step=step)
+    finally:
+        store.close()
+        model.release()
     return prof
 
 

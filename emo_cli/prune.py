@@ -18,24 +18,8 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import ShardWriter
 from .errors import EmoError
-from .loading import copy_tokenizer_files, open_hf_dir, read_pruning_metadata
+from .loading import copy_tokenizer_files, open_hf_dir, source_expert_ids
 from .select import Plan
-
-
-def source_expert_ids(model_dir: Path, cfg) -> list[list[int] | None]:
-    """ORIGINAL ids of each layer's experts (identity for an unpruned model)."""
-    meta = read_pruning_metadata(model_dir)
-    known = meta.get("experts_kept_per_layer") if meta else None
-    out = []
-    for i in range(cfg.num_hidden_layers):
-        n = cfg.layer_experts(i)
-        if n == 0:
-            out.append(None)
-        elif known and known[i] is not None:
-            out.append([int(e) for e in known[i]])
-        else:
-            out.append(list(range(n)))
-    return out
 
 
 def slim_config(cfg, plan: Plan, local_kept: dict[int, list[int]]) -> dict:

@@ -1,4 +1,9 @@
-"""Open any MODEL for computation: an HF directory (or cached repo id) or a .gguf file."""
+"""Open any MODEL for computation: an HF directory (or cached repo id) or a .gguf file.
+
+For an HF directory the memory planner (memory.py) decides, before loading, whether the model is
+held whole (models/emo.py) or streamed one layer at a time (streaming.py), and in which dtype.
+Both implement the model interface of model_api.py, and so does the GGUF runtime.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +11,40 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import EmoConfig
-from .loading import is_gguf, load_hf_model, parse_dtype, resolve_model_path
+from .loading import check_device, is_gguf, load_resident, open_hf_dir, parse_dtype, resolve_model_path
+from .memory import MemoryPlan, Workload, plan_memory
 from .tokenizer import EmoTokenizer
 
 
 @dataclass
 class LoadedModel:
-    model: object  # EmoForCausalLM or the GGUF runtime model (same forward/hidden_states API)
+    model: object  # a model_api.CausalLM: EmoForCausalLM, StreamedModel or GGUFModel
     tokenizer: EmoTokenizer
     path: Path
     config: EmoConfig
     fingerprint: str
     kind: str  # "hf" or "gguf"
+    memory: MemoryPlan | None = None  # the planner's choice (HF directories)
 
 
-def load_model(spec, device: str = "cpu", dtype: str | None = None, backend: str = "auto") -> LoadedModel:
+def load_model(spec, device: str = "cpu", dtype: str | None = None, backend: str = "auto",
+               streaming: str = "auto", max_memory: float | None = None, workload: Workload = Workload(),
+               what: str = "this command") -> LoadedModel:
     path = resolve_model_path(spec)
     if is_gguf(path):
         from .gguf_runtime import load_gguf_model
 
-        return load_gguf_model(path, device=device, backend=backend)
-    model, files = load_hf_model(path, device=device, dtype=parse_dtype(dtype))
+        return load_gguf_model(path, device=device, backend=backend)  # mapped: nothing to stream
+    files = open_hf_dir(path)
+    device = check_device(device)
+    plan = plan_memory(files, device, parse_dtype(dtype), streaming, max_memory, workload, what)
+    if plan.streaming:
+        from .streaming import StreamedModel
+
+        model = StreamedModel(files, device, plan.dtype, plan.activation_budget)
+    else:
+        model = load_resident(files, device, plan.dtype)
+        model.activation_budget = plan.activation_budget
     cfg = files.config
     tok = EmoTokenizer.from_dir(path, cfg.eos_token_id, cfg.pad_token_id)
-    return LoadedModel(model, tok, path, cfg, files.fingerprint, "hf")
+    return LoadedModel(model, tok, path, cfg, files.fingerprint, "hf", plan)

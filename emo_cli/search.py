@@ -31,33 +31,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .errors import EmoError
-from .evaluate import HEAD_CHUNK
+from .model_api import expert_mask, masks_for
+from .passes import batch_nll, embed_batches, replicate, row_nll, run_layers
 from .profile import Profile
-from .routing import route
 from .select import Budget, Plan, combined_scores, layer_budgets, plan_from_scores, score_plan
-
-
-def _mask_for(blk, kept_ids) -> torch.Tensor:
-    keep = set(int(e) for e in kept_ids)
-    return torch.tensor([e in keep for e in blk.expert_ids.tolist()], device=blk.router.device)  # [E]
-
-
-@torch.no_grad()
-def _embed(model, batches):
-    return [model.embed_tokens(b.ids.to(model.device)) for b in batches]  # [B, S, D] per batch
-
-
-@torch.no_grad()
-def _advance(model, layer: int, hs):
-    """Residual stream after `layer` for every cached batch (routing mask of that layer as set)."""
-    out = []
-    for h in hs:
-        cos, sin = model.rope(h.shape[1])
-        out.append(model.layers[layer](h, cos, sin, None, 0))
-    return out
 
 
 @torch.no_grad()
@@ -69,26 +48,20 @@ def router_plan(model, batches, profiles: list[Profile], budget: Budget, allocat
     if allocation == "global":  # per-layer counts from the profile's mass, ranks from the layerwise pass
         prob_scores = {l: combined_scores(profiles, "prob", l) for l in keep}
         keep = {l: len(v) for l, v in plan_from_scores(base, prob_scores, keep, "global").items()}
-    blocks = model.moe_blocks()
-    saved = {i: b.allowed for i, b in blocks.items()}
+    expert_ids = model.expert_ids()
     kept: dict[int, list[int]] = {}
     scores: dict[int, dict[int, float]] = {}
+    store = embed_batches(model, [b.ids for b in batches])
     try:
-        model.set_expert_mask(None)
-        hs = _embed(model, batches)
-        for layer in range(len(model.layers)):
-            blk = blocks.get(layer)
-            if blk is not None and layer in keep:
-                ids = blk.expert_ids.tolist()
+        for layer in range(model.num_layers):
+            ids = expert_ids[layer]
+            masks = {}
+            if ids is not None and layer in keep:
                 total = torch.zeros(len(ids), dtype=torch.float64)
                 ntok = 0
-                for h, b in zip(hs, batches):
-                    cos, sin = model.rope(h.shape[1])
-                    mid = model.layers[layer].attend(h, cos, sin)
-                    x = model.layers[layer].pre_feedforward_layernorm(mid).reshape(-1, h.shape[-1])
-                    m = b.mask.reshape(-1).to(x.device)
-                    probs = route(x[m] @ blk.router.t(), blk.spec).probs  # [N, E]
-                    total += probs.double().sum(0).cpu()
+                for i, b in enumerate(batches):
+                    m = b.mask.reshape(-1).to(model.device)
+                    total += model.router_probs(store[i], layer)[m].double().sum(0).cpu()  # [E]
                     ntok += int(m.sum())
                 mean = total / max(ntok, 1)
                 fixed = base.fixed_ids(layer)
@@ -96,69 +69,57 @@ def router_plan(model, batches, profiles: list[Profile], budget: Budget, allocat
                 ranked = sorted(routed, key=lambda e: (float(mean[ids.index(e)]), -e), reverse=True)
                 kept[layer] = sorted(fixed + ranked[: keep[layer] - len(fixed)])
                 scores[layer] = {e: float(mean[ids.index(e)]) for e in routed}
-                blk.allowed = _mask_for(blk, kept[layer])
-            hs = _advance(model, layer, hs)
+                masks = {layer: expert_mask(ids, kept[layer]).to(model.device)}
+            run_layers(model, store, layer, layer + 1, masks=masks)
             if on_layer:
                 on_layer(layer)
     finally:
-        for i, b in blocks.items():
-            b.allowed = saved[i]
+        store.close()
+        model.release()
     return Plan(kept=kept, method="router", budget=budget.text, allocation=allocation,
                 model_fingerprint=base.fingerprint, scores=scores)
 
 
 # ---- held-out loss from a cached layer input ------------------------------------------------------
 @torch.no_grad()
-def _loss_from(model, layer: int, hs, batches, candidate_masks=None) -> list[float]:
-    """Held-out loss (nats/token) running layers layer..L-1 from cached inputs.
+def _candidate_losses(model, layer: int, store, batches, masks: dict, candidate_masks) -> list[float]:
+    """Held-out loss (nats/token) of each candidate mask [E] for `layer`, running layers
+    layer..L-1 and the head from the cached inputs of `layer` in `store`, the other layers masked
+    by `masks`. All candidates share one pass: each batch is replicated once per candidate, with
+    one routing mask per copy ([C*B*S, E], a row per token), so each layer is read once."""
+    C = len(candidate_masks)
+    per_copy = torch.stack(candidate_masks)  # [C, E]
+    work = replicate(model, store, C)
+    shapes = [b.ids.shape for b in batches]
 
-    candidate_masks: list of C masks [E] for `layer` (evaluated together by replicating the batch);
-    None evaluates the model's current masks once.
-    """
-    C = 1 if candidate_masks is None else len(candidate_masks)
+    def batch_masks(b):
+        B, S = shapes[b]
+        return {**masks, layer: per_copy.repeat_interleave(B * S, dim=0)}  # [C*B*S, E]
+
     nll = torch.zeros(C, dtype=torch.float64)
     ntok = 0
-    blk = model.moe_blocks().get(layer)
-    saved = blk.allowed if blk is not None else None
     try:
-        for h, b in zip(hs, batches):
-            B, S, D = h.shape
-            ids = b.ids.to(model.device)
-            if candidate_masks is not None:
-                per_copy = torch.stack(candidate_masks)  # [C, E]
-                blk.allowed = per_copy.repeat_interleave(B * S, dim=0)  # [C*B*S, E] one mask per token
-                h = h.repeat(C, 1, 1)
-                ids = ids.repeat(C, 1)
-            cos, sin = model.rope(S)
-            for i in range(layer, len(model.layers)):
-                h = model.layers[i](h, cos, sin, None, 0)
-            pred = b.mask[:, 1:].to(model.device).repeat(C, 1)  # [C*B, S-1]
-            hsel = h[:, :-1][pred]
-            tgt = ids[:, 1:][pred]
-            copy = torch.arange(C, device=h.device).repeat_interleave(B)[:, None].expand_as(pred)[pred]
-            for s in range(0, hsel.shape[0], HEAD_CHUNK):
-                lp = F.cross_entropy(model.logits_from_hidden(hsel[s:s + HEAD_CHUNK]), tgt[s:s + HEAD_CHUNK],
-                                     reduction="none").double().cpu()
-                nll.index_add_(0, copy[s:s + HEAD_CHUNK].cpu(), lp)
+        run_layers(model, work, layer, model.num_layers, masks=batch_masks)
+        for i, b in enumerate(batches):
+            rows = row_nll(model, work[i], b.ids.repeat(C, 1), b.mask.repeat(C, 1))  # [C*B]
+            nll += rows.view(C, -1).sum(1).cpu()
             ntok += int(b.mask[:, 1:].sum())
     finally:
-        if blk is not None:
-            blk.allowed = saved
+        work.close()
     return (nll / max(ntok, 1)).tolist()
 
 
 def plan_loss(model, plan: Plan, batches) -> float:
-    model.set_expert_mask(plan.kept)
-    try:
-        return _loss_from(model, 0, _embed(model, batches), batches)[0]
-    finally:
-        model.set_expert_mask(None)
+    """Held-out loss (nats/token) with routing masked to the plan (= the slim model's loss)."""
+    per_batch = batch_nll(model, [b.ids for b in batches], [b.mask for b in batches], masks=masks_for(model, plan.kept))
+    ntok = sum(int(b.mask[:, 1:].sum()) for b in batches)
+    return float(sum(float(x.sum()) for x in per_batch)) / max(ntok, 1)
 
 
 @torch.no_grad()
 def greedy_plan(model, calib_batches, heldout_batches, profiles: list[Profile], budget: Budget,
                 allocation: str, top_k: int, max_evals: int = 256, shortlist: int = 4,
-                min_gain: float = 1e-4, candidates_per_pass: int = 8, on_eval=None) -> Plan:
+                min_gain: float = 1e-4, candidates_per_pass: int = 16, on_eval=None) -> Plan:
     if not heldout_batches:
         raise EmoError("greedy needs held-out documents: profile with --heldout-frac > 0 or pass --heldout DATA")
     base = profiles[0]
@@ -174,19 +135,19 @@ def greedy_plan(model, calib_batches, heldout_batches, profiles: list[Profile], 
     current = seed_losses[best.method]
     cheap = {l: combined_scores(profiles, "prob", l) for l in kept}
     evals, accepted, fwd_equiv = 0, [], float(len(seeds))
-    blocks = model.moe_blocks()
-    L = len(model.layers)
-    model.set_expert_mask(kept)
+    expert_ids = model.expert_ids()
+    L = model.num_layers
     moe_left = len(kept)
+    store = embed_batches(model, [b.ids for b in heldout_batches])
     try:
-        hs = _embed(model, heldout_batches)
         for layer in range(L):
-            blk = blocks.get(layer)
+            ids = expert_ids[layer]
+            searching = ids is not None and layer in kept
             # spread the evaluation budget over the layers still to search; unused budget carries on
             layer_cap = evals + max(1, (max_evals - evals) // max(moe_left, 1))
-            if blk is not None and layer in kept:
+            if searching:
                 moe_left -= 1
-            while blk is not None and layer in kept and evals < layer_cap:
+            while searching and evals < layer_cap:
                 fixed = set(base.fixed_ids(layer))
                 inside = [e for e in kept[layer] if e not in fixed]
                 outside = [e for e in cheap[layer] if e not in set(kept[layer])]
@@ -198,8 +159,10 @@ def greedy_plan(model, calib_batches, heldout_batches, profiles: list[Profile], 
                 results = []
                 for s in range(0, len(swaps), candidates_per_pass):
                     group = swaps[s:s + candidates_per_pass]
-                    masks = [_mask_for(blk, [e for e in kept[layer] if e != o] + [i]) for o, i in group]
-                    results += list(zip(_loss_from(model, layer, hs, heldout_batches, masks), group))
+                    cands = [expert_mask(ids, [e for e in kept[layer] if e != o] + [i]).to(model.device)
+                             for o, i in group]
+                    losses = _candidate_losses(model, layer, store, heldout_batches, masks_for(model, kept), cands)
+                    results += list(zip(losses, group))
                     evals += len(group)
                     fwd_equiv += len(group) * (L - layer) / L
                     if on_eval:
@@ -207,14 +170,14 @@ def greedy_plan(model, calib_batches, heldout_batches, profiles: list[Profile], 
                 loss, (o, i) = min(results)
                 if loss < current * (1 - min_gain):
                     kept[layer] = sorted([e for e in kept[layer] if e != o] + [i])
-                    blk.allowed = _mask_for(blk, kept[layer])
                     accepted.append({"layer": layer, "dropped": o, "added": i, "loss": loss})
                     current = loss
                 else:
                     break
-            hs = _advance(model, layer, hs)
+            run_layers(model, store, layer, layer + 1, masks=masks_for(model, kept))
     finally:
-        model.set_expert_mask(None)
+        store.close()
+        model.release()
     return Plan(kept={l: sorted(v) for l, v in kept.items()}, method="greedy", budget=budget.text,
                 allocation=allocation, model_fingerprint=base.fingerprint,
                 scores={l: {e: float(v[0]) for e, v in s.items()} for l, s in cheap.items()},

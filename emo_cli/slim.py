@@ -18,7 +18,7 @@ from .loading import is_gguf, open_hf_dir, resolve_model_path
 from .pipeline import heldout_documents, make_plan, masked_loss
 from .profile import Profile
 from .prune import expected_size, prune_to_dir
-from .select import Budget, Plan, domain_coverage
+from .select import Budget, Plan, domain_coverage, layer_budgets
 from .workspace import read_state, resolve_default_model, update_state
 
 
@@ -43,6 +43,8 @@ class PruneRequest:
     force: bool = False
     device: str = "cpu"
     dtype: str = "auto"
+    streaming: str = "auto"
+    max_memory: float | None = None
     quiet: bool = False
 
 
@@ -75,11 +77,14 @@ def _load_profiles(req: PruneRequest, state: dict) -> tuple[list[Profile], str]:
 
 
 def run_prune(req: PruneRequest) -> dict:
+    from .memory import Workload
     from .runtime import load_model
 
     state = read_state()
     profiles, stem = _load_profiles(req, state)
     budget = Budget.parse(req.budget)
+    if req.plan is None and req.max_loss_increase is None:  # a bad budget fails before any loading
+        layer_budgets(profiles[0], budget, profiles[0].meta["model"].get("top_k") or 1)
     if req.allocation not in ("uniform", "global"):
         raise EmoError(f"unknown allocation {req.allocation!r} (uniform or global)")
     spec = req.model or os.environ.get("EMO_MODEL") or profiles[0].meta["model"].get("spec") or state.get("model")
@@ -100,7 +105,14 @@ def run_prune(req: PruneRequest) -> dict:
     heldout = (read_documents(req.heldout) if req.heldout else heldout_documents(profiles))
     guards = [(g, read_documents([g])) for g in req.guard]
     needs_model = req.method in ("router", "greedy") or heldout or guards or req.max_loss_increase is not None
-    lm = load_model(str(path), device=req.device, dtype=req.dtype) if needs_model else None
+    lm = None
+    if needs_model:
+        settings = profiles[0].meta["settings"]
+        lm = load_model(str(path), device=req.device, dtype=req.dtype, streaming=req.streaming,
+                        max_memory=req.max_memory, workload=Workload(settings["batch_size"], settings["seq_len"]),
+                        what="pruning with held-out reports")
+        if not req.quiet and lm.memory.streaming:
+            ui.err.print(lm.memory.describe(), style="dim")
     model, tok = (lm.model, lm.tokenizer) if lm else (None, None)
     seq_len = profiles[0].meta["settings"]["seq_len"]
     chosen_by = None

@@ -22,13 +22,26 @@ class TokensPerSecond(ProgressColumn):
         toks = task.fields.get("tokens", 0)
         el = task.elapsed or 0.0
         rate = toks / el if el > 0 else 0.0
-        return Text(f"{toks:,} tok  {rate:,.0f} tok/s", style="cyan")
+        return Text(f"{round(toks):,} tok  {rate:,.0f} tok/s", style="cyan")
 
 
 def progress(disable: bool = False) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TokensPerSecond(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     console=err, transient=False, disable=disable)
+
+
+def layer_steps(prog: Progress, label: str, layers: int, docs: int):
+    """A progress task for a layer-major pass: it counts document-layers (docs x layers in all),
+    names the current layer, and credits tokens as whole-model tokens (1/layers per layer), so
+    tok/s and the ETA are those of full forwards. Returns on_step(layer, n_docs, n_tokens)."""
+    task = prog.add_task(f"{label} · layer 1/{layers}", total=max(layers * docs, 1), tokens=0)
+
+    def on_step(layer: int, n_docs: int, n_tokens: int) -> None:
+        prog.update(task, advance=n_docs, description=f"{label} · layer {layer + 1}/{layers}",
+                    tokens=prog.tasks[task].fields["tokens"] + n_tokens / layers)
+
+    return on_step
 
 
 def print_json(obj) -> None:

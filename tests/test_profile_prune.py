@@ -163,6 +163,7 @@ def test_router_and_greedy_plans(tiny_model_factory, med_data):
 
 def test_layerwise_router_equals_naive_rerun(tiny_model_factory, med_data):
     """The cached single-pass router method equals EMO's re-run-from-embeddings formulation."""
+    from emo_cli.model_api import masks_for
     from emo_cli.routing import route
     from emo_cli.search import router_plan
 
@@ -172,14 +173,13 @@ def test_layerwise_router_equals_naive_rerun(tiny_model_factory, med_data):
     plan = router_plan(lm.model, calib, [prof], Budget.parse("4"), "uniform", 3)
     kept = {}
     for layer in range(3):
-        lm.model.set_expert_mask(kept)
         total = torch.zeros(8, dtype=torch.float64)
         for b in calib:
             seen = {}
-            lm.model.hidden_states(b.ids, stop_after=layer, observer=lambda ob: seen.setdefault(ob.layer, ob))
+            lm.model.run_layers(lm.model.embed(b.ids), 0, layer + 1, masks=masks_for(lm.model, kept),
+                                observer=lambda ob: seen.setdefault(ob.layer, ob))
             ob = seen[layer]
             total += route(ob.logits, lm.model.moe_blocks()[layer].spec).probs[b.mask.reshape(-1)].double().sum(0)
         top = sorted(range(7), key=lambda e: (float(total[e]), -e), reverse=True)[:3]
         kept[layer] = sorted(top + [7])
-    lm.model.set_expert_mask(None)
     assert plan.kept == kept

@@ -6,7 +6,8 @@ import torch
 
 import reference_emo
 from emo_cli.data import Document
-from emo_cli.evaluate import evaluate_loss, nll_per_document
+from emo_cli.evaluate import evaluate_loss
+from emo_cli.passes import batch_nll
 from emo_cli.runtime import load_model
 
 
@@ -48,9 +49,9 @@ def test_padded_batch_equals_one_by_one(tiny_model_factory):
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = True
-    batched = nll_per_document(lm.model, ids, mask)
+    (batched,) = batch_nll(lm.model, [ids], [mask])
     for i, r in enumerate(rows):
-        alone = nll_per_document(lm.model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.bool))
+        (alone,) = batch_nll(lm.model, [torch.tensor([r])], [torch.ones(1, len(r), dtype=torch.bool)])
         assert abs(float(batched[i]) - float(alone[0])) < 1e-4 * max(1.0, abs(float(alone[0])))
 
 

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from .. import ui
+from . import options
 
 
 def info(
@@ -59,6 +60,8 @@ def eval_cmd(
     text_field: Optional[str] = typer.Option(None, "--text-field"),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
+    streaming: str = options.STREAMING,
+    max_memory: Optional[float] = options.MAX_MEMORY,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Held-out loss, perplexity and bits/byte of each model on each dataset, side by side.
@@ -73,6 +76,6 @@ def eval_cmd(
 
     result = run_eval(models, [str(d) for d in data], max_docs=max_docs, seq_len=seq_len,
                       batch_size=batch_size, text_field=text_field, device=device, dtype=dtype,
-                      quiet=json_out)
+                      streaming=streaming, max_memory=max_memory, quiet=json_out)
     if json_out:
         ui.print_json(result)

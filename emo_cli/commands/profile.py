@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from .. import ui
+from . import options
 
 
 def profile(
@@ -26,6 +27,8 @@ def profile(
                                        "for loss-guided selection and reports; 0 profiles everything."),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
+    streaming: str = options.STREAMING,
+    max_memory: Optional[float] = options.MAX_MEMORY,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     json_out: bool = typer.Option(False, "--json"),
 ):
@@ -37,6 +40,7 @@ def profile(
     from ..errors import EmoError
     from ..pipeline import data_stem, run_profile
     from ..profile import Profile, coverage
+    from ..memory import Workload
     from ..runtime import load_model
     from ..workspace import absolute_if_local, resolve_default_model, update_state
 
@@ -57,7 +61,10 @@ def profile(
     if out.exists() and not force:
         raise EmoError(f"{out} exists (pass --force to overwrite, or -o another name)")
     spec = resolve_default_model(model)
-    lm = load_model(spec, device=device, dtype=dtype)
+    lm = load_model(spec, device=device, dtype=dtype, streaming=streaming, max_memory=max_memory,
+                    workload=Workload(batch_size, seq_len), what="profiling")
+    if lm.memory and lm.memory.streaming and not json_out:
+        ui.err.print(lm.memory.describe(), style="dim")
     prof = run_profile(lm, data, text_field=text_field, max_docs=max_docs, max_tokens=max_tokens, seq_len=seq_len,
                        batch_size=batch_size, heldout_frac=heldout_frac, quiet=json_out)
     prof.meta["model"]["spec"] = absolute_if_local(spec)

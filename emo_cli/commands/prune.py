@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from .. import ui
+from . import options
 
 
 def prune(
@@ -37,6 +38,8 @@ def prune(
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
+    streaming: str = options.STREAMING,
+    max_memory: Optional[float] = options.MAX_MEMORY,
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Keep the experts a domain uses and write a slim HF model (and its GGUF).
@@ -49,7 +52,8 @@ def prune(
     req = PruneRequest(budget=budget, profiles=list(profile), model=model, method=method, heldout=list(heldout),
                        allocation=allocation, output=output, gguf=gguf, no_gguf=no_gguf, quant=quant, plan=plan,
                        dry_run=dry_run, seed=seed, max_evals=max_evals, guard=list(guard),
-                       max_loss_increase=max_loss_increase, force=force, device=device, dtype=dtype, quiet=json_out)
+                       max_loss_increase=max_loss_increase, force=force, device=device, dtype=dtype,
+                       streaming=streaming, max_memory=max_memory, quiet=json_out)
     report = run_prune(req)
     if json_out:
         ui.print_json(report)

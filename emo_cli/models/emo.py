@@ -44,6 +44,11 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
     return emb.cos(), emb.sin()
 
 
+def rope_for(cfg: EmoConfig, S: int, start: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [S, hd] for positions start..start+S-1."""
+    return rope_cos_sin(torch.arange(start, start + S, device=device), cfg.head_dim, cfg.rope_theta)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, S, hd]; rotate_half pairs dimension i with i + hd/2."""
     half = x.shape[-1] // 2
@@ -78,6 +83,21 @@ class KVCache:
         self.length = 0
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """q [B, H, S, hd] at positions start..start+S-1; k/v [B, Hkv, Sk, hd] cover positions 0..Sk-1.
+    Returns o [B, H, S, hd]. Both runtimes (this model and the GGUF one) attend through here."""
+    S, Sk = q.shape[2], k.shape[2]
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:  # query head h reads kv head h // rep, as HF repeat_kv and ggml's broadcast
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if start == 0 and Sk == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if S == 1:  # one new token sees the whole cache
+        return F.scaled_dot_product_attention(q, k, v)
+    qpos = torch.arange(start, start + S, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.arange(Sk, device=q.device)[None, :] <= qpos)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: EmoConfig):
         super().__init__()
@@ -97,16 +117,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v, start)
-        rep = self.n_heads // self.n_kv
-        if rep > 1:  # query head h reads kv head h // rep, as HF repeat_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        Sk = k.shape[2]
-        if start == 0 and Sk == S:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # queries sit at positions start..start+S-1 of the cached sequence
-            qpos = torch.arange(start, start + S, device=x.device)[:, None]
-            mask = torch.arange(Sk, device=x.device)[None, :] <= qpos  # [S, Sk]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = causal_attention(q, k, v, start)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -154,11 +165,14 @@ class MoEBlock(nn.Module):
         self.pool_fn: Callable | None = None  # training-time EMO document pool, see pretrain.py
         self.moe_fn: Callable = grouped_moe  # inference kernel, chosen by emo_kernels.dispatch
 
-    def forward(self, x: torch.Tensor, observer: Observer | None = None, **pool_kw) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, observer: Observer | None = None, allowed: torch.Tensor | None = None,
+                **pool_kw) -> torch.Tensor:
+        """`allowed` ([E] or [T, E] bool) masks routing for this call; else the switched subset."""
         B, S, D = x.shape
         xt = x.reshape(-1, D)  # [T, D]
         logits = xt @ self.router.t()  # [T, E]
-        allowed = self.allowed
+        if allowed is None:
+            allowed = self.allowed
         if self.pool_fn is not None:
             allowed = self.pool_fn(self, logits, **pool_kw)  # [T, E] per-document pool
         r = route(logits, self.spec, allowed)
@@ -189,9 +203,17 @@ class Block(nn.Module):
         """First half of the block: the residual stream after attention."""
         return h + self.self_attn(self.pre_attention_layernorm(h), cos, sin, cache, self.index, start)
 
-    def forward(self, h, cos, sin, cache, start, observer=None, **pool_kw):
+    def forward(self, h, cos, sin, cache, start, observer=None, allowed=None, **pool_kw):
         h = self.attend(h, cos, sin, cache, start)
-        return h + self.mlp(self.pre_feedforward_layernorm(h), observer=observer, **pool_kw)
+        if isinstance(self.mlp, DenseMLP):
+            return h + self.mlp(self.pre_feedforward_layernorm(h))
+        return h + self.mlp(self.pre_feedforward_layernorm(h), observer=observer, allowed=allowed, **pool_kw)
+
+    def router_probs(self, h, cos, sin) -> torch.Tensor:
+        """Unmasked routing probabilities [T, E] of this layer's MoE block for its input h [B, S, D]
+        (the attention half and the router only: EMO's layerwise router method needs no experts)."""
+        x = self.pre_feedforward_layernorm(self.attend(h, cos, sin))
+        return route(x.reshape(-1, x.shape[-1]) @ self.mlp.router.t(), self.mlp.spec).probs
 
 
 class EmoForCausalLM(nn.Module):
@@ -204,6 +226,7 @@ class EmoForCausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.activation_budget = 2 * 1024**3  # hidden-state bytes a pass keeps in memory (memory.py sets it)
 
     # ---- helpers ------------------------------------------------------------------------------
     def moe_blocks(self) -> dict[int, MoEBlock]:
@@ -227,37 +250,51 @@ class EmoForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    # ---- forward ------------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                      observer: Observer | None = None, stop_after: int | None = None,
-                      start_hidden: torch.Tensor | None = None, start_layer: int = 0,
-                      **pool_kw) -> torch.Tensor:
-        """Run layers [start_layer, stop_after] and return the residual stream [B, S, D].
+    # ---- the model interface (emo_cli/model_api.py) --------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
 
-        `start_hidden` resumes from a cached residual stream (loss-guided selection re-runs only
-        the layers after the one it changes); `stop_after` exits early (layerwise selection).
-        """
-        B, S = input_ids.shape
-        start = cache.length if cache is not None else 0
-        cos, sin = self.rope(S, start)
-        h = self.embed_tokens(input_ids) if start_hidden is None else start_hidden
-        last = len(self.layers) - 1 if stop_after is None else stop_after
-        for i in range(start_layer, last + 1):
-            h = self.layers[i](h, cos, sin, cache, start, observer=observer, **pool_kw)
-        if cache is not None and last == len(self.layers) - 1:
-            cache.length = start + S
+    def expert_ids(self) -> list[list[int] | None]:
+        return [b.mlp.expert_ids.tolist() if isinstance(b.mlp, MoEBlock) else None for b in self.layers]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids.to(self.device))  # [B, S, D]
+
+    def run_layers(self, h: torch.Tensor, start: int, stop: int, masks: dict | None = None,
+                   observer: Observer | None = None, cache: KVCache | None = None, **pool_kw) -> torch.Tensor:
+        """Layers [start, stop) on the residual stream h [B, S, D]; masks: layer -> [E] or [T, E] bool."""
+        pos = cache.length if cache is not None else 0
+        cos, sin = self.rope(h.shape[1], pos)
+        for i in range(start, stop):
+            allowed = masks.get(i) if masks else None
+            h = self.layers[i](h, cos, sin, cache, pos, observer=observer, allowed=allowed, **pool_kw)
+        if cache is not None and stop == len(self.layers):
+            cache.length = pos + h.shape[1]
         return h
 
-    def rope(self, S: int, start: int = 0):
-        pos = torch.arange(start, start + S, device=self.device)
-        return rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+    def router_probs(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        cos, sin = self.rope(h.shape[1])
+        return self.layers[layer].router_probs(h, cos, sin)  # [T, E]
 
-    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h)).float()  # [B, S, V]
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h)).float()  # [..., V]
+
+    def release(self) -> None:
+        """Everything stays resident: nothing to drop."""
+
+    # ---- whole-model conveniences -------------------------------------------------------------
+    def rope(self, S: int, start: int = 0):
+        return rope_for(self.config, S, start, self.device)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      observer: Observer | None = None, **pool_kw) -> torch.Tensor:
+        """The residual stream [B, S, D] after the last layer."""
+        return self.run_layers(self.embed(input_ids), 0, len(self.layers), observer=observer, cache=cache, **pool_kw)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 observer: Observer | None = None, **pool_kw) -> torch.Tensor:
-        return self.logits_from_hidden(self.hidden_states(input_ids, cache, observer, **pool_kw))
+        return self.logits(self.hidden_states(input_ids, cache, observer, **pool_kw))
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))

@@ -1,0 +1,177 @@
+"""The memory planner: before any weight is loaded, what a command needs against what the machine
+has, and the cheapest way to run it that fits.
+
+Needs are counted in bytes of process (anonymous) memory, or of GPU memory on a GPU:
+  weights      resident copies in the compute dtype: the whole model, or, streamed, the largest
+               part held at a time (one decoder layer, or the final norm + lm_head); embeddings are
+               gathered from the mapped file and cost only their rows
+  activations  one batch's working set (residual stream, attention, routed expert inputs and
+               intermediates, one lm_head slice) plus what the hidden-state store may keep in
+               memory before it spills to a temporary file
+  kv cache     chat only: keys and values of the whole context
+  runtime      the interpreter, torch, datasets and the tokenizer
+The mapped checkpoint itself is page cache: shared, reclaimable, not counted.
+
+Choice (`--streaming auto`): in the compute dtype (fp32 on CPUs), the whole model in memory if it
+fits, else layer by layer; only when neither fits, the same two in the checkpoint's own bf16/fp16
+(slower matmuls on most CPUs, but it runs); otherwise one line says what it needs and what there is.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import EmoError
+from .loading import EMBED, FINAL_NORM, LM_HEAD, HFModelFiles, default_dtype
+from .model_api import HEAD_CHUNK_BYTES
+
+GiB = 1024**3
+RUNTIME_BYTES = int(0.75 * GiB)  # python + torch + datasets + tokenizers, measured idle at ~0.6 GiB
+HIDDEN_STORE_CAP = 4 * GiB  # hidden states kept in memory at most; more spills to a file
+HIDDEN_STORE_FLOOR = 64 * 1024**2
+MODES = ("auto", "on", "off")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The shape of the work, known before the data is read: batches of `batch_size` sequences of
+    at most `seq_len` tokens; chat keeps a KV cache of `kv_tokens` and cannot stream."""
+
+    batch_size: int = 8
+    seq_len: int = 2048
+    kv_tokens: int = 0
+    streamable: bool = True
+
+
+@dataclass(frozen=True)
+class WeightCounts:
+    """Parameter counts read from the checkpoint headers."""
+
+    total: int
+    largest_layer: int
+    head: int  # final norm + lm_head
+    embed: int
+
+
+@dataclass
+class MemoryPlan:
+    streaming: bool
+    dtype: torch.dtype
+    need: int  # bytes in all
+    have: int  # bytes available (or --max-memory)
+    weights: int
+    activations: int
+    kv_cache: int
+    activation_budget: int  # bytes of hidden states a pass keeps in memory before spilling
+
+    def describe(self) -> str:
+        mode = "layer by layer (streamed)" if self.streaming else "whole model in memory"
+        return (f"memory: {mode}, {str(self.dtype).replace('torch.', '')}: needs {self.need / GiB:.1f} GiB "
+                f"of {self.have / GiB:.1f} GiB available")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        return d
+
+
+def weight_counts(files: HFModelFiles) -> WeightCounts:
+    ckpt = files.ckpt
+    per_layer: dict[int, int] = {}
+    total = 0
+    for name in ckpt.names():
+        n = 1
+        for s in ckpt.shape(name):
+            n *= int(s)
+        total += n
+        m = _LAYER.match(name)
+        if m:
+            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + n
+    size = lambda name: int(torch.Size(ckpt.shape(name)).numel()) if name in ckpt.headers else 0  # noqa: E731
+    return WeightCounts(total=total, largest_layer=max(per_layer.values(), default=0),
+                        head=size(FINAL_NORM) + size(LM_HEAD), embed=size(EMBED))
+
+
+def available_memory(device: str) -> int:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup v2 limit; on a GPU
+    the device's free memory."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        import psutil
+
+        avail = int(psutil.virtual_memory().available)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(avail, 0)
+
+
+def estimate(cfg, counts: WeightCounts, dtype: torch.dtype, streaming: bool, work: Workload) -> tuple[int, int, int]:
+    """(weights, one batch's activations, kv cache) in bytes."""
+    item = torch.empty((), dtype=dtype).element_size()
+    if streaming:
+        weights = max(counts.largest_layer, counts.head) * item
+    else:
+        weights = counts.total * item
+    D, F, H, K = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_experts_per_tok
+    E = max([cfg.layer_experts(i) for i in range(cfg.num_hidden_layers)] + [1])
+    B, S = work.batch_size, work.seq_len
+    T = B * S
+    residual = 8 * T * D * item  # h, normed h, q, k, v, attention output, residual sums
+    scores = B * S * S * 4  # one head of attention scores, when a kernel materialises them
+    experts = T * K * (D + 3 * F) * item + 4 * T * E * 4  # gathered inputs, gate/up/act, logits/probs
+    head = 3 * HEAD_CHUNK_BYTES  # logits, log-softmax, the gathered targets' workspace
+    kv = work.kv_tokens * cfg.num_hidden_layers * 2 * cfg.kv_heads * cfg.head_dim * item
+    return weights, residual + scores + experts + head, kv
+
+
+def plan_memory(files: HFModelFiles, device: str, dtype: torch.dtype | None, streaming: str = "auto",
+                max_memory_gib: float | None = None, work: Workload = Workload(), what: str = "this command") -> MemoryPlan:
+    """The plan that fits (see the module doc), or EmoError naming what it needs and what there is."""
+    if streaming not in MODES:
+        raise EmoError(f"--streaming {streaming!r}: use auto, on or off")
+    if max_memory_gib is not None and max_memory_gib <= 0:
+        raise EmoError("--max-memory must be a positive number of GiB")
+    if streaming == "on" and not work.streamable:
+        raise EmoError(f"{what} keeps the whole model (it cannot stream layer by layer); use --streaming auto or off")
+    have = int(max_memory_gib * GiB) if max_memory_gib is not None else available_memory(device)
+    ckpt_dtype = files.ckpt.dtype(EMBED)
+    first = dtype or default_dtype(device, ckpt_dtype)
+    dtypes = [first] if dtype is not None or ckpt_dtype not in (torch.bfloat16, torch.float16) else \
+        list(dict.fromkeys([first, ckpt_dtype]))
+    modes = {"off": [False], "on": [True], "auto": [False, True] if work.streamable else [False]}[streaming]
+    counts = weight_counts(files)
+    tried = []
+    for dt in dtypes:
+        for s in modes:
+            weights, act, kv = estimate(files.config, counts, dt, s, work)
+            need = RUNTIME_BYTES + weights + act + kv + HIDDEN_STORE_FLOOR
+            budget = int(min(HIDDEN_STORE_CAP, max(HIDDEN_STORE_FLOOR, (have - need) // 2)))
+            plan = MemoryPlan(s, dt, need, have, weights, act, kv, budget)
+            if need <= have:
+                return plan
+            tried.append(plan)
+    best = min(tried, key=lambda p: p.need)
+    how = ("layer by layer" if best.streaming else "with the whole model in memory") + \
+        f" in {str(best.dtype).replace('torch.', '')}"
+    hint = "; --streaming on holds one layer at a time" if streaming == "off" and work.streamable else ""
+    raise EmoError(f"{what} needs {best.need / GiB:.1f} GiB ({how}), this machine has {have / GiB:.1f} GiB "
+                   f"available{hint} (a smaller --batch-size or --seq-len needs less)")

@@ -138,7 +138,7 @@ def estimate(cfg, counts: WeightCounts, dtype: torch.dtype, streaming: bool, wor
     residual = 8 * T * D * item  # h, normed h, q, k, v, attention output, residual sums
     scores = B * S * S * 4  # one head of attention scores, when a kernel materialises them
     experts = T * K * (D + 3 * F) * item + 4 * T * E * 4  # gathered inputs, gate/up/act, logits/probs
-    head = 3 * HEAD_CHUNK_BYTES  # logits, log-softmax, the gathered targets' workspace
+    head = 3 * min(T * cfg.vocab_size * 4, HEAD_CHUNK_BYTES)  # logits, log-softmax, workspace
     kv = work.kv_tokens * cfg.num_hidden_layers * 2 * cfg.kv_heads * cfg.head_dim * item
     return weights, residual + scores + experts + head, kv
 
@@ -173,5 +173,7 @@ def plan_memory(files: HFModelFiles, device: str, dtype: torch.dtype | None, str
     how = ("layer by layer" if best.streaming else "with the whole model in memory") + \
         f" in {str(best.dtype).replace('torch.', '')}"
     hint = "; --streaming on holds one layer at a time" if streaming == "off" and work.streamable else ""
-    raise EmoError(f"{what} needs {best.need / GiB:.1f} GiB ({how}), this machine has {have / GiB:.1f} GiB "
-                   f"available{hint} (a smaller --batch-size or --seq-len needs less)")
+    where = (f"--max-memory allows {have / GiB:.1f} GiB" if max_memory_gib is not None
+             else f"this machine has {have / GiB:.1f} GiB available")
+    raise EmoError(f"{what} needs {best.need / GiB:.1f} GiB ({how}), {where}{hint} "
+                   f"(a smaller --batch-size or --seq-len needs less)")

@@ -37,8 +37,14 @@ def scored_bytes(tokenizer, doc: Document, ids: list[int], full_len: int) -> int
 
 def evaluate_loss(model, tokenizer, docs: list[Document], seq_len: int = 2048, batch_size: int = 8,
                   masks: dict | None = None, on_step=None) -> LossResult:
-    """Score `docs` with `model` (routing masked by `masks`, layer -> [E] bool), in one layer-major
-    pass; `on_step(layer, n_docs, n_tokens)` reports progress after each batch of each layer."""
+    """Score `docs` with `model`, routing masked by `masks` (layer -> [E] bool)."""
+    return evaluate_losses(model, tokenizer, docs, [masks or {}], seq_len, batch_size, on_step)[0]
+
+
+def evaluate_losses(model, tokenizer, docs: list[Document], mask_sets: list[dict], seq_len: int = 2048,
+                    batch_size: int = 8, on_step=None) -> list[LossResult]:
+    """Score `docs` once per routing variant in `mask_sets`, all in one layer-major pass;
+    `on_step(layer, n_docs, n_tokens)` reports progress after each batch of each layer."""
     full = tokenizer.encode_batch([d.text for d in docs])
     toks = [t[:seq_len] for t in full]
     batches = make_batches(toks, docs, batch_size, tokenizer.pad_id)
@@ -46,17 +52,22 @@ def evaluate_loss(model, tokenizer, docs: list[Document], seq_len: int = 2048, b
     if on_step:
         def step(layer, b):
             on_step(layer, len(batches[b].doc_index), int(batches[b].mask.sum()))
-    per_batch = batch_nll(model, [b.ids for b in batches], [b.mask for b in batches], masks=masks, on_step=step)
+    per_variant = batch_nll(model, [b.ids for b in batches], [b.mask for b in batches], mask_sets, on_step=step)
     pos = {d.index: i for i, d in enumerate(docs)}
-    nll_sum, tokens, nbytes, ndocs = 0.0, 0, 0, 0
-    for b, per_doc in zip(batches, per_batch):
-        nll_sum += float(per_doc.sum())
+    tokens, nbytes, ndocs = 0, 0, 0
+    for b in batches:
         for di in b.doc_index:
             i = pos[di]
             tokens += len(toks[i]) - 1
             nbytes += scored_bytes(tokenizer, docs[i], toks[i], len(full[i]))
             ndocs += 1
-    loss = nll_sum / max(tokens, 1)
-    return LossResult(loss=loss, ppl=math.exp(loss) if loss < 700 else float("inf"),
-                      bits_per_byte=nll_sum / math.log(2) / max(nbytes, 1), tokens=tokens, docs=ndocs,
-                      nll_sum=nll_sum, bytes=nbytes)
+    results = []
+    for per_batch in per_variant:
+        nll_sum = 0.0
+        for per_doc in per_batch:
+            nll_sum += float(per_doc.sum())
+        loss = nll_sum / max(tokens, 1)
+        results.append(LossResult(loss=loss, ppl=math.exp(loss) if loss < 700 else float("inf"),
+                                  bits_per_byte=nll_sum / math.log(2) / max(nbytes, 1), tokens=tokens,
+                                  docs=ndocs, nll_sum=nll_sum, bytes=nbytes))
+    return results

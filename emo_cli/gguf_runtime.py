@@ -37,6 +37,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from emo_kernels import cpu
 from emo_kernels.dispatch import BackendError, moe_function, resolve
+from emo_kernels.grouped import grouped_moe
 
 from . import gguf_format as gf
 from .bpe import CL100K_SPLIT
@@ -185,6 +186,10 @@ class GGUFMoE:
             res = cpu.moe(x, r.experts, r.weights, self.cpu_weights, return_norms=observer is not None,
                           residual=residual)
             out, norms = res if observer is not None else (res, None)
+        elif observer is not None:  # profiling needs the per-slot expert output norms
+            out, norms = grouped_moe(x, r.experts, r.weights, self.w_gate, self.w_up, self.w_down, return_norms=True)
+            if residual is not None:
+                out = residual + out
         else:
             out = self.moe_fn(x, r.experts, r.weights, self.w_gate, self.w_up, self.w_down)
             if residual is not None:

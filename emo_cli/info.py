@@ -50,6 +50,9 @@ def hf_info(path: Path) -> dict:
     meta = read_pruning_metadata(path)
     if meta:
         info["pruning"] = meta
+    from .memory import command_estimates
+
+    info["memory"] = command_estimates(files)
     return info
 
 

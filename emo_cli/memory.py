@@ -137,10 +137,28 @@ def estimate(cfg, counts: WeightCounts, dtype: torch.dtype, streaming: bool, wor
     T = B * S
     residual = 8 * T * D * item  # h, normed h, q, k, v, attention output, residual sums
     scores = B * S * S * 4  # one head of attention scores, when a kernel materialises them
-    experts = T * K * (D + 3 * F) * item + 4 * T * E * 4  # gathered inputs, gate/up/act, logits/probs
+    experts = T * K * (3 * D + 2 * F) * item + 4 * T * E * 4  # gathered inputs, outputs, weighted outputs, gate/up; logits/probs
     head = 3 * min(T * cfg.vocab_size * 4, HEAD_CHUNK_BYTES)  # logits, log-softmax, workspace
     kv = work.kv_tokens * cfg.num_hidden_layers * 2 * cfg.kv_heads * cfg.head_dim * item
     return weights, residual + scores + experts + head, kv
+
+
+def _plan(files: HFModelFiles, counts: WeightCounts, dtype: torch.dtype, streaming: bool, work: Workload,
+          have: int) -> MemoryPlan:
+    weights, act, kv = estimate(files.config, counts, dtype, streaming, work)
+    need = RUNTIME_BYTES + weights + act + kv + HIDDEN_STORE_FLOOR
+    budget = int(min(HIDDEN_STORE_CAP, max(HIDDEN_STORE_FLOOR, (have - need) // 2)))
+    return MemoryPlan(streaming, dtype, need, have, weights, act, kv, budget)
+
+
+def _candidates(files: HFModelFiles, device: str, dtype: torch.dtype | None, streaming: str, work: Workload):
+    """(dtype, streaming) pairs in order of preference."""
+    ckpt_dtype = files.ckpt.dtype(EMBED)
+    first = dtype or default_dtype(device, ckpt_dtype)
+    dtypes = [first] if dtype is not None or ckpt_dtype not in (torch.bfloat16, torch.float16) else \
+        list(dict.fromkeys([first, ckpt_dtype]))
+    modes = {"off": [False], "on": [True], "auto": [False, True] if work.streamable else [False]}[streaming]
+    return [(dt, s) for dt in dtypes for s in modes]
 
 
 def plan_memory(files: HFModelFiles, device: str, dtype: torch.dtype | None, streaming: str = "auto",
@@ -153,22 +171,13 @@ def plan_memory(files: HFModelFiles, device: str, dtype: torch.dtype | None, str
     if streaming == "on" and not work.streamable:
         raise EmoError(f"{what} keeps the whole model (it cannot stream layer by layer); use --streaming auto or off")
     have = int(max_memory_gib * GiB) if max_memory_gib is not None else available_memory(device)
-    ckpt_dtype = files.ckpt.dtype(EMBED)
-    first = dtype or default_dtype(device, ckpt_dtype)
-    dtypes = [first] if dtype is not None or ckpt_dtype not in (torch.bfloat16, torch.float16) else \
-        list(dict.fromkeys([first, ckpt_dtype]))
-    modes = {"off": [False], "on": [True], "auto": [False, True] if work.streamable else [False]}[streaming]
     counts = weight_counts(files)
     tried = []
-    for dt in dtypes:
-        for s in modes:
-            weights, act, kv = estimate(files.config, counts, dt, s, work)
-            need = RUNTIME_BYTES + weights + act + kv + HIDDEN_STORE_FLOOR
-            budget = int(min(HIDDEN_STORE_CAP, max(HIDDEN_STORE_FLOOR, (have - need) // 2)))
-            plan = MemoryPlan(s, dt, need, have, weights, act, kv, budget)
-            if need <= have:
-                return plan
-            tried.append(plan)
+    for dt, s in _candidates(files, device, dtype, streaming, work):
+        plan = _plan(files, counts, dt, s, work, have)
+        if plan.need <= have:
+            return plan
+        tried.append(plan)
     best = min(tried, key=lambda p: p.need)
     how = ("layer by layer" if best.streaming else "with the whole model in memory") + \
         f" in {str(best.dtype).replace('torch.', '')}"
@@ -177,3 +186,24 @@ def plan_memory(files: HFModelFiles, device: str, dtype: torch.dtype | None, str
              else f"this machine has {have / GiB:.1f} GiB available")
     raise EmoError(f"{what} needs {best.need / GiB:.1f} GiB ({how}), {where}{hint} "
                    f"(a smaller --batch-size or --seq-len needs less)")
+
+
+def command_estimates(files: HFModelFiles, device: str = "cpu") -> dict:
+    """For `emo info`: per command, the memory each way of running it needs, and what `auto` picks
+    on this machine now."""
+    have = available_memory(device)
+    counts = weight_counts(files)
+    ctx = int(files.config.max_position_embeddings)
+    commands = {"profile / eval / prune": Workload(), "chat": Workload(1, ctx, ctx, streamable=False)}
+    out = {"available_gib": round(have / GiB, 2), "commands": {}}
+    for name, work in commands.items():
+        needs = {}
+        for dt, s in _candidates(files, device, None, "auto", work):
+            label = f"{'streamed' if s else 'in memory'}, {str(dt).replace('torch.', '')}"
+            needs[label] = round(_plan(files, counts, dt, s, work, have).need / GiB, 2)
+        try:
+            auto = plan_memory(files, device, None, "auto", None, work, name).describe().removeprefix("memory: ")
+        except EmoError as e:
+            auto = f"refused: {e}"
+        out["commands"][name] = {"needs_gib": needs, "auto": auto}
+    return out

@@ -123,13 +123,37 @@ def row_nll(model: CausalLM, h: torch.Tensor, ids: torch.Tensor, mask: torch.Ten
     return torch.zeros(ids.shape[0], dtype=torch.float64, device=h.device).index_add_(0, rows, nll)
 
 
+def _variant_masks(model: CausalLM, mask_sets: list[dict], tokens: int) -> dict:
+    """Per-token masks [C*T, E] that route copy c of a replicated batch by mask_sets[c]."""
+    ids = model.expert_ids()
+    out = {}
+    for layer in sorted({i for ms in mask_sets for i in ms}):
+        full = torch.ones(len(ids[layer]), dtype=torch.bool, device=model.device)
+        per_copy = torch.stack([ms.get(layer, full) for ms in mask_sets])  # [C, E]
+        out[layer] = per_copy.repeat_interleave(tokens, dim=0)  # [C*T, E]
+    return out
+
+
 @torch.no_grad()
 def batch_nll(model: CausalLM, id_batches: list[torch.Tensor], pad_masks: list[torch.Tensor],
-              masks: dict | None = None, on_step: StepFn | None = None) -> list[torch.Tensor]:
-    """Per-row NLL sums [B] of every batch, with routing masked by `masks` (layer -> [E] bool)."""
-    store = embed_batches(model, id_batches)
+              mask_sets: list[dict] | None = None, on_step: StepFn | None = None) -> list[list[torch.Tensor]]:
+    """Per-row NLL sums [B] of every batch, once per routing variant of `mask_sets` (each a dict
+    layer -> [E] bool; default: one unmasked variant). Several variants share one pass: every
+    batch is replicated once per variant, so each layer is read once for all of them (the prune
+    report's before/after). Returns [variant][batch] -> [B]."""
+    mask_sets = mask_sets or [{}]
+    C = len(mask_sets)
+    inputs = [ids.repeat(C, 1) for ids in id_batches] if C > 1 else id_batches
+    store = embed_batches(model, inputs)
+    masks = (lambda b: _variant_masks(model, mask_sets, id_batches[b].numel())) if C > 1 else mask_sets[0]
+    out: list[list[torch.Tensor]] = [[] for _ in range(C)]
     try:
         run_layers(model, store, 0, model.num_layers, masks=masks, on_step=on_step)
-        return [row_nll(model, store[b], id_batches[b], pad_masks[b]).cpu() for b in range(len(store))]
+        for b in range(len(store)):
+            rows = row_nll(model, store[b], inputs[b], pad_masks[b].repeat(C, 1)).cpu()  # [C*B]
+            for c, part in enumerate(rows.view(C, -1)):
+                out[c].append(part)
     finally:
         store.close()
+        model.release()
+    return out

@@ -97,12 +97,17 @@ def make_plan(profiles, method, budget, allocation, model=None, tokenizer=None, 
     return plan
 
 
-def masked_loss(model, tokenizer, docs, kept, seq_len, batch_size=8, quiet=True) -> float:
-    """Held-out loss of the model with routing masked to `kept` (= the slim model, by the identity)."""
-    from .evaluate import evaluate_loss
+def masked_losses(model, tokenizer, docs, kept_sets: list, seq_len, batch_size=8, quiet=True) -> list[float]:
+    """Held-out loss of the model with routing masked to each of `kept_sets` (None = all experts;
+    a masked loss equals the slim model's, by the identity), all in one pass over the model."""
+    from .evaluate import evaluate_losses
     from .model_api import masks_for
 
     with ui.progress(disable=quiet) as prog:
-        step = ui.layer_steps(prog, "held-out loss" + (" (pruned)" if kept else ""), model.num_layers, len(docs))
-        return evaluate_loss(model, tokenizer, docs, seq_len=seq_len, batch_size=batch_size,
-                             masks=masks_for(model, kept), on_step=step).loss
+        step = ui.layer_steps(prog, "held-out loss", model.num_layers, len(docs))
+        return [r.loss for r in evaluate_losses(model, tokenizer, docs, [masks_for(model, k) for k in kept_sets],
+                                                seq_len=seq_len, batch_size=batch_size, on_step=step)]
+
+
+def masked_loss(model, tokenizer, docs, kept, seq_len, batch_size=8, quiet=True) -> float:
+    return masked_losses(model, tokenizer, docs, [kept], seq_len, batch_size, quiet)[0]

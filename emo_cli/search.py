@@ -111,7 +111,7 @@ def _candidate_losses(model, layer: int, store, batches, masks: dict, candidate_
 
 def plan_loss(model, plan: Plan, batches) -> float:
     """Held-out loss (nats/token) with routing masked to the plan (= the slim model's loss)."""
-    per_batch = batch_nll(model, [b.ids for b in batches], [b.mask for b in batches], masks=masks_for(model, plan.kept))
+    (per_batch,) = batch_nll(model, [b.ids for b in batches], [b.mask for b in batches], [masks_for(model, plan.kept)])
     ntok = sum(int(b.mask[:, 1:].sum()) for b in batches)
     return float(sum(float(x.sum()) for x in per_batch)) / max(ntok, 1)
 

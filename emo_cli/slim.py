@@ -15,7 +15,7 @@ from . import ui
 from .data import read_documents
 from .errors import EmoError
 from .loading import is_gguf, open_hf_dir, resolve_model_path
-from .pipeline import heldout_documents, make_plan, masked_loss
+from .pipeline import heldout_documents, make_plan, masked_loss, masked_losses
 from .profile import Profile
 from .prune import expected_size, prune_to_dir
 from .select import Budget, Plan, domain_coverage, layer_budgets
@@ -139,7 +139,7 @@ def run_prune(req: PruneRequest) -> dict:
     if chosen_by:
         report["budget_search"] = chosen_by
     if model is not None and (heldout or guards):
-        report["eval"] = _losses(model, tok, plan, heldout, guards, seq_len)
+        report["eval"] = _losses(model, tok, plan, heldout, guards, seq_len, req.quiet)
     if plan.extra.get("forward_equivalents") is not None:
         report["greedy"] = {k: plan.extra[k] for k in ("start", "evals", "forward_equivalents", "seed_losses")}
     if req.dry_run:
@@ -162,12 +162,11 @@ def run_prune(req: PruneRequest) -> dict:
     return report
 
 
-def _losses(model, tok, plan, heldout, guards, seq_len) -> dict:
+def _losses(model, tok, plan, heldout, guards, seq_len, quiet) -> dict:
     res = {}
     sets = ([("heldout", heldout)] if heldout else []) + guards
     for name, docs in sets:
-        before = masked_loss(model, tok, docs, None, seq_len)
-        after = masked_loss(model, tok, docs, plan.kept, seq_len)
+        before, after = masked_losses(model, tok, docs, [None, plan.kept], seq_len, quiet=quiet)
         res[name] = {"docs": len(docs), "before": before, "after": after,
                      "increase_pct": 100 * (after / before - 1) if before else None}
     return res
@@ -177,7 +176,7 @@ def _search_budget(req, profiles, model, tok, heldout, seq_len, plan_for):
     """Smallest uniform kept count whose held-out loss rises by at most X% (binary search; loss
     is taken as non-increasing in the budget, which selection by score makes nearly true)."""
     limit = parse_percent(req.max_loss_increase)
-    base = masked_loss(model, tok, heldout, None, seq_len)
+    base = masked_loss(model, tok, heldout, None, seq_len, quiet=req.quiet)
     sizes = [len(profiles[0].layer_ids(l)) for l in profiles[0].moe_layers()]
     lo = min(model.config.num_experts_per_tok, min(sizes))
     hi = min(sizes)
@@ -186,7 +185,7 @@ def _search_budget(req, profiles, model, tok, heldout, seq_len, plan_for):
     while lo <= hi:
         mid = (lo + hi) // 2
         plan = plan_for(Budget.parse(str(mid)))
-        loss = masked_loss(model, tok, heldout, plan.kept, seq_len)
+        loss = masked_loss(model, tok, heldout, plan.kept, seq_len, quiet=req.quiet)
         tried[mid] = round(100 * (loss / base - 1), 4)
         if loss <= base * (1 + limit / 100):
             best, hi = (mid, plan), mid - 1

@@ -64,6 +64,41 @@ def test_kv_cache_and_masking_on_gguf(exported):
     assert rel(gg.model(x)[0], hf.model(x)[0]) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_eval_and_profile_of_a_gguf(exported, med_data, backend):
+    """The GGUF runtime implements the model interface: `emo eval X.gguf` and profiling work and
+    give the HF model's numbers (f32 export: equal up to the kernels' summation order)."""
+    from emo_cli.data import read_documents
+    from emo_cli.evaluate import evaluate_loss
+    from emo_cli.model_api import masks_for
+    from emo_cli.pipeline import run_profile
+
+    src, path = exported("shared")
+    gg, hf = load_model(path, backend=backend), load_model(src)
+    docs = read_documents([str(med_data)])[:10]
+    keep = {i: [0, 2, 5, 7] for i in range(hf.config.num_hidden_layers)}
+    for kept in (None, keep):
+        a = evaluate_loss(hf.model, hf.tokenizer, docs, seq_len=64, masks=masks_for(hf.model, kept))
+        b = evaluate_loss(gg.model, gg.tokenizer, docs, seq_len=64, masks=masks_for(gg.model, kept))
+        assert abs(a.loss - b.loss) / a.loss < 1e-5 and a.tokens == b.tokens
+    pa = run_profile(hf, [str(med_data)], seq_len=64, batch_size=4, quiet=True)
+    pb = run_profile(gg, [str(med_data)], seq_len=64, batch_size=4, quiet=True)
+    assert torch.equal(pa.counts, pb.counts)
+    assert rel(pb.prob, pa.prob) < 1e-5 and rel(pb.reap, pa.reap) < 1e-4
+
+
+def test_eval_cli_on_a_gguf(exported, med_data, capsys):
+    import json
+
+    from test_cli import run
+
+    src, path = exported("shared")
+    code, out, err = run(["eval", src, path, "--data", med_data, "--seq-len", "64", "--json"], capsys)
+    assert code == 0, err
+    hf_res, gg_res = json.loads(out)["results"]
+    assert abs(hf_res["loss"] - gg_res["loss"]) / hf_res["loss"] < 1e-5
+
+
 def test_bad_gguf_is_one_clear_error(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"not a gguf at all")

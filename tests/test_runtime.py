@@ -49,9 +49,9 @@ def test_padded_batch_equals_one_by_one(tiny_model_factory):
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = True
-    (batched,) = batch_nll(lm.model, [ids], [mask])
+    ((batched,),) = batch_nll(lm.model, [ids], [mask])
     for i, r in enumerate(rows):
-        (alone,) = batch_nll(lm.model, [torch.tensor([r])], [torch.ones(1, len(r), dtype=torch.bool)])
+        ((alone,),) = batch_nll(lm.model, [torch.tensor([r])], [torch.ones(1, len(r), dtype=torch.bool)])
         assert abs(float(batched[i]) - float(alone[0])) < 1e-4 * max(1.0, abs(float(alone[0])))
 
 

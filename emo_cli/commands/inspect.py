@@ -49,6 +49,13 @@ def info(
         if p.get("budget"):
             rows.append(["budget", p.get("budget")])
     ui.out.print(ui.table("emo info", ["", "value"], rows))
+    mem = facts.get("memory")
+    if mem:
+        mrows = [[cmd, mode, f"{gib:.1f}", "yes" if gib <= mem["available_gib"] else "no"]
+                 for cmd, e in mem["commands"].items() for mode, gib in e["needs_gib"].items()]
+        ui.out.print(ui.table(f"memory needed at batch 8 x 2048 tokens (this machine: {mem['available_gib']:.1f} "
+                              "GiB available; emo picks the first mode that fits)",
+                              ["command", "mode", "GiB", "fits"], mrows, justify_right_from=2))
 
 
 def eval_cmd(

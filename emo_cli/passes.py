@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,29 +29,46 @@ class HiddenStore:
 
     Within `budget` bytes they stay in memory (on the model's device); past it they live in an
     unlinked temporary file mapped shared, so they are file pages the kernel can write back
-    under pressure rather than anonymous memory, and vanish when the store is closed.
+    under pressure rather than anonymous memory, and vanish when the store is closed. With `path`
+    they always live in that file, which stays (a resumable run's checkpoint; an existing file of
+    the right size is opened as it is).
     """
 
-    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device, budget: int):
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device, budget: int,
+                 path: Path | None = None):
         self.shapes = [tuple(s) for s in shapes]
         self.device = device
+        self.path = path
         itemsize = torch.empty((), dtype=dtype).element_size()
         sizes = [math.prod(s) for s in self.shapes]
         self.nbytes = sum(sizes) * itemsize
-        self.spilled = self.nbytes > budget and self.nbytes > 0
+        self.spilled = path is not None or (self.nbytes > budget and self.nbytes > 0)
         self._parts: list[torch.Tensor | None] = [None] * len(shapes)
-        if self.spilled:
-            fd, path = tempfile.mkstemp(prefix="emo-hidden-", suffix=".bin", dir=os.environ.get("EMO_SPILL_DIR"))
+        if self.spilled and self.nbytes:
+            if path is None:
+                fd, name = tempfile.mkstemp(prefix="emo-hidden-", suffix=".bin", dir=os.environ.get("EMO_SPILL_DIR"))
+            else:
+                fd, name = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), str(path)
             try:
-                os.ftruncate(fd, self.nbytes)
-                flat = torch.from_file(path, shared=True, size=sum(sizes), dtype=dtype)
+                if os.fstat(fd).st_size != self.nbytes:
+                    os.ftruncate(fd, self.nbytes)
+                flat = torch.from_file(name, shared=True, size=sum(sizes), dtype=dtype)
             finally:
                 os.close(fd)
-                os.unlink(path)  # the mapping keeps the pages; the name is gone even if emo dies
+                if path is None:
+                    os.unlink(name)  # the mapping keeps the pages; the name is gone even if emo dies
             off = 0
             for i, (shape, n) in enumerate(zip(self.shapes, sizes)):
                 self._parts[i] = flat[off:off + n].view(shape)
                 off += n
+
+    def sync(self) -> None:
+        """Make a named store durable: its pages reach the disk before a checkpoint points at it."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -99,18 +117,22 @@ def replicate(model: CausalLM, store: HiddenStore, copies: int) -> HiddenStore:
 @torch.no_grad()
 def run_layers(model: CausalLM, store: HiddenStore, start: int, stop: int,
                masks: Callable[[int], dict] | dict | None = None, before_batch: Callable[[int], None] | None = None,
-               observer=None, on_step: StepFn | None = None) -> HiddenStore:
-    """Layers [start, stop) for every batch of `store`, layer-major, updating it in place.
-    `masks` is one dict for all batches or a function of the batch index."""
+               observer=None, on_step: StepFn | None = None, out: HiddenStore | None = None) -> HiddenStore:
+    """Layers [start, stop) for every batch of `store`, layer-major, updating it in place, or, for
+    one layer, writing into `out` and leaving `store` as it was (a checkpoint stays valid while the
+    layer runs). `masks` is one dict for all batches or a function of the batch index."""
+    if out is not None and stop != start + 1:
+        raise ValueError("run_layers writes into `out` one layer at a time")
+    dst = store if out is None else out
     for layer in range(start, stop):
         for b in range(len(store)):
             if before_batch is not None:
                 before_batch(b)
             m = masks(b) if callable(masks) else masks
-            store[b] = model.run_layers(store[b], layer, layer + 1, masks=m, observer=observer)
+            dst[b] = model.run_layers(store[b], layer, layer + 1, masks=m, observer=observer)
             if on_step is not None:
                 on_step(layer, b)
-    return store
+    return dst
 
 
 @torch.no_grad()

@@ -22,7 +22,9 @@ def batches_for(tokenizer, docs: list[Document], seq_len: int, batch_size: int, 
 
 
 def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=None, seq_len=2048,
-                batch_size=8, heldout_frac=0.1, quiet=False) -> Profile:
+                batch_size=8, heldout_frac=0.1, quiet=False, resume_dir: Path | None = None) -> Profile:
+    """Profile `data`; with `resume_dir` the pass checkpoints after every layer and an interrupted
+    run of the same command continues where it stopped."""
     docs = read_documents(data, text_field=text_field, max_docs=max_docs)
     profiled, held = heldout_split(docs, heldout_frac, salt="emo-profile:")
     batches = batches_for(lm.tokenizer, profiled, seq_len, batch_size, max_tokens)
@@ -36,7 +38,15 @@ def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=
     }
     with ui.progress(disable=quiet) as prog:
         step = ui.layer_steps(prog, "profiling", lm.model.num_layers, meta["data"]["docs"])
-        return profile_model(lm.model, batches, meta, on_step=step)
+
+        def resumed(layer):
+            prog.console.print(f"resuming an interrupted run at layer {layer + 1}/{lm.model.num_layers} "
+                               f"({resume_dir})", style="dim")
+            for done in range(layer):  # the bar shows the layers already done, without their tokens
+                for b in batches:
+                    step(done, len(b.doc_index), 0)
+
+        return profile_model(lm.model, batches, meta, on_step=step, resume_dir=resume_dir, on_resume=resumed)
 
 
 def _reread(part: dict) -> list[Document]:

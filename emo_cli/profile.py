@@ -10,8 +10,10 @@ plus tokens [L] and documents. Profiles of the same model add up, so shards and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from . import __version__
 from .errors import EmoError
 from .model_api import layout
 from .models.emo import MoEObservation
-from .passes import embed_batches, run_layers
+from .passes import HiddenStore, embed_batches, run_layers
 
 STATS = ("counts", "prob", "reap", "easyep")
 
@@ -148,9 +150,14 @@ class ProfileAccumulator:
 
 
 @torch.no_grad()
-def profile_model(model, batches, meta: dict, on_step=None) -> Profile:
+def profile_model(model, batches, meta: dict, on_step=None, resume_dir: Path | None = None, on_resume=None) -> Profile:
     """Run every batch through `model` (layer-major, no lm_head) and accumulate the profile;
-    `on_step(layer, n_docs, n_tokens)` reports progress after each batch of each layer."""
+    `on_step(layer, n_docs, n_tokens)` reports progress after each batch of each layer.
+
+    With `resume_dir`, the run is resumable: after every layer the partial profile and the
+    residual streams entering the next layer are on disk there, and a later call with the same
+    model, data and settings continues from that layer (`on_resume(layer)` is told). The streams
+    alternate between two files, so the checkpoint stays valid while a layer is being computed."""
     lay = layout(model)
     width = max((max(ids) + 1 for ids in lay["expert_ids"] if ids), default=0)
     if width == 0:
@@ -168,13 +175,57 @@ def profile_model(model, batches, meta: dict, on_step=None) -> Profile:
         if on_step:
             on_step(layer, len(batches[b].doc_index), int(batches[b].mask.sum()))
 
-    store = embed_batches(model, [b.ids for b in batches])
     try:
-        run_layers(model, store, 0, model.num_layers, before_batch=before, observer=acc, on_step=step)
+        if resume_dir is None:
+            store = embed_batches(model, [b.ids for b in batches])
+            run_layers(model, store, 0, model.num_layers, before_batch=before, observer=acc, on_step=step)
+            store.close()
+        else:
+            _resumable_pass(model, batches, prof, Path(resume_dir), before, acc, step, on_resume)
     finally:
-        store.close()
         model.release()
     return prof
+
+
+def _resumable_pass(model, batches, prof: Profile, folder: Path, before, acc, step, on_resume) -> None:
+    D = model.config.hidden_size
+    shapes = [(b.ids.shape[0], b.ids.shape[1], D) for b in batches]
+    key = hashlib.sha256((json.dumps(prof.meta, sort_keys=True) + repr(shapes)).encode()).hexdigest()[:16]
+    state_file = folder / "state.json"
+    state = None
+    if state_file.exists():
+        try:
+            state = json.loads(state_file.read_text())
+        except json.JSONDecodeError:
+            state = None
+    if state is None or state.get("key") != key:  # another run's leftovers (emo's own folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        state = {"key": key, "next_layer": 0, "current": 0}
+    dtype = model.embed(batches[0].ids[:1, :1]).dtype
+    stores = [HiddenStore(shapes, dtype, model.device, 0, path=folder / f"hidden-{k}.bin") for k in (0, 1)]
+    cur, start = state["current"], state["next_layer"]
+    if start > 0:
+        partial = Profile.load(folder / "partial.profile.safetensors")
+        for name in STATS + ("tokens",):
+            getattr(prof, name).copy_(getattr(partial, name))
+        if on_resume:
+            on_resume(start)
+    else:
+        for i, b in enumerate(batches):
+            stores[cur][i] = model.embed(b.ids)
+    for layer in range(start, model.num_layers):
+        run_layers(model, stores[cur], layer, layer + 1, before_batch=before, observer=acc, on_step=step,
+                   out=stores[1 - cur])
+        cur = 1 - cur
+        stores[cur].sync()  # the streams first, then the state that points at them
+        prof.save(folder / "partial.profile.safetensors", force=True)
+        tmp = folder / "state.json.tmp"
+        tmp.write_text(json.dumps({"key": key, "next_layer": layer + 1, "current": cur}))
+        os.replace(tmp, state_file)
+    for st in stores:
+        st.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def coverage(profile: Profile, layer: int, share: float) -> int:

@@ -100,9 +100,8 @@ def test_spilled_hidden_states_change_nothing(tiny_model_factory, med_data):
                  run_profile(streamed, [str(med_data)], seq_len=64, batch_size=4, quiet=True))
 
 
-@pytest.mark.parametrize("variant", ["shared", "always_active", "dense_lead"])
-def test_streamed_router_and_greedy_plans_equal(tiny_model_factory, med_data, variant):
-    resident, streamed = both(tiny_model_factory(variant))
+def test_streamed_router_and_greedy_plans_equal(tiny_model_factory, med_data, any_variant):
+    resident, streamed = both(tiny_model_factory(any_variant))
     prof = run_profile(resident, [str(med_data)], seq_len=64, batch_size=4, heldout_frac=0.25, quiet=True)
     calib = batches_for(resident.tokenizer, read_documents([str(med_data)])[:16], 64, 4)
     held = batches_for(resident.tokenizer, heldout_documents([prof]), 64, 4)
@@ -122,6 +121,42 @@ def test_streamed_multiple_choice_equal(tiny_model_factory):
     items = [MCItem("The patient was given a dose of", ["aspirin", "theorem", "lambda"], 0),
              MCItem("def return", ["value", "the doctor ordered tests"], 1)]
     assert evaluate_mc(resident.model, resident.tokenizer, items) == evaluate_mc(streamed.model, streamed.tokenizer, items)
+
+
+@pytest.mark.parametrize("stop_at", [(1, 0), (1, 2), (2, 1)])
+def test_interrupted_streamed_profile_resumes_to_the_same_bytes(tiny_model_factory, med_data, tmp_path,
+                                                                 monkeypatch, stop_at):
+    """Killed mid-layer (at layer, batch = stop_at), then run again: the run continues from the
+    last finished layer and the profile equals an uninterrupted run exactly."""
+    import emo_cli.profile as profile_mod
+
+    d = tiny_model_factory("dense_lead")
+    resident, first = both(d)
+    want = run_profile(resident, [str(med_data)], seq_len=64, batch_size=4, quiet=True)
+    folder = tmp_path / "med.profile.safetensors.partial"
+
+    class Killed(Exception):
+        pass
+
+    original = profile_mod.run_layers
+
+    def dying(*a, on_step=None, **kw):
+        def step(layer, b):
+            if (layer, b) == stop_at:
+                raise Killed
+            on_step(layer, b)
+        return original(*a, on_step=step, **kw)
+
+    monkeypatch.setattr(profile_mod, "run_layers", dying)
+    with pytest.raises(Killed):
+        run_profile(first, [str(med_data)], seq_len=64, batch_size=4, quiet=True, resume_dir=folder)
+    monkeypatch.setattr(profile_mod, "run_layers", original)
+    assert json.loads((folder / "state.json").read_text())["next_layer"] == stop_at[0]
+    again = load_model(d, streaming="on")
+    prof = run_profile(again, [str(med_data)], seq_len=64, batch_size=4, quiet=True, resume_dir=folder)
+    assert again.model.parts_loaded == again.model.num_layers - stop_at[0]  # finished layers not redone
+    same_profile(prof, want)
+    assert not folder.exists()
 
 
 def test_planner_choice_and_refusal_under_a_small_limit(tiny_model_factory):

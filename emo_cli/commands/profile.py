@@ -35,6 +35,9 @@ def profile(
     """Which experts does my domain use? Per layer and ORIGINAL expert id: selection counts, routing
     probability mass, REAP and EASY-EP saliency. Each document is tokenized alone; pads never count.
 
+    A model that does not fit in memory is streamed one layer at a time; such a run checkpoints
+    after every layer into <output>.partial/, and the same command run again resumes there.
+
     Examples:  emo profile data/med.jsonl          emo profile merge med.profile.safetensors code.profile.safetensors -o mix.profile.safetensors
     """
     from ..errors import EmoError
@@ -66,7 +69,8 @@ def profile(
     if lm.memory and lm.memory.streaming and not json_out:
         ui.err.print(lm.memory.describe(), style="dim")
     prof = run_profile(lm, data, text_field=text_field, max_docs=max_docs, max_tokens=max_tokens, seq_len=seq_len,
-                       batch_size=batch_size, heldout_frac=heldout_frac, quiet=json_out)
+                       batch_size=batch_size, heldout_frac=heldout_frac, quiet=json_out,
+                       resume_dir=out.with_name(out.name + ".partial") if lm.memory and lm.memory.streaming else None)
     prof.meta["model"]["spec"] = absolute_if_local(spec)
     prof.save(out, force=force)
     update_state(model=absolute_if_local(spec), profile=str(out.resolve()), stem=data_stem(data[0]))

@@ -87,12 +87,10 @@ def run_demo(s: DemoSettings) -> dict:
                        "settings": {"seq_len": s.seq_len, "batch_size": 8, "max_tokens": None}}
     batches = batches_for(emo.tokenizer, train_docs, s.seq_len, 8)
     with ui.progress(disable=s.quiet) as prog:
-        task = prog.add_task("profiling tiny EMO", total=len(train_docs), tokens=0)
-        step = lambda nd, nt: prog.update(task, advance=nd, tokens=prog.tasks[task].fields["tokens"] + nt)  # noqa: E731
-        prof_emo = profile_model(emo.model, batches, meta(emo), on_batch=step)
-        task = prog.add_task("profiling tiny std MoE", total=len(train_docs), tokens=0)
-        step = lambda nd, nt: prog.update(task, advance=nd, tokens=prog.tasks[task].fields["tokens"] + nt)  # noqa: E731
-        prof_std = profile_model(std.model, batches_for(std.tokenizer, train_docs, s.seq_len, 8), meta(std), on_batch=step)
+        step = ui.layer_steps(prog, "profiling tiny EMO", emo.model.num_layers, len(train_docs))
+        prof_emo = profile_model(emo.model, batches, meta(emo), on_step=step)
+        step = ui.layer_steps(prog, "profiling tiny std MoE", std.model.num_layers, len(train_docs))
+        prof_std = profile_model(std.model, batches_for(std.tokenizer, train_docs, s.seq_len, 8), meta(std), on_step=step)
     prof_emo.save(s.out / "medical.profile.safetensors", force=True)
     timings["profile_s"] = time.perf_counter() - t0 - sum(timings.values())
 

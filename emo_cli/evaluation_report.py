@@ -18,11 +18,13 @@ def run_eval(models: list[str], data: list[str], max_docs=None, seq_len=2048, ba
             datasets.append((d, "mc", read_mc_items(d, max_items=max_docs)))
         else:
             datasets.append((d, "lm", read_documents([d], text_field=text_field, max_docs=max_docs)))
-    results = []
+    results, memory = [], {}
     with ui.progress(disable=quiet) as prog:
         for spec in models:
             lm = load_model(spec, device=device, dtype=dtype, streaming=streaming, max_memory=max_memory,
                             workload=Workload(batch_size, seq_len), what=f"evaluating {spec}")
+            if lm.memory:
+                memory[spec] = lm.memory.as_dict()
             if lm.memory and lm.memory.streaming and not quiet:
                 prog.console.print(lm.memory.describe(), style="dim")
             for name, kind, docs in datasets:
@@ -39,7 +41,7 @@ def run_eval(models: list[str], data: list[str], max_docs=None, seq_len=2048, ba
             del lm
     if not quiet:
         _render(results, models)
-    return {"results": results}
+    return {"results": results, "memory": memory}
 
 
 def _render(results: list[dict], models: list[str]) -> None:

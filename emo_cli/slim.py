@@ -138,6 +138,8 @@ def run_prune(req: PruneRequest) -> dict:
               "coverage": {Path(p.meta["data"]["sources"][0]).name: round(domain_coverage(p, plan), 4) for p in profiles}}
     if chosen_by:
         report["budget_search"] = chosen_by
+    if lm is not None and lm.memory is not None:
+        report["memory"] = lm.memory.as_dict()
     if model is not None and (heldout or guards):
         report["eval"] = _losses(model, tok, plan, heldout, guards, seq_len, req.quiet)
     if plan.extra.get("forward_equivalents") is not None:

@@ -81,6 +81,7 @@ def profile(
         rows.append([layer, len(routed), coverage(prof, layer, 0.5), coverage(prof, layer, 0.9),
                      " ".join(str(e) for e in top)])
     summary = {"profile": str(out), "model": spec, "docs": prof.docs, "tokens": prof.meta["data"]["tokens"],
+               "memory": lm.memory.as_dict() if lm.memory else None,
                "heldout_docs": len(prof.meta["data"]["heldout_ids"]),
                "layers": [{"layer": r[0], "routed": r[1], "cover50": r[2], "cover90": r[3],
                            "top": [int(x) for x in r[4].split()]} for r in rows]}

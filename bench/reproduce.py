@@ -24,6 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # not bench/: its scripts (bench/profile.py) would shadow stdlib modules
 
+from bench.results_md import replace_block  # noqa: E402
+
 from emo_cli import ui  # noqa: E402
 from emo_cli.corpus import build_corpus, domain_files  # noqa: E402
 from emo_cli.data import read_documents  # noqa: E402
@@ -169,7 +171,7 @@ def main() -> None:
         res = json.loads(args.json_out.read_text())
         args.calib_docs, args.seq_len = res["calib_docs"], res["seq_len"]
         res["emo_dir"], res["std_dir"] = str(ROOT / res["emo_dir"]), str(ROOT / res["std_dir"])
-        args.out.write_text(render(res, args, res["seconds"]))
+        replace_block(args.out, "reproduce", render(res, args, res["seconds"]))
         ui.out.print(f"wrote {args.out}")
         return
     if args.threads:
@@ -195,7 +197,7 @@ def main() -> None:
         p = Path(res[key])
         res[key] = str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
     args.json_out.write_text(json.dumps(res, indent=1) + "\n")
-    args.out.write_text(text)
+    replace_block(args.out, "reproduce", text)
     for keep in keeps:
         rows = [[m, mean(res["emo"]["delta"][keep][m].values()) * 100, mean(res["std"]["delta"][keep][m].values()) * 100]
                 for m in methods]

@@ -22,13 +22,12 @@ def run_eval(models: list[str], data: list[str], max_docs=None, seq_len=2048, ba
     with ui.progress(disable=quiet) as prog:
         for spec in models:
             lm = load_model(spec, device=device, dtype=dtype, streaming=streaming, max_memory=max_memory,
-                            workload=Workload(batch_size, seq_len), what=f"evaluating {spec}")
+                            workload=Workload(batch_size, seq_len, passes=1), what=f"evaluating {spec}")
             if lm.memory:
                 memory[spec] = lm.memory.as_dict()
-            if lm.memory and lm.memory.streaming and not quiet:
-                prog.console.print(lm.memory.describe(), style="dim")
+            mode = " · streamed" if lm.memory and lm.memory.streaming else ""
             for name, kind, docs in datasets:
-                step = ui.layer_steps(prog, f"{spec} · {name}", lm.model.num_layers,
+                step = ui.layer_steps(prog, f"{spec} · {name}{mode}", lm.model.num_layers,
                                       sum(len(it.choices) for it in docs) if kind == "mc" else len(docs))
                 if kind == "mc":
                     r = evaluate_mc(lm.model, lm.tokenizer, docs, seq_len=seq_len, on_step=step)

@@ -148,35 +148,67 @@ def read_weight(files: HFModelFiles, name: str, shape: tuple[int, ...], device, 
     return t.to(device=device, dtype=dtype, copy=True)
 
 
+def layer_sources(files: HFModelFiles, i: int, block: Block) -> list[tuple[str, str, tuple[int, ...], int | None]]:
+    """Where every parameter of layer i comes from: (checkpoint name, parameter name, shape, expert
+    row of a stacked tensor or None), checked against the safetensors headers alone."""
+    cfg, ckpt = files.config, files.ckpt
+    expected = {n: tuple(p.shape) for n, p in block.named_parameters()}
+    p = f"model.layers.{i}"
+    moe = isinstance(block.mlp, MoEBlock)
+    out = [(f"{p}.{n}", n, shape, None) for n, shape in expected.items()  # names mirror HF below the prefix
+           if not (moe and n.startswith("mlp."))]
+    if moe:
+        E = block.mlp.spec.num_experts
+        out.append((f"{p}.mlp.gate.weight", "mlp.router", expected["mlp.router"], None))
+        for ours, proj in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+            out += [(f"{p}.mlp.experts.{j}.{proj}.weight", f"mlp.{ours}", expected[f"mlp.{ours}"][1:], j)
+                    for j in range(E)]
+    for name, ours, shape, row in out:
+        if name not in ckpt.headers:
+            raise EmoError(f"{files.dir}: checkpoint has no tensor {name}")
+        if ckpt.shape(name) != shape:
+            what = f"layer {i} expert {row} {name.rsplit('.', 2)[-2]}" if row is not None else f"tensor {name}"
+            if ours == "mlp.router" and ckpt.shape(name)[1:] == shape[1:]:
+                raise EmoError(f"{files.dir}: layer {i} router has {ckpt.shape(name)[0]} rows but config says "
+                               f"{shape[0]} experts")
+            raise EmoError(f"{files.dir}: {what} has shape {ckpt.shape(name)}, expected {shape}")
+        ckpt.dtype(name)  # an unsupported dtype fails here, before any pass starts
+    return out
+
+
+def check_checkpoint(files: HFModelFiles) -> None:
+    """Every tensor the config asks for is in the checkpoint with its shape (headers only): a
+    streamed pass must not find a bad layer after an hour of work."""
+    cfg = files.config
+    with torch.device("meta"):
+        for i in range(cfg.num_hidden_layers):
+            layer_sources(files, i, Block(cfg, i))
+    D, V = cfg.hidden_size, cfg.vocab_size
+    for name, shape in ((FINAL_NORM, (D,)), (LM_HEAD, (V, D))):
+        if name not in files.ckpt.headers:
+            raise EmoError(f"{files.dir}: checkpoint has no tensor {name}")
+        if files.ckpt.shape(name) != shape:
+            raise EmoError(f"{files.dir}: tensor {name} has shape {files.ckpt.shape(name)}, expected {shape}")
+
+
 def load_block(files: HFModelFiles, i: int, device, dtype: torch.dtype, expert_ids: list[int] | None) -> Block:
     """Decoder layer i from the checkpoint: the unit a streamed pass holds at a time. Each expert
     is copied (and converted) straight from the map into its row of the stacked tensors, so
     loading never holds a second copy of the layer."""
-    cfg, ckpt = files.config, files.ckpt
     with torch.device("meta"):
-        block = Block(cfg, i)
-    expected = {n: tuple(p.shape) for n, p in block.named_parameters()}
-    p = f"model.layers.{i}"
+        block = Block(files.config, i)
+    sources = layer_sources(files, i, block)
+    params = dict(block.named_parameters())
     state: dict[str, torch.Tensor] = {}
-    moe = isinstance(block.mlp, MoEBlock)
-    for n, shape in expected.items():  # block names mirror the HF names below the layer prefix
-        if not (moe and n.startswith("mlp.")):
-            state[n] = read_weight(files, f"{p}.{n}", shape, device, dtype)
-    if moe:
+    for name, ours, shape, row in sources:
+        if row is None:
+            state[ours] = read_weight(files, name, shape, device, dtype)
+            continue
+        if ours not in state:  # [E, F, D] / [E, D, F], filled expert by expert
+            state[ours] = torch.empty(params[ours].shape, device=device, dtype=dtype)
+        state[ours][row].copy_(files.ckpt.view(name))
+    if isinstance(block.mlp, MoEBlock):
         E = block.mlp.spec.num_experts
-        router = read_weight(files, f"{p}.mlp.gate.weight", expected["mlp.router"], device, dtype)
-        if router.shape[0] != E:
-            raise EmoError(f"{files.dir}: layer {i} router has {router.shape[0]} rows but config says {E} experts")
-        state["mlp.router"] = router
-        for ours, proj in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-            stack = torch.empty(expected[f"mlp.{ours}"], device=device, dtype=dtype)  # [E, F, D] / [E, D, F]
-            for j in range(E):
-                view = ckpt.view(f"{p}.mlp.experts.{j}.{proj}.weight")
-                if tuple(view.shape) != tuple(stack.shape[1:]):
-                    raise EmoError(f"{files.dir}: layer {i} expert {j} {proj} has shape {tuple(view.shape)}, "
-                                   f"expected {tuple(stack.shape[1:])}")
-                stack[j].copy_(view)
-            state[f"mlp.{ours}"] = stack
         state["mlp.expert_ids"] = torch.tensor(expert_ids if expert_ids is not None else range(E),
                                                dtype=torch.long, device=device)
     block.load_state_dict(state, assign=True, strict=True)

@@ -12,9 +12,14 @@ Needs are counted in bytes of process (anonymous) memory, or of GPU memory on a 
   runtime      the interpreter, torch, datasets and the tokenizer
 The mapped checkpoint itself is page cache: shared, reclaimable, not counted.
 
-Choice (`--streaming auto`): in the compute dtype (fp32 on CPUs), the whole model in memory if it
-fits, else layer by layer; only when neither fits, the same two in the checkpoint's own bf16/fp16
-(slower matmuls on most CPUs, but it runs); otherwise one line says what it needs and what there is.
+Choice (`--streaming auto`), in the compute dtype (fp32 on CPUs) first:
+  * work that reads the weights once (profile, eval, prune's report): streamed, which costs the
+    same reads, conversions and arithmetic as loading everything first, in a fraction of the
+    memory (bench/scale.py measures both); the whole model only if streaming does not fit;
+  * work that reads them many times (greedy, --max-loss-increase, router + report): the whole
+    model in memory if it fits (each weight converted once), else streamed;
+then, only when neither fits, the same in the checkpoint's own bf16/fp16 (slower matmuls on most
+CPUs, but it runs); otherwise one line says what it needs and what there is.
 """
 
 from __future__ import annotations
@@ -40,12 +45,14 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 @dataclass(frozen=True)
 class Workload:
     """The shape of the work, known before the data is read: batches of `batch_size` sequences of
-    at most `seq_len` tokens; chat keeps a KV cache of `kv_tokens` and cannot stream."""
+    at most `seq_len` tokens, `passes` reads of the weights (0: not known, as for a model handed
+    to library code); chat keeps a KV cache of `kv_tokens` and cannot stream."""
 
     batch_size: int = 8
     seq_len: int = 2048
     kv_tokens: int = 0
     streamable: bool = True
+    passes: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,7 +164,8 @@ def _candidates(files: HFModelFiles, device: str, dtype: torch.dtype | None, str
     first = dtype or default_dtype(device, ckpt_dtype)
     dtypes = [first] if dtype is not None or ckpt_dtype not in (torch.bfloat16, torch.float16) else \
         list(dict.fromkeys([first, ckpt_dtype]))
-    modes = {"off": [False], "on": [True], "auto": [False, True] if work.streamable else [False]}[streaming]
+    auto = ([True, False] if work.passes == 1 else [False, True]) if work.streamable else [False]
+    modes = {"off": [False], "on": [True], "auto": auto}[streaming]
     return [(dt, s) for dt in dtypes for s in modes]
 
 
@@ -194,7 +202,8 @@ def command_estimates(files: HFModelFiles, device: str = "cpu") -> dict:
     have = available_memory(device)
     counts = weight_counts(files)
     ctx = int(files.config.max_position_embeddings)
-    commands = {"profile / eval / prune": Workload(), "chat": Workload(1, ctx, ctx, streamable=False)}
+    commands = {"profile / eval / prune": Workload(passes=1), "greedy / --max-loss-increase": Workload(passes=8),
+                "chat": Workload(1, ctx, ctx, streamable=False)}
     out = {"available_gib": round(have / GiB, 2), "commands": {}}
     for name, work in commands.items():
         needs = {}

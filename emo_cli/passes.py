@@ -88,14 +88,13 @@ class HiddenStore:
 
 
 @torch.no_grad()
-def embed_batches(model: CausalLM, id_batches: list[torch.Tensor], copies: int = 1) -> HiddenStore:
-    """Embed every batch [B, S] into a new store of residual streams; `copies` divides the memory
-    budget when the caller will replicate the store (greedy's candidates)."""
+def embed_batches(model: CausalLM, id_batches: list[torch.Tensor]) -> HiddenStore:
+    """Embed every batch [B, S] into a new store of residual streams."""
     D = model.config.hidden_size
     first = model.embed(id_batches[0]) if id_batches else None
     dtype = first.dtype if first is not None else torch.float32
     store = HiddenStore([(ids.shape[0], ids.shape[1], D) for ids in id_batches], dtype, model.device,
-                        model.activation_budget // copies)
+                        model.activation_budget)
     for i, ids in enumerate(id_batches):
         store[i] = first if i == 0 else model.embed(ids)
     return store
@@ -145,7 +144,7 @@ def row_nll(model: CausalLM, h: torch.Tensor, ids: torch.Tensor, mask: torch.Ten
     return torch.zeros(ids.shape[0], dtype=torch.float64, device=h.device).index_add_(0, rows, nll)
 
 
-def _variant_masks(model: CausalLM, mask_sets: list[dict], tokens: int) -> dict:
+def variant_masks(model: CausalLM, mask_sets: list[dict], tokens: int) -> dict:
     """Per-token masks [C*T, E] that route copy c of a replicated batch by mask_sets[c]."""
     ids = model.expert_ids()
     out = {}
@@ -167,7 +166,7 @@ def batch_nll(model: CausalLM, id_batches: list[torch.Tensor], pad_masks: list[t
     C = len(mask_sets)
     inputs = [ids.repeat(C, 1) for ids in id_batches] if C > 1 else id_batches
     store = embed_batches(model, inputs)
-    masks = (lambda b: _variant_masks(model, mask_sets, id_batches[b].numel())) if C > 1 else mask_sets[0]
+    masks = (lambda b: variant_masks(model, mask_sets, id_batches[b].numel())) if C > 1 else mask_sets[0]
     out: list[list[torch.Tensor]] = [[] for _ in range(C)]
     try:
         run_layers(model, store, 0, model.num_layers, masks=masks, on_step=on_step)

@@ -37,7 +37,8 @@ def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=
         "settings": {"max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size},
     }
     with ui.progress(disable=quiet) as prog:
-        step = ui.layer_steps(prog, "profiling", lm.model.num_layers, meta["data"]["docs"])
+        label = "profiling" + (" · streamed" if lm.memory and lm.memory.streaming else "")
+        step = ui.layer_steps(prog, label, lm.model.num_layers, meta["data"]["docs"])
 
         def resumed(layer):
             prog.console.print(f"resuming an interrupted run at layer {layer + 1}/{lm.model.num_layers} "

@@ -1,8 +1,11 @@
 """Data-driven expert selection: EMO's layerwise `router` method and loss-guided `greedy` search.
 
 Both exploit the identity "pruning = masking router logits", so they never copy weights: a layer is
-pruned by setting its routing mask, and the residual stream at the current layer's input is cached
-for every document, so each layer is computed once per candidate instead of from the embeddings.
+pruned by a routing mask, and the residual stream at the current layer's input is cached for every
+document, so each layer is computed once per candidate instead of from the embeddings. Both are
+layer-major passes through the model interface (passes.py), so they run on a layer-streamed model
+unchanged; greedy scores a whole round of candidate swaps in one pass over layers l..L-1, so a
+streamed model reads each of those layers once per round.
 
 router (EMO_SPEC.md §4b)
     For l = 0..L-1, with layers < l already pruned: mean routing probability of the routed experts
@@ -17,7 +20,7 @@ greedy (held-out loss, emo's own)
        incumbent: candidate swaps (drop one of the `shortlist` weakest kept routed experts, add one of
        the `shortlist` strongest dropped ones, ranked by the profile's cheap scores) are scored by the
        held-out loss, running only layers l..L-1 and the head: (L-l)/L of a forward each. Candidates
-       are evaluated in batches (the cached inputs replicated, one routing mask per copy). The best
+       are evaluated together (the cached inputs replicated, one routing mask per copy). The best
        swap is accepted when it lowers the loss by more than `min_gain` (relative), and the layer
        is searched again until no swap helps; then the cache advances one layer.
     Cost in forward-pass equivalents over the held-out set: 4 seed evaluations + 1 router pass +
@@ -34,7 +37,7 @@ import torch
 
 from .errors import EmoError
 from .model_api import expert_mask, masks_for
-from .passes import batch_nll, embed_batches, replicate, row_nll, run_layers
+from .passes import batch_nll, embed_batches, replicate, row_nll, run_layers, variant_masks
 from .profile import Profile
 from .select import Budget, Plan, combined_scores, layer_budgets, plan_from_scores, score_plan
 
@@ -88,18 +91,14 @@ def _candidate_losses(model, layer: int, store, batches, masks: dict, candidate_
     by `masks`. All candidates share one pass: each batch is replicated once per candidate, with
     one routing mask per copy ([C*B*S, E], a row per token), so each layer is read once."""
     C = len(candidate_masks)
-    per_copy = torch.stack(candidate_masks)  # [C, E]
     work = replicate(model, store, C)
+    mask_sets = [{**masks, layer: m} for m in candidate_masks]
     shapes = [b.ids.shape for b in batches]
-
-    def batch_masks(b):
-        B, S = shapes[b]
-        return {**masks, layer: per_copy.repeat_interleave(B * S, dim=0)}  # [C*B*S, E]
-
     nll = torch.zeros(C, dtype=torch.float64)
     ntok = 0
     try:
-        run_layers(model, work, layer, model.num_layers, masks=batch_masks)
+        run_layers(model, work, layer, model.num_layers,
+                   masks=lambda b: variant_masks(model, mask_sets, shapes[b].numel()))
         for i, b in enumerate(batches):
             rows = row_nll(model, work[i], b.ids.repeat(C, 1), b.mask.repeat(C, 1))  # [C*B]
             nll += rows.view(C, -1).sum(1).cpu()

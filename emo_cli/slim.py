@@ -109,10 +109,9 @@ def run_prune(req: PruneRequest) -> dict:
     if needs_model:
         settings = profiles[0].meta["settings"]
         lm = load_model(str(path), device=req.device, dtype=req.dtype, streaming=req.streaming,
-                        max_memory=req.max_memory, workload=Workload(settings["batch_size"], settings["seq_len"]),
+                        max_memory=req.max_memory, workload=Workload(settings["batch_size"], settings["seq_len"],
+                                                                      passes=_weight_passes(req)),
                         what="pruning with held-out reports")
-        if not req.quiet and lm.memory.streaming:
-            ui.err.print(lm.memory.describe(), style="dim")
     model, tok = (lm.model, lm.tokenizer) if lm else (None, None)
     seq_len = profiles[0].meta["settings"]["seq_len"]
     chosen_by = None
@@ -162,6 +161,14 @@ def run_prune(req: PruneRequest) -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     update_state(model=state.get("model") or spec, slim=str(out.resolve()), plan=str((out / "plan.json").resolve()))
     return report
+
+
+def _weight_passes(req: PruneRequest) -> int:
+    """How often the chosen work reads the weights: the memory planner keeps the whole model in
+    memory for repeated passes when it fits, and streams single passes."""
+    if req.max_loss_increase is not None:
+        return 8  # a binary search over the budget, one held-out pass each
+    return {"greedy": 8, "router": 2}.get(req.method, 1)
 
 
 def _losses(model, tok, plan, heldout, guards, seq_len, quiet) -> dict:

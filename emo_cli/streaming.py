@@ -20,12 +20,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .loading import EMBED, FINAL_NORM, LM_HEAD, HFModelFiles, read_weight, load_block, source_expert_ids
+from .loading import (EMBED, FINAL_NORM, LM_HEAD, HFModelFiles, check_checkpoint, load_block, read_weight,
+                      source_expert_ids)
 from .models.emo import KVCache, Observer, RMSNorm, rope_for
 
 
 class StreamedModel:
     def __init__(self, files: HFModelFiles, device: str, dtype: torch.dtype, activation_budget: int):
+        check_checkpoint(files)
         self.files, self.config = files, files.config
         self._device = torch.device(device)
         self.dtype = dtype

@@ -39,10 +39,14 @@ def same_profile(a: Profile, b: Profile) -> None:
     assert a.meta == b.meta
 
 
-def test_planner_picks_streaming_only_when_needed(tiny_model_factory):
-    resident, streamed = both(tiny_model_factory("shared"))
+def test_planner_streams_single_passes_and_keeps_the_model_for_repeated_ones(tiny_model_factory):
+    d = tiny_model_factory("shared")
+    resident, streamed = both(d)
     assert type(resident.model).__name__ == "EmoForCausalLM" and not resident.memory.streaming
     assert type(streamed.model).__name__ == "StreamedModel" and streamed.memory.streaming
+    assert load_model(d, workload=Workload(passes=1)).memory.streaming  # one read of the weights
+    assert not load_model(d, workload=Workload(passes=8)).memory.streaming  # fits: convert once
+    assert not load_model(d).memory.streaming  # a model handed to library code: whole
 
 
 def test_streamed_profile_is_identical(tiny_model_factory, med_data, any_variant, tmp_path):
@@ -169,6 +173,7 @@ def test_planner_choice_and_refusal_under_a_small_limit(tiny_model_factory):
     chosen = plan_memory(files, "cpu", None, "auto", between, work)
     assert chosen.streaming and chosen.dtype == torch.float32
     assert not plan_memory(files, "cpu", None, "auto", full.need / GiB + 0.01, work).streaming
+    assert plan_memory(files, "cpu", None, "auto", 100.0, Workload(4, 64, passes=1)).streaming
     with pytest.raises(EmoError, match=r"needs \d+\.\d GiB \(layer by layer in float32\), --max-memory allows 0\.1 GiB"):
         plan_memory(files, "cpu", None, "auto", 0.1, work)
     with pytest.raises(EmoError, match="--streaming on holds one layer"):

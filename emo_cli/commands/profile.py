@@ -65,9 +65,7 @@ def profile(
         raise EmoError(f"{out} exists (pass --force to overwrite, or -o another name)")
     spec = resolve_default_model(model)
     lm = load_model(spec, device=device, dtype=dtype, streaming=streaming, max_memory=max_memory,
-                    workload=Workload(batch_size, seq_len), what="profiling")
-    if lm.memory and lm.memory.streaming and not json_out:
-        ui.err.print(lm.memory.describe(), style="dim")
+                    workload=Workload(batch_size, seq_len, passes=1), what="profiling")
     prof = run_profile(lm, data, text_field=text_field, max_docs=max_docs, max_tokens=max_tokens, seq_len=seq_len,
                        batch_size=batch_size, heldout_frac=heldout_frac, quiet=json_out,
                        resume_dir=out.with_name(out.name + ".partial") if lm.memory and lm.memory.streaming else None)

@@ -369,6 +369,9 @@ def cell(v) -> str:
 
 def markdown(rows, lines, command, when) -> str:
     out = ["## emo at the real model's scale (synthetic Emo_1b14b_1T checkpoint, bench/scale.py)", "",
+           "Every step of the pipeline on a checkpoint with the released 14B shapes (27.1 GB bf16) on a "
+           "machine with less memory than the model; peak **anonymous** memory (RssAnon of the process "
+           "tree), wall time with loading. How it is measured: `docs/scale.md`.", "",
            f"Command: `{command}`  ", f"Machine: {machine()}; {when}", "",
            "| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     out += ["| " + " | ".join(cell(r.get(k)).replace("|", "\\|") for _, k in COLUMNS) + " |" for r in rows]

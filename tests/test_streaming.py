@@ -231,6 +231,8 @@ MEASURE = textwrap.dedent("""
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
     torch.set_num_threads(1)
+    from emo_cli.data import read_documents
+    read_documents([sys.argv[2]])  # datasets/pyarrow set themselves up: not the model's memory
     base = anon()
     peak = [base]
     done = False

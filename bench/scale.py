@@ -59,7 +59,9 @@ MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"
 CHAT_TOKENS = 16
 DOC_CHARS = 3000  # per document: well over 256 tokens with an 8k-token BPE
 STEPS = ("profile", "prune", "chat", "eval")
-DEPENDS = {"prune": "profile", "chat": "prune", "eval": "prune"}
+EXTRA_STEPS = ("greedy",)  # only when asked for with --steps: many passes over the model
+DEPENDS = {"prune": "profile", "chat": "prune", "eval": "prune", "greedy": "profile"}
+GREEDY_EVALS = 16
 
 
 # ---- the synthetic checkpoint -----------------------------------------------------------------
@@ -250,7 +252,9 @@ def step_command(step: str, emo: str, ckpt: Path, flags: list[str]) -> list[str]
             "chat": [emo, "chat", "--model", "slim-med.gguf", "--prompt", "The patient",
                      "--max-new-tokens", str(CHAT_TOKENS), "--temperature", "0"],
             "eval": [emo, "eval", str(ckpt), "slim-med", "slim-med.gguf", "--data", "data/heldout.jsonl",
-                     "--seq-len", "256", "--json", *flags]}[step]
+                     "--seq-len", "256", "--json", *flags],
+            "greedy": [emo, "prune", "--budget", "25%", "--method", "greedy", "--max-evals", str(GREEDY_EVALS),
+                       "--dry-run", "--json", *flags]}[step]
 
 
 def summarize(step: str, out: str) -> tuple[int | None, str]:
@@ -260,6 +264,11 @@ def summarize(step: str, out: str) -> tuple[int | None, str]:
     r = json.loads(out)
     if step == "profile":
         return r["tokens"], f"{r['docs']} docs profiled, {r['heldout_docs']} held out{chosen(r.get('memory'))}"
+    if step == "greedy":
+        g, ev = r["greedy"], (r.get("eval") or {}).get("heldout") or {}
+        return None, (f"greedy from {g['start']}: {g['evals']} evals, {g['forward_equivalents']} forward-equiv., "
+                      f"held-out loss {ev.get('before', float('nan')):.3f} -> {ev.get('after', float('nan')):.3f}"
+                      f"{chosen(r.get('memory'))}")
     if step == "prune":
         kept = sorted(set(r["kept_per_layer"].values()))
         ev = (r.get("eval") or {}).get("heldout")
@@ -296,8 +305,8 @@ def run_variant(args, ckpt: Path, layers: int, mode: str) -> list[dict]:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     (scratch / "data").symlink_to(args.workdir / "data")
-    flags = [] if args.no_streaming_flag else ["--streaming", mode]
-    if args.max_memory is not None and not args.no_streaming_flag:
+    flags = ["--streaming", mode]
+    if args.max_memory is not None:
         flags += ["--max-memory", str(args.max_memory)]
     rows, failed = [], set()
     for step in args.steps:
@@ -388,7 +397,8 @@ def main():
     ap.add_argument("--layers", type=int, default=16, help="layers of the main variant (run with --full-modes)")
     ap.add_argument("--full-modes", default="auto", help="streaming modes of the main variant, e.g. auto,on")
     ap.add_argument("--compare-layers", type=int, default=4, help="variant run with streaming on and off (0 = none)")
-    ap.add_argument("--steps", default=",".join(STEPS), help="subset of " + ",".join(STEPS))
+    ap.add_argument("--steps", default=",".join(STEPS), help="subset of " + ",".join(STEPS + EXTRA_STEPS) +
+                    f" (greedy: prune --method greedy --max-evals {GREEDY_EVALS} --dry-run, after profile)")
     ap.add_argument("--max-memory", type=float, default=None, help="GiB; passed to emo profile/prune/eval")
     ap.add_argument("--step-timeout", type=float, default=3600.0)
     ap.add_argument("--emo", default=str(Path(sys.executable).with_name("emo")), help="the emo executable")
@@ -398,10 +408,9 @@ def main():
     ap.add_argument("--out-md", type=Path, default=None)
     ap.add_argument("--results-md", type=Path, default=None,
                     help="replace the scale block of this file (docs/results.md) with the table")
-    ap.add_argument("--no-streaming-flag", action="store_true", help=argparse.SUPPRESS)  # emo before --streaming
     args = ap.parse_args()
     args.workdir = args.workdir.resolve()
-    args.steps = [s for s in STEPS if s in args.steps.split(",")]
+    args.steps = [s for s in STEPS + EXTRA_STEPS if s in args.steps.split(",")]
     command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
 

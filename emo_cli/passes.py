@@ -46,7 +46,7 @@ class HiddenStore:
         self._parts: list[torch.Tensor | None] = [None] * len(shapes)
         if self.spilled and self.nbytes:
             if path is None:
-                fd, name = tempfile.mkstemp(prefix="emo-hidden-", suffix=".bin", dir=os.environ.get("EMO_SPILL_DIR"))
+                fd, name = tempfile.mkstemp(prefix="emo-hidden-", suffix=".bin")  # under $TMPDIR
             else:
                 fd, name = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), str(path)
             try:

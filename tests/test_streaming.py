@@ -218,6 +218,14 @@ def test_cli_streaming_flags_and_refusal(tiny_model_factory, med_data, tmp_path,
     code, out, err = run(["prune", "--budget", "4", "--no-gguf", "--streaming", "on", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["eval"]["heldout"]["after"] > 0
+    searched = {}
+    for mode in ("on", "off"):  # the budget search's repeated passes, streamed or resident
+        code, out, err = run(["prune", "--max-loss-increase", "50%", "--dry-run", "--streaming", mode, "--json"], capsys)
+        assert code == 0, err
+        r = json.loads(out)
+        assert r["memory"]["streaming"] == (mode == "on")
+        searched[mode] = (r["budget_search"], r["plan"])
+    assert searched["on"] == searched["off"]
 
 
 MEASURE = textwrap.dedent("""

@@ -33,6 +33,7 @@ import torch
 from .errors import EmoError
 from .loading import EMBED, FINAL_NORM, LM_HEAD, HFModelFiles, default_dtype
 from .model_api import HEAD_CHUNK_BYTES
+from .models.emo import MOE_CHUNK_TOKENS
 
 GiB = 1024**3
 RUNTIME_BYTES = int(0.75 * GiB)  # python + torch + datasets + tokenizers, measured idle at ~0.6 GiB
@@ -144,7 +145,8 @@ def estimate(cfg, counts: WeightCounts, dtype: torch.dtype, streaming: bool, wor
     T = B * S
     residual = 8 * T * D * item  # h, normed h, q, k, v, attention output, residual sums
     scores = B * S * S * 4  # one head of attention scores, when a kernel materialises them
-    experts = T * K * (3 * D + 2 * F) * item + 4 * T * E * 4  # gathered inputs, outputs, weighted outputs, gate/up; logits/probs
+    Tc = min(T, MOE_CHUNK_TOKENS)  # the expert kernels run on chunks of this many tokens
+    experts = Tc * K * (3 * D + 2 * F) * item + 4 * T * E * 4  # gathered inputs, outputs, weighted outputs, gate/up; logits/probs
     head = 3 * min(T * cfg.vocab_size * 4, HEAD_CHUNK_BYTES)  # logits, log-softmax, workspace
     kv = work.kv_tokens * cfg.num_hidden_layers * 2 * cfg.kv_heads * cfg.head_dim * item
     return weights, residual + scores + experts + head, kv

@@ -92,6 +92,23 @@ def test_streamed_losses_equal_and_match_reference(tiny_model_factory, med_data,
     assert abs(got - ref) / ref < 1e-5
 
 
+def test_expert_kernels_in_token_chunks_change_nothing_but_rounding(tiny_model_factory, med_data, monkeypatch):
+    """Long batches run the experts in chunks of MOE_CHUNK_TOKENS tokens: routing is per token, so
+    counts are equal and everything else agrees to fp32 rounding."""
+    import emo_cli.models.emo as emo_mod
+
+    lm = load_model(tiny_model_factory("always_active"))
+    docs = read_documents([str(med_data)])
+    whole = run_profile(lm, [str(med_data)], seq_len=64, batch_size=8, quiet=True)
+    loss = evaluate_loss(lm.model, lm.tokenizer, docs, seq_len=64, batch_size=8).loss
+    monkeypatch.setattr(emo_mod, "MOE_CHUNK_TOKENS", 7)
+    chunked = run_profile(lm, [str(med_data)], seq_len=64, batch_size=8, quiet=True)
+    assert torch.equal(whole.counts, chunked.counts) and torch.equal(whole.tokens, chunked.tokens)
+    for k in ("prob", "reap", "easyep"):
+        assert torch.allclose(getattr(whole, k), getattr(chunked, k), rtol=1e-5), k
+    assert abs(evaluate_loss(lm.model, lm.tokenizer, docs, seq_len=64, batch_size=8).loss - loss) < 1e-5 * loss
+
+
 def test_spilled_hidden_states_change_nothing(tiny_model_factory, med_data):
     d = tiny_model_factory("gqa")
     resident, streamed = both(d)

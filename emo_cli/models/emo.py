@@ -147,6 +147,9 @@ class MoEObservation:
 Observer = Callable[[MoEObservation], None]
 
 
+MOE_CHUNK_TOKENS = 4096  # tokens per expert-kernel call (see MoEBlock.forward)
+
+
 class MoEBlock(nn.Module):
     def __init__(self, cfg: EmoConfig, layer: int, num_experts: int, num_shared: int,
                  always_active: tuple[int, ...]):
@@ -176,14 +179,25 @@ class MoEBlock(nn.Module):
         if self.pool_fn is not None:
             allowed = self.pool_fn(self, logits, **pool_kw)  # [T, E] per-document pool
         r = route(logits, self.spec, allowed)
+        # the kernels gather K copies of every token: at most MOE_CHUNK_TOKENS tokens per call keeps
+        # that working set bounded however long the batch (routing is per token, so nothing changes)
+        chunks = [slice(s, s + MOE_CHUNK_TOKENS) for s in range(0, xt.shape[0], MOE_CHUNK_TOKENS)] or [slice(0, 0)]
+
+        def experts(fn, s, **kw):
+            return fn(xt[s], r.experts[s], r.weights[s], self.w_gate, self.w_up, self.w_down, **kw)
+
         if observer is None:
-            out = self.moe_fn(xt, r.experts, r.weights, self.w_gate, self.w_up, self.w_down)
+            out = _cat([experts(self.moe_fn, s) for s in chunks])
         else:
-            out, norms = grouped_moe(xt, r.experts, r.weights, self.w_gate, self.w_up, self.w_down,
-                                     return_norms=True)
+            pairs = [experts(grouped_moe, s, return_norms=True) for s in chunks]
+            out, norms = _cat([p[0] for p in pairs]), _cat([p[1] for p in pairs])
             observer(MoEObservation(self.layer, xt, logits, r, out, norms))
         self.last_routing = r
         return out.view(B, S, D)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class Block(nn.Module):

@@ -73,7 +73,13 @@ class SafetensorsCheckpoint:
         self.data_start: dict[str, int] = {}
         for shard in shards:
             header, self.data_start[shard] = _read_header(self.dir / shard)
+            size = (self.dir / shard).stat().st_size
             for name, info in header.items():
+                offsets = info.get("data_offsets") if isinstance(info, dict) else None
+                if (not isinstance(offsets, list) or len(offsets) != 2
+                        or self.data_start[shard] + int(offsets[1]) > size):
+                    raise EmoError(f"{self.dir / shard}: tensor {name} lies outside the file "
+                                   f"(truncated or damaged download?)")
                 self.headers[name] = info
                 self.shard_of[name] = shard
         if index.exists():

@@ -89,15 +89,20 @@ def _broken_model(src, tmp_path, how):
         cfg = json.loads((d / "config.json").read_text())
         cfg["intermediate_size"] = 24
         (d / "config.json").write_text(json.dumps(cfg))
+    elif how == "truncated":  # an interrupted download: the header promises more than the file holds
+        shard = next(d.glob("model-00002*"))
+        shard.write_bytes(shard.read_bytes()[:-1000])
     return d
 
 
 @pytest.mark.parametrize("how,needle", [("no-config", "config.json"), ("no-shard", "shard"),
-                                        ("bad-type", "model_type"), ("bad-shape", "shape")])
+                                        ("bad-type", "model_type"), ("bad-shape", "shape"),
+                                        ("truncated", "lies outside the file")])
 def test_bad_models(tiny_model_factory, tmp_path, capsys, med_data, how, needle):
     d = _broken_model(tiny_model_factory("shared"), tmp_path, how)
-    code, _, err = run(["eval", d, "--data", med_data], capsys)
-    assert_clean_error(code, err, needle)
+    for streaming in ("on", "off"):
+        code, _, err = run(["eval", d, "--data", med_data, "--streaming", streaming], capsys)
+        assert_clean_error(code, err, needle)
 
 
 def test_bad_data(tiny_model_factory, tmp_path, capsys):

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import EmoError
+from .outputs import follow_umask
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -204,6 +205,7 @@ class ShardWriter:
         self._n += 1
         tmp_name = f"shard-{self._n:05d}.tmp.safetensors"
         save_file(self.pending, str(self.dir / tmp_name), metadata={"format": "pt"})
+        follow_umask(self.dir / tmp_name)  # safetensors writes 0600
         self.shards.append(tmp_name)
         for k in self.pending:
             self.weight_map[k] = tmp_name

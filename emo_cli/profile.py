@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .errors import EmoError
 from .model_api import layout
+from .outputs import follow_umask
 from .models.emo import MoEObservation
 from .passes import HiddenStore, embed_batches, run_layers
 
@@ -100,6 +101,7 @@ class Profile:
         tensors = {k: getattr(self, k).contiguous() for k in STATS + ("tokens",)}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"emo_profile": json.dumps(self.meta, sort_keys=True)})
+        follow_umask(tmp)  # safetensors writes 0600
         os.replace(tmp, path)
 
     @classmethod

@@ -19,6 +19,7 @@ from . import __version__
 from .checkpoint import ShardWriter
 from .errors import EmoError
 from .loading import copy_tokenizer_files, open_hf_dir, source_expert_ids
+from .outputs import follow_umask
 from .select import Plan
 
 
@@ -137,6 +138,7 @@ def prune_to_dir(model_dir: Path, plan: Plan, out_dir: Path, force: bool = False
             meta["seed"] = plan.extra.get("seed", 0)
         meta.update(extra_meta or {})
         (tmp / "pruning_metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        follow_umask(tmp)  # mkdtemp and the shard writer made it private
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

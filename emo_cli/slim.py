@@ -18,7 +18,7 @@ from .loading import is_gguf, open_hf_dir, resolve_model_path
 from .pipeline import heldout_documents, make_plan, masked_loss, masked_losses
 from .profile import Profile
 from .prune import expected_size, prune_to_dir
-from .select import Budget, Plan, domain_coverage, layer_budgets
+from .select import METHODS, Budget, Plan, domain_coverage, layer_budgets
 from .workspace import read_state, resolve_default_model, update_state
 
 
@@ -83,6 +83,8 @@ def run_prune(req: PruneRequest) -> dict:
     state = read_state()
     profiles, stem = _load_profiles(req, state)
     budget = Budget.parse(req.budget)
+    if req.method not in METHODS:  # before any model is loaded
+        raise EmoError(f"unknown method {req.method!r} (choose from {', '.join(METHODS)})")
     if req.plan is None and req.max_loss_increase is None:  # a bad budget fails before any loading
         layer_budgets(profiles[0], budget, profiles[0].meta["model"].get("top_k") or 1)
     if req.allocation not in ("uniform", "global"):

@@ -2,6 +2,7 @@
 must give one clear line, a non-zero exit, no traceback and no partial output."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -190,3 +191,48 @@ def test_prune_report_guard_and_budget_search(tiny_model_factory, tmp_path, caps
     assert abs(g["after"] - evaluate_loss(slim.model, slim.tokenizer, docs, seq_len=2048).loss) < 1e-5
     saved = json.loads((tmp_path / "slim-med" / "report.json").read_text())
     assert saved["eval"] == r["eval"]
+
+
+def test_degenerate_profile_settings_are_refused_before_loading(tiny_model_factory, tmp_path, capsys, med_data,
+                                                                monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    d = tiny_model_factory("shared")
+    for flags, needle in ((["--max-tokens", "0"], "--max-tokens must be at least 1"),
+                          (["--max-docs", "0"], "--max-docs must be at least 1"),
+                          (["--max-docs", "-1"], "--max-docs must be at least 1"),
+                          (["--seq-len", "1"], "--seq-len must be at least 2"),
+                          (["--heldout-frac", "1"], "--heldout-frac must be in [0, 1)")):
+        code, _, err = run(["profile", med_data, "--model", d, *flags], capsys)
+        assert_clean_error(code, err, needle)
+    assert not list(tmp_path.glob("*.profile.safetensors")) and not (tmp_path / ".emo").exists()
+
+
+def test_unknown_method_fails_before_the_model_loads(tiny_model_factory, tmp_path, capsys, med_data, monkeypatch):
+    import emo_cli.runtime
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["profile", med_data, "--model", tiny_model_factory("shared")], capsys)
+    assert code == 0, err
+    monkeypatch.setattr(emo_cli.runtime, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    code, _, err = run(["prune", "--method", "frequncy", "--no-gguf"], capsys)
+    assert_clean_error(code, err, "unknown method 'frequncy'")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_follow_the_umask(tiny_model_factory, tmp_path, capsys, med_data, monkeypatch, umask):
+    """Profiles and slim directories get 0666/0777 less the umask, like any file the user makes
+    (safetensors and mkdtemp would make them private)."""
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(umask)
+    try:
+        code, _, err = run(["profile", med_data, "--model", tiny_model_factory("shared")], capsys)
+        assert code == 0, err
+        code, _, err = run(["prune", "--budget", "4", "--no-gguf"], capsys)
+        assert code == 0, err
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "med.profile.safetensors") == 0o666 & ~umask
+    assert mode(tmp_path / "slim-med") == 0o777 & ~umask
+    for f in (tmp_path / "slim-med").iterdir():
+        assert mode(f) == 0o666 & ~umask, f

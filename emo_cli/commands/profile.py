@@ -60,6 +60,12 @@ def profile(
         else:
             ui.out.print(f"merged {len(data) - 1} profiles into {output} ({merged.docs} docs)")
         return
+    for flag, value, least in (("--max-docs", max_docs, 1), ("--max-tokens", max_tokens, 1), ("--seq-len", seq_len, 2),
+                               ("--batch-size", batch_size, 1)):
+        if value is not None and value < least:
+            raise EmoError(f"{flag} must be at least {least} (got {value})")
+    if not 0 <= heldout_frac < 1:
+        raise EmoError(f"--heldout-frac must be in [0, 1) (got {heldout_frac})")
     out = output or Path(f"{data_stem(data[0])}.profile.safetensors")
     if out.exists() and not force:
         raise EmoError(f"{out} exists (pass --force to overwrite, or -o another name)")

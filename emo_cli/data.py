@@ -62,13 +62,16 @@ def _check_jsonl(path: Path) -> None:
                     raise EmoError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
 
 
-def _row_text(row: dict, field: str) -> str:
+def _row_text(row: dict, field: str, where: str) -> str:
     value = row.get(field)
     if field == "messages" and isinstance(value, list):
         return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in value if isinstance(m, dict))
     if value is None:
         return ""
-    return value if isinstance(value, str) else str(value)
+    if not isinstance(value, str):  # a number or a structure is not text: say so, never str() it
+        raise EmoError(f"{where}: field {field!r} holds {type(value).__name__} {str(value)[:40]!r}, not text "
+                       f"(pass --text-field to pick another field)")
+    return value
 
 
 def _pick_field(columns: list[str], text_field: str | None, source: str) -> str:
@@ -113,8 +116,8 @@ def read_documents(inputs: list[str | Path], text_field: str | None = None,
             if hasattr(table, "keys") and not hasattr(table, "column_names"):
                 raise EmoError(f"{source}: a DatasetDict; pass one split's directory")
             field = _pick_field(table.column_names, text_field, source)
-            for row in table:
-                text = _row_text(row, field)
+            for n, row in enumerate(table, 1):
+                text = _row_text(row, field, f"{source}: row {n}")
                 if text.strip():
                     docs.append(Document(text, source, len(docs)))
                     if max_docs is not None and len(docs) >= max_docs:

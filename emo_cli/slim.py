@@ -24,7 +24,7 @@ from .workspace import read_state, resolve_default_model, update_state
 
 @dataclass
 class PruneRequest:
-    budget: str = "25%"
+    budget: str | None = None  # None: 25%, or what --max-loss-increase finds
     profiles: list[Path] = field(default_factory=list)
     model: str | None = None
     method: str = "frequency"
@@ -82,7 +82,9 @@ def run_prune(req: PruneRequest) -> dict:
 
     state = read_state()
     profiles, stem = _load_profiles(req, state)
-    budget = Budget.parse(req.budget)
+    if req.budget is not None and req.max_loss_increase is not None:
+        raise EmoError("--budget and --max-loss-increase both choose the budget: pass one of them")
+    budget = Budget.parse(req.budget or "25%")
     if req.method not in METHODS:  # before any model is loaded
         raise EmoError(f"unknown method {req.method!r} (choose from {', '.join(METHODS)})")
     if req.plan is None and req.max_loss_increase is None:  # a bad budget fails before any loading
@@ -105,6 +107,10 @@ def run_prune(req: PruneRequest) -> dict:
             if target is not None and target.exists() and not req.force:
                 raise EmoError(f"{target} exists (pass --force to overwrite, or -o another name)")
     heldout = (read_documents(req.heldout) if req.heldout else heldout_documents(profiles))
+    if req.method == "greedy" and req.plan is None and not heldout:  # before any model is loaded
+        raise EmoError("greedy needs held-out documents: profile with --heldout-frac > 0 or pass --heldout DATA")
+    if req.max_loss_increase is not None and req.plan is None and not heldout:
+        raise EmoError("--max-loss-increase needs held-out documents (profile with --heldout-frac > 0 or pass --heldout)")
     guards = [(g, read_documents([g])) for g in req.guard]
     needs_model = req.method in ("router", "greedy") or heldout or guards or req.max_loss_increase is not None
     lm = None

@@ -236,3 +236,25 @@ def test_outputs_follow_the_umask(tiny_model_factory, tmp_path, capsys, med_data
     assert mode(tmp_path / "slim-med") == 0o777 & ~umask
     for f in (tmp_path / "slim-med").iterdir():
         assert mode(f) == 0o666 & ~umask, f
+
+
+def test_conflicting_or_unsatisfiable_prune_requests_fail_before_loading(tiny_model_factory, tmp_path, capsys,
+                                                                          med_data, monkeypatch):
+    import emo_cli.runtime
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["profile", med_data, "--model", tiny_model_factory("shared"), "--heldout-frac", "0"], capsys)
+    assert code == 0, err
+    monkeypatch.setattr(emo_cli.runtime, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    for args, needle in ((["--budget", "10", "--max-loss-increase", "2%"], "pass one of them"),
+                         (["--method", "greedy"], "greedy needs held-out documents"),
+                         (["--max-loss-increase", "2%"], "--max-loss-increase needs held-out documents")):
+        code, _, err = run(["prune", *args, "--no-gguf"], capsys)
+        assert_clean_error(code, err, needle)
+
+
+def test_non_text_fields_are_refused(tmp_path, capsys, tiny_model_factory):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 5}\n')
+    code, _, err = run(["profile", bad, "--model", tiny_model_factory("shared"), "-o", tmp_path / "x.safetensors"], capsys)
+    assert_clean_error(code, err, "row 2: field 'text' holds int '5', not text")

@@ -12,8 +12,8 @@ from . import options
 
 
 def prune(
-    budget: str = typer.Option("25%", "--budget", "-b", help="Experts kept per layer INCLUDING shared ones: "
-                               "25% (of each layer, never below top-k) or a count like 32."),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="Experts kept per layer INCLUDING shared ones: "
+                               "25% (of each layer, never below top-k; the default) or a count like 32."),
     profile: List[Path] = typer.Option([], "--profile", "-p", help="Profile(s); several = one plan serving all "
                                        "domains. Default: the workspace's last profile."),
     model: Optional[str] = typer.Option(None, "--model", "-m"),

@@ -360,6 +360,15 @@ def _write(files: HFModelFiles, path: Path, base: QT, file_type: int, prov: dict
         w.close()
 
 
+def check_quant(quant: str) -> None:
+    """A known quant type whose writer is installed: checked before any work (and by `emo prune`
+    before it loads anything)."""
+    if quant not in gf.QUANTS:
+        raise EmoError(f"unknown quant {quant!r} (use {', '.join(gf.QUANTS)})")
+    if gf.QUANTS[quant][1] is None:
+        _require_llama_cpp(quant)
+
+
 def _require_llama_cpp(quant: str):
     try:
         import llama_cpp
@@ -428,8 +437,7 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "f16", provenance: dict
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if quant not in gf.QUANTS:
-        raise EmoError(f"unknown quant {quant!r} (use {', '.join(gf.QUANTS)})")
+    check_quant(quant)
     if out.suffix != ".gguf":
         raise EmoError(f"{out}: the output file name must end in .gguf")
     if out.is_dir():

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ui
 from .data import read_documents
 from .errors import EmoError
+from .gguf_export import check_quant
 from .loading import is_gguf, open_hf_dir, resolve_model_path
 from .pipeline import heldout_documents, make_plan, masked_loss, masked_losses
 from .profile import Profile
@@ -103,9 +106,9 @@ def run_prune(req: PruneRequest) -> dict:
     out = Path(req.output or f"slim-{stem}")
     gguf_path = None if req.no_gguf else Path(req.gguf or f"{out}.gguf")
     if not req.dry_run:
-        for target in (out, gguf_path):
-            if target is not None and target.exists() and not req.force:
-                raise EmoError(f"{target} exists (pass --force to overwrite, or -o another name)")
+        check_outputs(out, gguf_path, req.force)
+        if gguf_path is not None:
+            check_quant(req.quant)
     heldout = (read_documents(req.heldout) if req.heldout else heldout_documents(profiles))
     if req.method == "greedy" and req.plan is None and not heldout:  # before any model is loaded
         raise EmoError("greedy needs held-out documents: profile with --heldout-frac > 0 or pass --heldout DATA")
@@ -160,15 +163,76 @@ def run_prune(req: PruneRequest) -> dict:
     if ev:
         extra_meta["heldout_loss_before"], extra_meta["heldout_loss_after"] = ev["before"], ev["after"]
     del lm, model
-    with ui.progress(disable=req.quiet) as prog:
-        task = prog.add_task(f"writing {out}", total=files.config.num_hidden_layers, tokens=0)
-        prune_to_dir(path, plan, out, force=req.force, extra_meta=extra_meta, source_name=spec,
-                     on_layer=lambda _i: prog.update(task, advance=1))
-    plan.save(out / "plan.json")
-    report["gguf"] = _export(out, gguf_path, req, plan) if gguf_path else None
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    # everything is written under staging names first; the old outputs are replaced only once all
+    # of the new ones are complete, the directory and the GGUF together
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staged_gguf = gguf_path.with_name(f".{gguf_path.stem}.{os.getpid()}.new.gguf") if gguf_path else None
+    try:
+        slim = stage / out.name  # the final name: the GGUF takes its model name from it
+        with ui.progress(disable=req.quiet) as prog:
+            task = prog.add_task(f"writing {out}", total=files.config.num_hidden_layers, tokens=0)
+            prune_to_dir(path, plan, slim, extra_meta=extra_meta, source_name=spec,
+                         on_layer=lambda _i: prog.update(task, advance=1))
+        plan.save(slim / "plan.json")
+        report["gguf"] = _export(slim, staged_gguf, gguf_path.name, req) if gguf_path else None
+        if report["gguf"] and report["gguf"].get("path"):
+            report["gguf"]["path"] = str(gguf_path)
+        (slim / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        publish(slim, out, stage, staged_gguf if report["gguf"] and report["gguf"].get("path") else None, gguf_path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if staged_gguf is not None:
+            staged_gguf.unlink(missing_ok=True)
     update_state(model=state.get("model") or spec, slim=str(out.resolve()), plan=str((out / "plan.json").resolve()))
     return report
+
+
+def is_emo_output(path: Path) -> bool:
+    """A slim directory emo wrote (its pruning_metadata.json carries emo_version), or a GGUF file."""
+    if path.is_dir():
+        try:
+            return "emo_version" in json.loads((path / "pruning_metadata.json").read_text())
+        except (OSError, ValueError, TypeError):
+            return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def check_outputs(out: Path, gguf_path: Path | None, force: bool) -> None:
+    """Refuse before any work: existing outputs without --force, and, even with it, anything emo
+    did not write (a user's folder or file under the same name is never deleted)."""
+    if not out.parent.is_dir():
+        raise EmoError(f"{out.parent}: no such directory")
+    for target in (out, gguf_path):
+        if target is None or not (target.exists() or target.is_symlink()):
+            continue
+        if not force:
+            raise EmoError(f"{target} exists (pass --force to overwrite, or -o another name)")
+        if target.is_symlink() or not is_emo_output(target) or (target == out) != target.is_dir():
+            raise EmoError(f"{target} exists and is not an emo output; refusing to replace it (choose another -o/--gguf)")
+    if gguf_path is not None and not gguf_path.parent.is_dir():
+        raise EmoError(f"{gguf_path.parent}: no such directory")
+
+
+def publish(slim: Path, out: Path, stage: Path, staged_gguf: Path | None, gguf_path: Path | None) -> None:
+    """Move the complete new outputs into place; an old GGUF that the new model has none for is
+    removed with the old directory it belonged to."""
+    if out.exists():
+        os.replace(out, stage / ".replaced")
+    try:
+        os.replace(slim, out)
+    except OSError:
+        if (stage / ".replaced").exists():
+            os.replace(stage / ".replaced", out)
+        raise
+    if gguf_path is not None:
+        if staged_gguf is not None:
+            os.replace(staged_gguf, gguf_path)
+        elif gguf_path.exists():
+            gguf_path.unlink()
 
 
 def _weight_passes(req: PruneRequest) -> int:
@@ -213,7 +277,7 @@ def _search_budget(req, profiles, model, tok, heldout, seq_len, plan_for):
     return best[1], {"max_increase_pct": limit, "chosen_keep": best[0], "tried": tried, "base_loss": base}
 
 
-def _export(out: Path, gguf_path: Path, req: PruneRequest, plan: Plan):
+def _export(out: Path, gguf_path: Path, label: str, req: PruneRequest):
     from .config import EmoConfig
     from .gguf_export import export_gguf, gguf_blocker
 
@@ -223,8 +287,8 @@ def _export(out: Path, gguf_path: Path, req: PruneRequest, plan: Plan):
         ui.err.print(f"note: no GGUF written: {reason}", markup=False)
         return {"skipped": reason}
     with ui.progress(disable=req.quiet) as prog:
-        task = prog.add_task(f"exporting {gguf_path.name}", total=None, tokens=0)
-        export_gguf(out, gguf_path, quant=req.quant, force=req.force,
+        task = prog.add_task(f"exporting {label}", total=None, tokens=0)
+        export_gguf(out, gguf_path, quant=req.quant, force=True,
                     progress=lambda stage, done, total: prog.update(
-                        task, completed=done, total=total, description=f"{stage} {gguf_path.name}"))
+                        task, completed=done, total=total, description=f"{stage} {label}"))
     return {"path": str(gguf_path), "quant": req.quant, "bytes": gguf_path.stat().st_size}

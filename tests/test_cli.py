@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from emo_cli import cli
+from emo_cli.errors import EmoError
 from tiny_models import sample_texts, write_jsonl
 
 
@@ -258,3 +259,51 @@ def test_non_text_fields_are_refused(tmp_path, capsys, tiny_model_factory):
     bad.write_text('{"text": "fine"}\n{"text": 5}\n')
     code, _, err = run(["profile", bad, "--model", tiny_model_factory("shared"), "-o", tmp_path / "x.safetensors"], capsys)
     assert_clean_error(code, err, "row 2: field 'text' holds int '5', not text")
+
+
+def test_failed_forced_prune_keeps_the_previous_outputs(tiny_model_factory, tmp_path, capsys, med_data, monkeypatch):
+    """A --force run that fails (bad option, or a failure while writing) leaves the previous slim
+    directory and GGUF exactly as they were, and no staging leftovers."""
+    import emo_cli.gguf_export
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["profile", med_data, "--model", tiny_model_factory("shared")], capsys)
+    assert code == 0, err
+    code, _, err = run(["prune", "--budget", "4"], capsys)
+    assert code == 0, err
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("slim-med*") if p.is_file()}
+    before.update({p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "slim-med").iterdir()})
+
+    def unchanged():
+        now = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("slim-med*") if p.is_file()}
+        now.update({p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "slim-med").iterdir()})
+        assert now == before
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".slim-med")]
+
+    code, _, err = run(["prune", "--budget", "6", "--force", "--quant", "bogus"], capsys)
+    assert_clean_error(code, err, "unknown quant 'bogus'")
+    unchanged()
+
+    def broken(*a, **k):
+        raise EmoError("disk full")
+
+    monkeypatch.setattr(emo_cli.gguf_export, "export_gguf", broken)
+    code, _, err = run(["prune", "--budget", "6", "--force"], capsys)
+    assert code == 1 and "disk full" in err
+    unchanged()
+
+
+def test_force_never_replaces_what_emo_did_not_write(tiny_model_factory, tmp_path, capsys, med_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["profile", med_data, "--model", tiny_model_factory("shared")], capsys)
+    assert code == 0, err
+    mine = tmp_path / "my-folder"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    code, _, err = run(["prune", "--budget", "4", "-o", mine, "--force", "--no-gguf"], capsys)
+    assert_clean_error(code, err, "not an emo output")
+    (tmp_path / "notes.gguf").write_text("not a gguf")
+    code, _, err = run(["prune", "--budget", "4", "--gguf", tmp_path / "notes.gguf", "--force"], capsys)
+    assert_clean_error(code, err, "not an emo output")
+    assert (mine / "thesis.txt").read_text() == "years of work" and len(list(mine.iterdir())) == 1
+    assert (tmp_path / "notes.gguf").read_text() == "not a gguf" and not (tmp_path / "slim-med").exists()

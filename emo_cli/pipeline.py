@@ -30,7 +30,7 @@ def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=
     batches = batches_for(lm.tokenizer, profiled, seq_len, batch_size, max_tokens)
     meta = {
         "model": {"path": str(lm.path), "fingerprint": lm.fingerprint},
-        "data": {"sources": [str(d) for d in data], "text_field": text_field, "max_docs": max_docs,
+        "data": {"sources": [str(Path(d).resolve()) for d in data], "text_field": text_field, "max_docs": max_docs,
                  "docs": sum(len(b.doc_index) for b in batches),
                  "tokens": int(sum(int(b.mask.sum()) for b in batches)), "hash": data_hash(docs),
                  "total_docs": len(docs), "heldout_frac": heldout_frac, "heldout_ids": [d.index for d in held]},
@@ -50,10 +50,23 @@ def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=
         return profile_model(lm.model, batches, meta, on_step=step, resume_dir=resume_dir, on_resume=resumed)
 
 
-def _reread(part: dict) -> list[Document]:
-    docs = read_documents(part["sources"], text_field=part.get("text_field"), max_docs=part.get("max_docs"))
+def _locate(source: str, profile_path: Path | None) -> str:
+    """A profiled data path as recorded (absolute since emo 0.1; relative to where `emo profile`
+    ran before), else a file of the same name next to the profile."""
+    if Path(source).exists():
+        return source
+    near = profile_path.parent / Path(source).name if profile_path is not None else None
+    if near is not None and near.exists():
+        return str(near)
+    where = f" or next to {profile_path}" if profile_path is not None else ""
+    raise EmoError(f"{source}: the profiled data is not there{where} (moved? pass --heldout DATA, or profile again)")
+
+
+def _reread(part: dict, profile_path: Path | None) -> list[Document]:
+    sources = [_locate(src, profile_path) for src in part["sources"]]
+    docs = read_documents(sources, text_field=part.get("text_field"), max_docs=part.get("max_docs"))
     if data_hash(docs) != part["hash"]:
-        raise EmoError(f"{', '.join(part['sources'])} changed since it was profiled; profile it again")
+        raise EmoError(f"{', '.join(sources)} changed since it was profiled (content hash differs); profile it again")
     return docs
 
 
@@ -64,7 +77,7 @@ def _documents(profiles: list[Profile], held_out: bool) -> list[Document]:
             ids = set(part.get("heldout_ids", []))
             if held_out and not ids:
                 continue
-            out += [d for d in _reread(part) if (d.index in ids) == held_out]
+            out += [d for d in _reread(part, prof.path) if (d.index in ids) == held_out]
     return out
 
 

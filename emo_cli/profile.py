@@ -40,6 +40,7 @@ class Profile:
     easyep: torch.Tensor  # [L, E]
     tokens: torch.Tensor  # [L] tokens seen by each layer
     meta: dict = field(default_factory=dict)
+    path: Path | None = None  # the file it was loaded from (not saved): moved data is looked for beside it
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -117,7 +118,7 @@ class Profile:
             raise EmoError(f"{path}: not an emo profile (no emo_profile metadata)") from None
         except Exception as e:  # safetensors raises its own error type for corrupt files
             raise EmoError(f"{path}: cannot read profile ({str(e).splitlines()[0]})") from None
-        return cls(**t, meta=meta)
+        return cls(**t, meta=meta, path=path.resolve())
 
 
 class ProfileAccumulator:

@@ -307,3 +307,27 @@ def test_force_never_replaces_what_emo_did_not_write(tiny_model_factory, tmp_pat
     assert_clean_error(code, err, "not an emo output")
     assert (mine / "thesis.txt").read_text() == "years of work" and len(list(mine.iterdir())) == 1
     assert (tmp_path / "notes.gguf").read_text() == "not a gguf" and not (tmp_path / "slim-med").exists()
+
+
+def test_profiles_find_their_data_from_anywhere(tiny_model_factory, tmp_path, capsys, med_data, monkeypatch):
+    """Profiles record absolute data paths (and a content hash); data moved together with the
+    profile is found beside it; missing data is one clear line."""
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    shutil.copy(med_data, a / "med.jsonl")
+    monkeypatch.chdir(a)
+    code, _, err = run(["profile", "med.jsonl", "--model", tiny_model_factory("shared")], capsys)
+    assert code == 0, err
+    monkeypatch.chdir(b)
+    code, out, err = run(["prune", "-p", "../a/med.profile.safetensors", "--budget", "4", "--no-gguf", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["eval"]["heldout"]["docs"] > 0
+    for name in ("med.jsonl", "med.profile.safetensors"):
+        shutil.move(a / name, c / name)
+    code, out, err = run(["prune", "-p", "../c/med.profile.safetensors", "--budget", "4", "--dry-run", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["eval"]["heldout"]["docs"] > 0
+    (c / "med.jsonl").unlink()
+    code, _, err = run(["prune", "-p", "../c/med.profile.safetensors", "--budget", "4", "--dry-run"], capsys)
+    assert_clean_error(code, err, "the profiled data is not there")

@@ -111,19 +111,44 @@ class ChatSession:
         self.context: list[int] = []  # raw-text mode: every token typed or generated
         self.last = GenerationStats()
         self.total_new = 0
+        self.notice: str | None = None
         eos = next(iter(m.eos_ids), None)
         self.eos_text = m.engine.decode([eos]) if eos is not None else ""
 
     def reset(self) -> None:
         self.messages, self.context = [], []
 
-    def turn(self, text: str):
-        """Yield the continuation of `text` piece by piece (whole UTF-8 characters)."""
+    def fit(self, text: str) -> tuple[list[int], str | None]:
+        """The context for this turn within the model's window, leaving room for a reply: the oldest
+        turns (template) or tokens (raw text) go first; an input too long on its own keeps its
+        end. Returns the ids and a notice of what was dropped, if anything."""
+        engine = self.m.engine
+        room = max(1, engine.max_context - min(max(self.params.max_new_tokens, 16), engine.max_context // 4))
         if self.m.chat_template:
             self.messages.append({"role": "user", "content": text})
-            ids = self.m.engine.encode(render_template(self.m.chat_template, self.messages, self.eos_text))
-        else:
-            ids = self.context + self.m.engine.encode(text)
+            render = lambda: engine.encode(render_template(self.m.chat_template, self.messages, self.eos_text))  # noqa: E731
+            ids, dropped = render(), 0
+            while len(ids) > room and len(self.messages) > 1:
+                self.messages.pop(0)
+                dropped += 1
+                ids = render()
+            if len(ids) <= room:
+                return ids, (f"context full: dropped the {dropped} oldest message(s)" if dropped else None)
+            own = engine.encode(text)
+            self.messages[-1]["content"] = engine.decode(own[len(own) - max(1, room - (len(ids) - len(own))):])
+            return render()[-room:], f"this input is longer than the context ({len(own)} tokens): kept its end"
+        own = engine.encode(text)
+        if len(own) > room:
+            return own[-room:], f"this input is longer than the context ({len(own)} tokens): kept its last {room}"
+        ids = self.context + own
+        if len(ids) > room:
+            return ids[-room:], f"context full: dropped the {len(ids) - room} oldest tokens of the conversation"
+        return ids, None
+
+    def turn(self, text: str):
+        """Yield the continuation of `text` piece by piece (whole UTF-8 characters); `self.notice`
+        says what an over-full context dropped."""
+        ids, self.notice = self.fit(text)
         stats = GenerationStats()
         self.last = stats
         stream = TextStream(self.m.engine.decode)
@@ -247,12 +272,18 @@ def repl(m: OpenModel, params: SamplingParams) -> None:
             ui.out.print(f"[red]unknown command {cmd}[/red] (use /reset, /stats, /exit)", markup=True)
             continue
         t0 = time.perf_counter()
+        said = False
         try:
             for piece in session.turn(line):  # raw text: model output is never rich markup
+                if not said and session.notice:
+                    ui.out.print(f"[dim]{session.notice}[/dim]")
+                said = True
                 ui.out.file.write(piece)
                 ui.out.file.flush()
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
             session.last.stop = "interrupted"
+        if not said and session.notice:
+            ui.out.print(f"[dim]{session.notice}[/dim]")
         s = session.last
         ui.out.print()
         ui.out.print(f"[dim]{s.new_tokens} tokens, {s.decode_tps:.1f} tok/s"

@@ -211,3 +211,49 @@ def test_repl_through_a_pty(ggufs, tmp_path):
             proc.kill()
         os.close(master)
     assert (tmp_path / ".cache" / "emo" / "chat_history").exists()  # readline history was saved
+
+
+def test_repl_survives_a_full_context(ggufs, tmp_path):
+    """Turns that overflow the 256-token context drop the oldest tokens with one dim notice, an
+    input longer than the context keeps its end, and the session goes on (exit 0)."""
+    _, files = ggufs
+    long_line = " ".join(["the patient was given a dose of aspirin"] * 12)  # ~100 tokens
+    huge_line = " ".join(["def return value"] * 150)
+    r = subprocess.run([sys.executable, "-m", "emo_cli.cli", "chat", "--model", str(files["q8_0"]),
+                        "--temperature", "0", "-n", "4", "--threads", "1"],
+                       input=f"{long_line}\n{long_line}\n{long_line}\n{huge_line}\n{PROMPT}\n/exit\n",
+                       capture_output=True, text=True, env=_cli_env(tmp_path), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "context full: dropped the" in r.stdout, r.stdout
+    assert "this input is longer than the context" in r.stdout, r.stdout
+    assert r.stdout.count(" tokens, ") == 5  # every turn answered
+
+
+def test_templated_session_drops_oldest_messages_when_full(ggufs, tmp_path):
+    """With a chat template, an over-full conversation drops whole messages, oldest first, and the
+    rendered context always fits the window with room for the reply."""
+    import shutil
+
+    from emo_cli.chat import ChatSession, open_model
+    from emo_cli.generate import SamplingParams
+
+    src, _ = ggufs
+    d = tmp_path / "templated"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                            "{% if add_generation_prompt %}[assistant]{% endif %}")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    gguf = export_gguf(d, tmp_path / "t.gguf", "f32")["output"]
+    m = open_model(str(gguf), threads=1)
+    session = ChatSession(m, SamplingParams(temperature=0, max_new_tokens=4))
+    long_line = " ".join(["the patient was given a dose of aspirin"] * 4)
+    notices = []
+    for _ in range(4):
+        "".join(session.turn(long_line))
+        notices.append(session.notice)
+    assert notices[0] is None and any(n and "oldest message" in n for n in notices[1:]), notices
+    ids, _ = session.fit(long_line)
+    assert len(ids) <= m.engine.max_context - 16
+    "".join(session.turn(" ".join(["def return value"] * 150)))
+    assert "longer than the context" in session.notice

@@ -145,10 +145,12 @@ class ChatSession:
             return ids[-room:], f"context full: dropped the {len(ids) - room} oldest tokens of the conversation"
         return ids, None
 
-    def turn(self, text: str):
-        """Yield the continuation of `text` piece by piece (whole UTF-8 characters); `self.notice`
-        says what an over-full context dropped."""
+    def turn(self, text: str, on_notice=None):
+        """Yield the continuation of `text` piece by piece (whole UTF-8 characters); what an
+        over-full context dropped is `self.notice`, also given to `on_notice` before any text."""
         ids, self.notice = self.fit(text)
+        if self.notice and on_notice:
+            on_notice(self.notice)
         stats = GenerationStats()
         self.last = stats
         stream = TextStream(self.m.engine.decode)
@@ -193,9 +195,13 @@ def one_shot(m: OpenModel, prompt: str, params: SamplingParams) -> GenerationSta
     """Print only the continuation of `prompt` to stdout, as plain text (no markup)."""
     session = ChatSession(m, params)
     out = sys.stdout
-    for piece in session.turn(prompt):
+    for piece in session.turn(prompt, on_notice=lambda n: print(f"note: {n}", file=sys.stderr)):
         out.write(piece)
         out.flush()
+    if session.last.stop == "interrupted":  # Ctrl-C: the output is cut off; say so by the exit code
+        out.write("\n")
+        out.flush()
+        raise KeyboardInterrupt
     if out.isatty():
         out.write("\n")
     return session.last
@@ -272,18 +278,12 @@ def repl(m: OpenModel, params: SamplingParams) -> None:
             ui.out.print(f"[red]unknown command {cmd}[/red] (use /reset, /stats, /exit)", markup=True)
             continue
         t0 = time.perf_counter()
-        said = False
-        try:
-            for piece in session.turn(line):  # raw text: model output is never rich markup
-                if not said and session.notice:
-                    ui.out.print(f"[dim]{session.notice}[/dim]")
-                said = True
+        try:  # raw text: model output is never rich markup
+            for piece in session.turn(line, on_notice=lambda n: ui.out.print(f"[dim]{n}[/dim]")):
                 ui.out.file.write(piece)
                 ui.out.file.flush()
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
             session.last.stop = "interrupted"
-        if not said and session.notice:
-            ui.out.print(f"[dim]{session.notice}[/dim]")
         s = session.last
         ui.out.print()
         ui.out.print(f"[dim]{s.new_tokens} tokens, {s.decode_tps:.1f} tok/s"

@@ -257,3 +257,24 @@ def test_templated_session_drops_oldest_messages_when_full(ggufs, tmp_path):
     assert len(ids) <= m.engine.max_context - 16
     "".join(session.turn(" ".join(["def return value"] * 150)))
     assert "longer than the context" in session.notice
+
+
+def test_ctrl_c_in_one_shot_exits_130_after_a_newline(ggufs, monkeypatch, capsys):
+    """Ctrl-C cuts one-shot output short: the shell learns it from exit code 130, the terminal
+    gets its newline. The interrupt arrives after the first tokens, as a user's would."""
+    import emo_cli.chat as chat_mod
+    from test_cli import run
+
+    real = chat_mod.generate
+
+    def interrupted(*a, **k):
+        for i, tok in enumerate(real(*a, **k)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield tok
+
+    monkeypatch.setattr(chat_mod, "generate", interrupted)
+    _, files = ggufs
+    code, out, err = run(["chat", "--model", files["q8_0"], "--prompt", PROMPT, "-n", "20", "--temperature", "0",
+                          "--threads", "1"], capsys)
+    assert code == 130 and out.endswith("\n"), (code, out, err)

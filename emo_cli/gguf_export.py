@@ -35,6 +35,7 @@ from .bpe import CL100K_SPLIT
 from .config import EmoConfig
 from .errors import EmoError
 from .loading import HFModelFiles, open_hf_dir, read_pruning_metadata
+from .outputs import remove_stale
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -454,6 +455,7 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "f16", provenance: dict
     file_type, qtype = gf.QUANTS[quant]
     if qtype is None:
         _require_llama_cpp(quant)  # before any work
+    remove_stale(out.parent, out.name)  # what a killed export left behind
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     mid = out.with_name(f".{out.name}.{os.getpid()}.src.tmp")
     try:

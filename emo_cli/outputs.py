@@ -1,11 +1,16 @@
-"""Files emo writes for the user get the permissions of any file the user creates: 0666 (files) or
-0777 (directories) less the umask. Temporary directories (mkdtemp) and safetensors' writer make
-their results private (0700/0600), so outputs built that way are opened up before they are
-published under their final name."""
+"""Outputs emo publishes for the user.
+
+They get the permissions of any file the user creates: 0666 (files) or 0777 (directories) less the
+umask; temporary directories (mkdtemp) and safetensors' writer make their results private
+(0700/0600), so outputs built that way are opened up before they are published under their final
+name. They are written under staging names that carry the writer's pid, so what a killed run left
+behind can be told from a running one's and removed."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 
@@ -31,3 +36,30 @@ def follow_umask(path: Path) -> None:
     for p in targets:
         if not p.is_symlink():
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale(parent: Path, name: str) -> None:
+    """Remove what killed emo runs left behind while writing `name` in `parent`: staging names
+    `.{name}.{pid}.…` whose process no longer exists (a running one's are left alone)."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.")
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)

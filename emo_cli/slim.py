@@ -17,6 +17,7 @@ from . import ui
 from .data import read_documents
 from .errors import EmoError
 from .gguf_export import check_quant
+from .outputs import remove_stale
 from .loading import is_gguf, open_hf_dir, resolve_model_path
 from .pipeline import heldout_documents, make_plan, masked_loss, masked_losses
 from .profile import Profile
@@ -165,7 +166,11 @@ def run_prune(req: PruneRequest) -> dict:
     del lm, model
     # everything is written under staging names first; the old outputs are replaced only once all
     # of the new ones are complete, the directory and the GGUF together
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale(out.parent, out.name)
+    if gguf_path is not None:  # this run's staging (stem) and `emo export`'s (name)
+        remove_stale(gguf_path.parent, gguf_path.stem)
+        remove_stale(gguf_path.parent, gguf_path.name)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
     staged_gguf = gguf_path.with_name(f".{gguf_path.stem}.{os.getpid()}.new.gguf") if gguf_path else None
     try:
         slim = stage / out.name  # the final name: the GGUF takes its model name from it

@@ -114,8 +114,8 @@ def test_stream_holds_partial_utf8(tiny_model_factory):
     assert not any("\ufffd" in p for p in pieces)
 
 
-def test_chat_template_is_applied(ggufs, tmp_path):
-    src, _ = ggufs
+def templated(src, tmp_path):
+    """A copy of the HF model whose tokenizer has a chat template, and its f32 GGUF."""
     import shutil
 
     d = tmp_path / "templated"
@@ -124,7 +124,12 @@ def test_chat_template_is_applied(ggufs, tmp_path):
     cfg["chat_template"] = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
                             "{% if add_generation_prompt %}[assistant]{% endif %}")
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    gguf = export_gguf(d, tmp_path / "t.gguf", "f32")["output"]
+    return d, export_gguf(d, tmp_path / "t.gguf", "f32")["output"]
+
+
+def test_chat_template_is_applied(ggufs, tmp_path):
+    src, _ = ggufs
+    d, gguf = templated(src, tmp_path)
     rendered = f"[user] {PROMPT}\n[assistant]"
     raw = chat("--model", src, "--prompt", rendered, "--temperature", 0, "-n", 10)
     assert chat("--model", gguf, "--prompt", PROMPT, "--temperature", 0, "-n", 10) == raw
@@ -232,19 +237,10 @@ def test_repl_survives_a_full_context(ggufs, tmp_path):
 def test_templated_session_drops_oldest_messages_when_full(ggufs, tmp_path):
     """With a chat template, an over-full conversation drops whole messages, oldest first, and the
     rendered context always fits the window with room for the reply."""
-    import shutil
-
     from emo_cli.chat import ChatSession, open_model
     from emo_cli.generate import SamplingParams
 
-    src, _ = ggufs
-    d = tmp_path / "templated"
-    shutil.copytree(src, d)
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
-                            "{% if add_generation_prompt %}[assistant]{% endif %}")
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    gguf = export_gguf(d, tmp_path / "t.gguf", "f32")["output"]
+    _, gguf = templated(ggufs[0], tmp_path)
     m = open_model(str(gguf), threads=1)
     session = ChatSession(m, SamplingParams(temperature=0, max_new_tokens=4))
     long_line = " ".join(["the patient was given a dose of aspirin"] * 4)

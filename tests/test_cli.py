@@ -331,3 +331,24 @@ def test_profiles_find_their_data_from_anywhere(tiny_model_factory, tmp_path, ca
     (c / "med.jsonl").unlink()
     code, _, err = run(["prune", "-p", "../c/med.profile.safetensors", "--budget", "4", "--dry-run"], capsys)
     assert_clean_error(code, err, "the profiled data is not there")
+
+
+def test_leftovers_of_killed_runs_are_cleaned(tiny_model_factory, tmp_path, capsys, med_data, monkeypatch):
+    """Staging files of a killed prune/export (their pid is gone) are removed by the next run;
+    those of a live process are not."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["profile", med_data, "--model", tiny_model_factory("shared")], capsys)
+    assert code == 0, err
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / f".slim-med.{dead.pid}.abc123", tmp_path / f".slim-med.gguf.{dead.pid}.tmp",
+             tmp_path / f".slim-med.{dead.pid}.new.gguf"]
+    stale[0].mkdir()
+    (stale[0] / "model.safetensors").write_bytes(b"x" * 1000)
+    stale[1].write_bytes(b"GGUF")
+    stale[2].write_bytes(b"GGUF")
+    live = tmp_path / f".slim-med.gguf.{os.getppid()}.tmp"
+    live.write_bytes(b"GGUF")
+    code, _, err = run(["prune", "--budget", "4"], capsys)
+    assert code == 0, err
+    assert not any(p.exists() for p in stale) and live.exists()

@@ -21,9 +21,12 @@ def read_state() -> dict:
     if not STATE.exists():
         return {}
     try:
-        return json.loads(STATE.read_text())
-    except json.JSONDecodeError:
-        raise EmoError(f"{STATE}: corrupt workspace state (delete it and run `emo profile` again)") from None
+        state = json.loads(STATE.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = None
+    if not isinstance(state, dict):
+        raise EmoError(f"{STATE}: corrupt workspace state (delete it and run `emo profile` again)")
+    return state
 
 
 def update_state(**values) -> None:

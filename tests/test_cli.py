@@ -352,3 +352,13 @@ def test_leftovers_of_killed_runs_are_cleaned(tiny_model_factory, tmp_path, caps
     code, _, err = run(["prune", "--budget", "4"], capsys)
     assert code == 0, err
     assert not any(p.exists() for p in stale) and live.exists()
+
+
+@pytest.mark.parametrize("state", ["{not json", "[]", "\udcff"])
+def test_corrupt_workspace_fails_before_any_output(tiny_model_factory, tmp_path, capsys, med_data, monkeypatch, state):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".emo").mkdir()
+    (tmp_path / ".emo" / "state.json").write_bytes(state.encode("utf-8", "surrogateescape"))
+    code, _, err = run(["profile", med_data, "--model", tiny_model_factory("shared")], capsys)
+    assert_clean_error(code, err, "corrupt workspace state")
+    assert not list(tmp_path.glob("*.profile.safetensors"))

@@ -45,7 +45,7 @@ def profile(
     from ..profile import Profile, coverage
     from ..memory import Workload
     from ..runtime import load_model
-    from ..workspace import absolute_if_local, resolve_default_model, update_state
+    from ..workspace import absolute_if_local, read_state, resolve_default_model, update_state
 
     if data and data[0] == "merge" and not Path("merge").exists():
         if len(data) < 3 or output is None:
@@ -66,6 +66,7 @@ def profile(
             raise EmoError(f"{flag} must be at least {least} (got {value})")
     if not 0 <= heldout_frac < 1:
         raise EmoError(f"--heldout-frac must be in [0, 1) (got {heldout_frac})")
+    read_state()  # a corrupt workspace fails now, not after the profile is written
     out = output or Path(f"{data_stem(data[0])}.profile.safetensors")
     if out.exists() and not force:
         raise EmoError(f"{out} exists (pass --force to overwrite, or -o another name)")

@@ -144,15 +144,27 @@ def row_nll(model: CausalLM, h: torch.Tensor, ids: torch.Tensor, mask: torch.Ten
     return torch.zeros(ids.shape[0], dtype=torch.float64, device=h.device).index_add_(0, rows, nll)
 
 
-def variant_masks(model: CausalLM, mask_sets: list[dict], tokens: int) -> dict:
-    """Per-token masks [C*T, E] that route copy c of a replicated batch by mask_sets[c]."""
+def variant_masks(model: CausalLM, mask_sets: list[dict]) -> Callable[[int], dict]:
+    """For a batch of T tokens replicated once per variant: the masks that route copy c by
+    mask_sets[c]. A layer all variants route alike keeps its one [E] mask; the others get one row
+    per token, [C*T, E]. Built once per token count, not per layer and batch."""
     ids = model.expert_ids()
-    out = {}
+    shared, differing = {}, {}
     for layer in sorted({i for ms in mask_sets for i in ms}):
         full = torch.ones(len(ids[layer]), dtype=torch.bool, device=model.device)
         per_copy = torch.stack([ms.get(layer, full) for ms in mask_sets])  # [C, E]
-        out[layer] = per_copy.repeat_interleave(tokens, dim=0)  # [C*T, E]
-    return out
+        if bool((per_copy == per_copy[0]).all()):
+            shared[layer] = per_copy[0]
+        else:
+            differing[layer] = per_copy
+    built: dict[int, dict] = {}
+
+    def for_tokens(tokens: int) -> dict:
+        if tokens not in built:
+            built[tokens] = {**shared, **{i: m.repeat_interleave(tokens, dim=0) for i, m in differing.items()}}
+        return built[tokens]
+
+    return for_tokens
 
 
 @torch.no_grad()
@@ -166,7 +178,11 @@ def batch_nll(model: CausalLM, id_batches: list[torch.Tensor], pad_masks: list[t
     C = len(mask_sets)
     inputs = [ids.repeat(C, 1) for ids in id_batches] if C > 1 else id_batches
     store = embed_batches(model, inputs)
-    masks = (lambda b: variant_masks(model, mask_sets, id_batches[b].numel())) if C > 1 else mask_sets[0]
+    if C > 1:
+        for_tokens = variant_masks(model, mask_sets)
+        masks = lambda b: for_tokens(id_batches[b].numel())  # noqa: E731
+    else:
+        masks = mask_sets[0]
     out: list[list[torch.Tensor]] = [[] for _ in range(C)]
     try:
         run_layers(model, store, 0, model.num_layers, masks=masks, on_step=on_step)

@@ -92,13 +92,11 @@ def _candidate_losses(model, layer: int, store, batches, masks: dict, candidate_
     one routing mask per copy ([C*B*S, E], a row per token), so each layer is read once."""
     C = len(candidate_masks)
     work = replicate(model, store, C)
-    mask_sets = [{**masks, layer: m} for m in candidate_masks]
-    shapes = [b.ids.shape for b in batches]
+    for_tokens = variant_masks(model, [{**masks, layer: m} for m in candidate_masks])
     nll = torch.zeros(C, dtype=torch.float64)
     ntok = 0
     try:
-        run_layers(model, work, layer, model.num_layers,
-                   masks=lambda b: variant_masks(model, mask_sets, shapes[b].numel()))
+        run_layers(model, work, layer, model.num_layers, masks=lambda b: for_tokens(batches[b].ids.numel()))
         for i, b in enumerate(batches):
             rows = row_nll(model, work[i], b.ids.repeat(C, 1), b.mask.repeat(C, 1))  # [C*B]
             nll += rows.view(C, -1).sum(1).cpu()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .loading import (EMBED, FINAL_NORM, LM_HEAD, HFModelFiles, check_checkpoint, load_block, read_weight,
                       source_expert_ids)
-from .models.emo import KVCache, Observer, RMSNorm, rope_for
+from .models.emo import KVCache, Observer, RMSNorm, rope_for, run_blocks
 
 
 class StreamedModel:
@@ -54,17 +54,10 @@ class StreamedModel:
 
     def run_layers(self, h: torch.Tensor, start: int, stop: int, masks: dict | None = None,
                    observer: Observer | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        pos = cache.length if cache is not None else 0
-        cos, sin = rope_for(self.config, h.shape[1], pos, self._device)
-        for i in range(start, stop):
-            h = self._layer(i)(h, cos, sin, cache, pos, observer=observer, allowed=masks.get(i) if masks else None)
-        if cache is not None and stop == self.num_layers:
-            cache.length = pos + h.shape[1]
-        return h
+        return run_blocks(self.config, self._layer, h, start, stop, masks, observer, cache, self._device)
 
     def router_probs(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        cos, sin = rope_for(self.config, h.shape[1], 0, self._device)
-        return self._layer(layer).router_probs(h, cos, sin)  # [T, E]
+        return self._layer(layer).router_probs(h, *rope_for(self.config, h.shape[1], 0, self._device))  # [T, E]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         norm, lm_head = self._resident("head", self._load_head)

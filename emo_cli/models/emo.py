@@ -230,6 +230,19 @@ class Block(nn.Module):
         return route(x.reshape(-1, x.shape[-1]) @ self.mlp.router.t(), self.mlp.spec).probs
 
 
+def run_blocks(cfg: EmoConfig, block_at: Callable[[int], Block], h: torch.Tensor, start: int, stop: int,
+               masks: dict | None, observer: Observer | None, cache: KVCache | None, device, **pool_kw) -> torch.Tensor:
+    """Layers [start, stop) on h [B, S, D], each block fetched by `block_at` (resident, or loaded
+    for the moment by the streamed model); the KV cache advances once the last layer has run."""
+    pos = cache.length if cache is not None else 0
+    cos, sin = rope_for(cfg, h.shape[1], pos, device)
+    for i in range(start, stop):
+        h = block_at(i)(h, cos, sin, cache, pos, observer=observer, allowed=masks.get(i) if masks else None, **pool_kw)
+    if cache is not None and stop == cfg.num_hidden_layers:
+        cache.length = pos + h.shape[1]
+    return h
+
+
 class EmoForCausalLM(nn.Module):
     """State-dict names mirror the released HF names, with experts stacked per layer."""
 
@@ -278,18 +291,11 @@ class EmoForCausalLM(nn.Module):
     def run_layers(self, h: torch.Tensor, start: int, stop: int, masks: dict | None = None,
                    observer: Observer | None = None, cache: KVCache | None = None, **pool_kw) -> torch.Tensor:
         """Layers [start, stop) on the residual stream h [B, S, D]; masks: layer -> [E] or [T, E] bool."""
-        pos = cache.length if cache is not None else 0
-        cos, sin = self.rope(h.shape[1], pos)
-        for i in range(start, stop):
-            allowed = masks.get(i) if masks else None
-            h = self.layers[i](h, cos, sin, cache, pos, observer=observer, allowed=allowed, **pool_kw)
-        if cache is not None and stop == len(self.layers):
-            cache.length = pos + h.shape[1]
-        return h
+        return run_blocks(self.config, self.layers.__getitem__, h, start, stop, masks, observer, cache,
+                          self.device, **pool_kw)
 
     def router_probs(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        cos, sin = self.rope(h.shape[1])
-        return self.layers[layer].router_probs(h, cos, sin)  # [T, E]
+        return self.layers[layer].router_probs(h, *self.rope(h.shape[1]))  # [T, E]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h)).float()  # [..., V]

@@ -44,7 +44,7 @@ from .bpe import CL100K_SPLIT
 from .config import EmoConfig
 from .errors import EmoError
 from .model_api import expert_mask
-from .models.emo import KVCache, MoEObservation, Observer, causal_attention
+from .models.emo import DEFAULT_ACTIVATION_BUDGET, KVCache, MoEObservation, Observer, causal_attention
 from .routing import RoutingSpec, route
 from .runtime import LoadedModel
 from .tokenizer import EmoTokenizer
@@ -188,12 +188,10 @@ class GGUFMoE:
             out, norms = res if observer is not None else (res, None)
         elif observer is not None:  # profiling needs the per-slot expert output norms
             out, norms = grouped_moe(x, r.experts, r.weights, self.w_gate, self.w_up, self.w_down, return_norms=True)
-            if residual is not None:
-                out = residual + out
         else:
             out = self.moe_fn(x, r.experts, r.weights, self.w_gate, self.w_up, self.w_down)
-            if residual is not None:
-                out = residual + out
+        if self.backend != "cpu" and residual is not None:  # the CPU kernel added it already
+            out = residual + out
         if observer is not None:
             observer(MoEObservation(self.layer, x, logits, r, out, norms))
         return out
@@ -314,7 +312,7 @@ class GGUFModel:
             populate(self.reader.data)
         self.backend = backend
         self._device = torch.device(device)
-        self.activation_budget = 2 * 1024**3
+        self.activation_budget = DEFAULT_ACTIVATION_BUDGET
         T = {t.name: t for t in self.reader.tensors}
         self._check_tensors(T, path)
         kept = gf.provenance(self.reader).get("experts_kept_per_layer")

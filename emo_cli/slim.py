@@ -180,10 +180,11 @@ def run_prune(req: PruneRequest) -> dict:
                          on_layer=lambda _i: prog.update(task, advance=1))
         plan.save(slim / "plan.json")
         report["gguf"] = _export(slim, staged_gguf, gguf_path.name, req) if gguf_path else None
-        if report["gguf"] and report["gguf"].get("path"):
+        wrote_gguf = bool(report["gguf"] and report["gguf"].get("path"))
+        if wrote_gguf:
             report["gguf"]["path"] = str(gguf_path)
         (slim / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        publish(slim, out, stage, staged_gguf if report["gguf"] and report["gguf"].get("path") else None, gguf_path)
+        publish(slim, out, stage, staged_gguf if wrote_gguf else None, gguf_path)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if staged_gguf is not None:

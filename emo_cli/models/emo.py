@@ -147,6 +147,7 @@ class MoEObservation:
 Observer = Callable[[MoEObservation], None]
 
 
+DEFAULT_ACTIVATION_BUDGET = 2 * 1024**3  # hidden-state bytes a pass keeps in memory before spilling
 MOE_CHUNK_TOKENS = 4096  # tokens per expert-kernel call (see MoEBlock.forward)
 
 
@@ -253,7 +254,7 @@ class EmoForCausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.activation_budget = 2 * 1024**3  # hidden-state bytes a pass keeps in memory (memory.py sets it)
+        self.activation_budget = DEFAULT_ACTIVATION_BUDGET  # memory.py sets it for the work at hand
 
     # ---- helpers ------------------------------------------------------------------------------
     def moe_blocks(self) -> dict[int, MoEBlock]:

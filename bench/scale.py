@@ -6,6 +6,7 @@
     .venv/bin/python bench/scale.py --full-modes auto,on       # 16 layers also forced to stream
     .venv/bin/python bench/scale.py --layers 2 --compare-layers 1 --json
     .venv/bin/python bench/scale.py --out-md /tmp/scale.md     # the table as markdown for docs/results.md
+    python bench/scale.py --layers 4 --compare-layers 0 --full-modes auto,on --steps profile,prune,eval --device cuda
 
 The checkpoint has the released config and tensor names (EMO_SPEC.md 1.4 and 2: 16 layers, d 2048,
 127 routed + 1 shared experts of width 1024, top-8, 100278 vocabulary rows) in bf16, sharded like a
@@ -308,6 +309,8 @@ def run_variant(args, ckpt: Path, layers: int, mode: str) -> list[dict]:
     flags = ["--streaming", mode]
     if args.max_memory is not None:
         flags += ["--max-memory", str(args.max_memory)]
+    if args.device is not None:
+        flags += ["--device", args.device]
     rows, failed = [], set()
     for step in args.steps:
         row = {"variant": f"{layers}L", "layers": layers, "step": step, "mode": mode if step != "chat" else "-",
@@ -400,6 +403,7 @@ def main():
     ap.add_argument("--steps", default=",".join(STEPS), help="subset of " + ",".join(STEPS + EXTRA_STEPS) +
                     f" (greedy: prune --method greedy --max-evals {GREEDY_EVALS} --dry-run, after profile)")
     ap.add_argument("--max-memory", type=float, default=None, help="GiB; passed to emo profile/prune/eval")
+    ap.add_argument("--device", default=None, help="e.g. cuda; passed to emo profile/prune/eval")
     ap.add_argument("--step-timeout", type=float, default=3600.0)
     ap.add_argument("--emo", default=str(Path(sys.executable).with_name("emo")), help="the emo executable")
     ap.add_argument("--write-only", action="store_true", help="write the checkpoints and data, run nothing")

@@ -10,8 +10,10 @@ Contract (same function as every emo kernel, see __init__.py):
     products from one pass over x (gate and up tiles share the loaded activation tile);
   * kernel 2 computes out[p] = weight[p] * (h[p] @ down[e].T); the host sums the S slots of
     each token (a fixed order, so results are deterministic; no float atomics).
-Tiles are autotuned with the key (E, N, K): pruned models have unusual expert counts, and a
-config tuned for 128 experts is not the one for 31.
+Tiles are autotuned with the key (E, N, K, M_BUCKET): pruned models have unusual expert counts,
+and a config tuned for 128 experts is not the one for 31; M_BUCKET (the sorted row count rounded
+up to a power of 4) keeps one decode step's tiles apart from a 16k-token prefill's without
+re-tuning for every batch size.
 Shape legend: T tokens, S slots per token, P = T*S, D hidden, F expert width, E experts.
 """
 
@@ -41,8 +43,8 @@ def _interpreting() -> bool:
 def _tuned(fn):
     # Under TRITON_INTERPRET (CPU tests) timing configs is meaningless and slow: use the first.
     if _interpreting():
-        return triton.autotune(configs=_configs()[:1], key=["E", "N", "K"])(fn)
-    return triton.autotune(configs=_configs(), key=["E", "N", "K"])(fn)
+        return triton.autotune(configs=_configs()[:1], key=["E", "N", "K", "M_BUCKET"])(fn)
+    return triton.autotune(configs=_configs(), key=["E", "N", "K", "M_BUCKET"])(fn)
 
 
 @_tuned
@@ -54,7 +56,7 @@ def _gate_up_kernel(
     sorted_ids_ptr,  # [P_pad] assignment ids sorted by expert, P = padding
     granule_expert_ptr,  # [P_pad / GRANULE] expert of every granule
     P, S,  # number of assignments, slots per token
-    E, N, K,  # autotune key: experts, out features (F), in features (D)
+    E, N, K, M_BUCKET,  # autotune key: experts, out features (F), in features (D), rows bucket
     stride_we, stride_wn,  # weight strides (last dim contiguous)
     PREC: tl.constexpr, GRANULE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -93,7 +95,7 @@ def _down_kernel(
     out_ptr,  # [P, N] weighted expert outputs
     weights_ptr,  # [P] routing weight of each assignment
     sorted_ids_ptr, granule_expert_ptr,
-    P, E, N, K,
+    P, E, N, K, M_BUCKET,
     stride_we, stride_wn,
     PREC: tl.constexpr, GRANULE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -162,13 +164,16 @@ def triton_moe(
     h = torch.empty(P, F, device=x.device, dtype=torch.float32)
     out = torch.empty(P, D, device=x.device, dtype=torch.float32)
     rows = sorted_ids.numel()
+    bucket = 64
+    while bucket < min(rows, 1 << 16):
+        bucket *= 4
 
     def grid(n):
         return lambda meta: (rows // meta["BLOCK_M"], triton.cdiv(n, meta["BLOCK_N"]))
 
-    _gate_up_kernel[grid(F)](x, w_gate, w_up, h, sorted_ids, granule_expert, P, S, E, F, D,
+    _gate_up_kernel[grid(F)](x, w_gate, w_up, h, sorted_ids, granule_expert, P, S, E, F, D, bucket,
                              w_gate.stride(0), w_gate.stride(1), PREC=prec, GRANULE=GRANULE)
     _down_kernel[grid(D)](h, w_down, out, weights.reshape(-1).float().contiguous(), sorted_ids,
-                          granule_expert, P, E, D, F, w_down.stride(0), w_down.stride(1),
+                          granule_expert, P, E, D, F, bucket, w_down.stride(0), w_down.stride(1),
                           PREC=prec, GRANULE=GRANULE)
     return out.view(T, S, D).sum(1).to(x.dtype)

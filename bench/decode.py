@@ -56,7 +56,7 @@ def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0) -> P
     import tempfile
 
     from gguf import GGMLQuantizationType as QT
-    from gguf import GGUFWriter, LlamaFileType
+    from gguf import GGUFWriter
 
     from emo_cli import gguf_format as gf
     from emo_cli.bpe import save_tokenizer, train_bpe

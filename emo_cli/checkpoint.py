@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import warnings
@@ -31,6 +32,7 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "
 # numpy carriers of the same width: bf16 has no numpy dtype, so it travels as uint16 and is
 # reinterpreted by torch (a view, no copy)
 _CARRIERS = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "F64": np.float64}
+_WIDTHS = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
@@ -41,13 +43,36 @@ def _read_header(path: Path) -> tuple[dict, int]:
             n = int.from_bytes(f.read(8), "little")
             if n <= 0 or n > 100_000_000:
                 raise ValueError
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError:
         raise EmoError(f"{path}: missing safetensors shard") from None
-    except (ValueError, json.JSONDecodeError):
+    except IsADirectoryError:
+        raise EmoError(f"{path}: a directory, not a safetensors file") from None
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         raise EmoError(f"{path}: not a valid safetensors file") from None
+    if not isinstance(header, dict):
+        raise EmoError(f"{path}: not a valid safetensors file (header is not an object)")
     header.pop("__metadata__", None)
     return header, 8 + n
+
+
+def _entry_problem(info, data_start: int, size: int) -> str | None:
+    """What is wrong with one header entry (dtype, shape, byte range inside the file), or None."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return "has no dtype"
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        return f"has an invalid shape {str(shape)[:40]}"
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        return f"has invalid data offsets {str(offsets)[:40]}"
+    if data_start + offsets[1] > size:
+        return "lies outside the file (truncated or damaged download?)"
+    width = _WIDTHS.get(info["dtype"])
+    if width is not None and offsets[1] - offsets[0] != width * math.prod(shape):
+        return f"has {offsets[1] - offsets[0]} bytes for shape {shape} in {info['dtype']}"
+    return None
 
 
 class SafetensorsCheckpoint:
@@ -58,9 +83,12 @@ class SafetensorsCheckpoint:
         index = self.dir / INDEX_NAME
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError):
                 raise EmoError(f"{index}: invalid safetensors index (no weight_map)") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) and v == Path(v).name and v.endswith(".safetensors") for v in weight_map.values()):
+                raise EmoError(f"{index}: invalid weight_map (shards must be .safetensors files in {self.dir})")
             shards = sorted(set(weight_map.values()))
         elif (self.dir / SINGLE_NAME).exists():
             shards = [SINGLE_NAME]
@@ -76,11 +104,9 @@ class SafetensorsCheckpoint:
             header, self.data_start[shard] = _read_header(self.dir / shard)
             size = (self.dir / shard).stat().st_size
             for name, info in header.items():
-                offsets = info.get("data_offsets") if isinstance(info, dict) else None
-                if (not isinstance(offsets, list) or len(offsets) != 2
-                        or self.data_start[shard] + int(offsets[1]) > size):
-                    raise EmoError(f"{self.dir / shard}: tensor {name} lies outside the file "
-                                   f"(truncated or damaged download?)")
+                problem = _entry_problem(info, self.data_start[shard], size)
+                if problem:
+                    raise EmoError(f"{self.dir / shard}: tensor {name} {problem}")
                 self.headers[name] = info
                 self.shard_of[name] = shard
         if index.exists():

@@ -17,6 +17,38 @@ from typing import Any
 from .errors import EmoError
 
 SUPPORTED_MODEL_TYPES = ("emo",)
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "intermediate_size", "max_position_embeddings", "num_experts_per_tok", "dense_intermediate_size")
+MAX_LAYERS = 10_000  # far above any released model; bounds the per-layer checks of a corrupt file
+PER_LAYER_FIELDS = ("num_experts_per_layer", "num_shared_experts_per_layer", "always_active_experts_per_layer")
+
+
+def _alternatives(annotation: str) -> list[str]:
+    """'list[int | None] | None' -> ['list[int | None]', 'None']: split at top-level bars."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(annotation):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "|" and depth == 0:
+            out.append(annotation[start:i].strip())
+            start = i + 1
+    return out + [annotation[start:].strip()]
+
+
+def conforms(value: Any, annotation: str) -> bool:
+    """Whether a JSON value has the type a field's annotation names (bool is not an int here)."""
+    for alt in _alternatives(annotation):
+        if alt == "None" and value is None:
+            return True
+        if alt == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if alt == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if alt in ("bool", "str", "dict") and isinstance(value, {"bool": bool, "str": str, "dict": dict}[alt]):
+            return True
+        if alt.startswith("list[") and isinstance(value, list) and all(conforms(v, alt[5:-1]) for v in value):
+            return True
+    return False
 
 
 @dataclass
@@ -58,6 +90,8 @@ class EmoConfig:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "EmoConfig":
+        if not isinstance(raw, dict):
+            raise EmoError(f"config.json holds a JSON {type(raw).__name__}, not an object")
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise EmoError(
@@ -66,6 +100,10 @@ class EmoConfig:
             )
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in raw.items() if k in known}
+        annotations = {f.name: f.type for f in dataclasses.fields(cls)}
+        for k, v in kwargs.items():
+            if not conforms(v, annotations[k]):
+                raise EmoError(f"config: {k} is {json.dumps(v)[:40]}, expected {annotations[k]}")
         extra = {k: v for k, v in raw.items() if k not in known}
         cfg = cls(**kwargs, extra=extra)
         cfg.validate()
@@ -74,7 +112,9 @@ class EmoConfig:
     @classmethod
     def from_file(cls, path: Path) -> "EmoConfig":
         try:
-            raw = json.loads(Path(path).read_text())
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise EmoError(f"{path}: not UTF-8 text") from None
         except FileNotFoundError:
             raise EmoError(f"{path}: missing config.json (not a Hugging Face model directory)") from None
         except json.JSONDecodeError as e:
@@ -87,22 +127,37 @@ class EmoConfig:
         return out
 
     def validate(self) -> None:
+        for name in POSITIVE_FIELDS:
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise EmoError(f"config: {name} must be at least 1, got {v}")
+        if self.num_hidden_layers > MAX_LAYERS:
+            raise EmoError(f"config: num_hidden_layers {self.num_hidden_layers} is not a real model's")
+        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
+            raise EmoError("config: rms_norm_eps and rope_theta must be positive")
+        for name in ("num_experts", "num_shared_experts"):
+            if getattr(self, name) < 0:
+                raise EmoError(f"config: {name} must not be negative")
+        for name in PER_LAYER_FIELDS:
+            v = getattr(self, name)
+            if v is not None and len(v) != self.num_hidden_layers:
+                raise EmoError(f"config: {name} has {len(v)} entries for {self.num_hidden_layers} layers")
         if self.hidden_size % self.num_attention_heads:
             raise EmoError("config: hidden_size must be divisible by num_attention_heads")
         if self.num_attention_heads % self.kv_heads:
             raise EmoError("config: num_attention_heads must be divisible by num_key_value_heads")
         if self.num_experts_per_layer is not None:
-            if len(self.num_experts_per_layer) != self.num_hidden_layers:
-                raise EmoError(
-                    f"config: num_experts_per_layer has {len(self.num_experts_per_layer)} entries "
-                    f"for {self.num_hidden_layers} layers"
-                )
+            if any(n < 0 for n in self.num_experts_per_layer):
+                raise EmoError("config: num_experts_per_layer must not be negative")
             if any(n == 0 for n in self.num_experts_per_layer) and not self.dense_intermediate_size:
                 raise EmoError("config: a dense layer (0 experts) needs dense_intermediate_size")
         for i in range(self.num_hidden_layers):
             n, ns, aa = self.layer_experts(i), self.layer_shared(i), self.layer_always_active(i)
             if n == 0:
                 continue
+            if not 0 <= ns <= n or self.num_experts_per_tok > n:
+                raise EmoError(f"config: layer {i} has {n} experts, fewer than its {ns} shared or "
+                               f"{self.num_experts_per_tok} per token")
             if self.norm_topk_prob and (ns or aa):
                 raise EmoError("config: norm_topk_prob cannot be combined with shared or always-active experts")
             if aa and any(not 0 <= a < n for a in aa):

@@ -161,7 +161,7 @@ class TokenBatch:
 def tokenize_documents(tokenizer, docs: list[Document], seq_len: int) -> list[list[int]]:
     if seq_len < 2:
         raise EmoError("--seq-len must be at least 2")
-    return [ids[:seq_len] for ids in tokenizer.encode_batch([d.text for d in docs])]
+    return [ids for ids, _ in tokenizer.encode_prefixes([d.text for d in docs], seq_len)]
 
 
 def make_batches(token_lists: list[list[int]], docs: list[Document], batch_size: int, pad_id: int,

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from .data import Document, make_batches
+from .errors import EmoError
 from .passes import batch_nll
 
 
@@ -29,8 +30,8 @@ class LossResult:
         return asdict(self)
 
 
-def scored_bytes(tokenizer, doc: Document, ids: list[int], full_len: int) -> int:
-    if len(ids) == full_len:
+def scored_bytes(tokenizer, doc: Document, ids: list[int], whole: bool) -> int:
+    if whole:
         return len(doc.text.encode("utf-8"))
     return len(tokenizer.decode(ids).encode("utf-8"))
 
@@ -45,8 +46,10 @@ def evaluate_losses(model, tokenizer, docs: list[Document], mask_sets: list[dict
                     batch_size: int = 8, on_step=None) -> list[LossResult]:
     """Score `docs` once per routing variant in `mask_sets`, all in one layer-major pass;
     `on_step(layer, n_docs, n_tokens)` reports progress after each batch of each layer."""
-    full = tokenizer.encode_batch([d.text for d in docs])
-    toks = [t[:seq_len] for t in full]
+    if seq_len < 2:
+        raise EmoError("--seq-len must be at least 2")
+    encoded = tokenizer.encode_prefixes([d.text for d in docs], seq_len)
+    toks = [ids for ids, _ in encoded]
     batches = make_batches(toks, docs, batch_size, tokenizer.pad_id)
     step = None
     if on_step:
@@ -59,7 +62,7 @@ def evaluate_losses(model, tokenizer, docs: list[Document], mask_sets: list[dict
         for di in b.doc_index:
             i = pos[di]
             tokens += len(toks[i]) - 1
-            nbytes += scored_bytes(tokenizer, docs[i], toks[i], len(full[i]))
+            nbytes += scored_bytes(tokenizer, docs[i], toks[i], encoded[i][1])
             ndocs += 1
     results = []
     for per_batch in per_variant:

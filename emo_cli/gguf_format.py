@@ -123,6 +123,11 @@ QUANTS: dict[str, tuple[LlamaFileType, QT | None]] = {
     "q6_k": (LlamaFileType.MOSTLY_Q6_K, None),
 }
 
+# Tensor types emo computes with (natively or through gguf-py's dequantizers); others are refused
+# when a file is opened.
+READABLE_TYPES = frozenset({QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
+                            QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+
 
 def quant_name(file_type: int | None) -> str:
     """Our quant name for a general.file_type value (llama.cpp's name, lowercased, if not ours)."""
@@ -156,18 +161,31 @@ def open_reader(path: Path) -> GGUFReader:
         return GGUFReader(path)
     except FileNotFoundError:
         raise EmoError(f"{path}: no such file") from None
-    except (ValueError, OSError) as e:
-        raise EmoError(f"{path}: not a valid GGUF file ({e})") from None
+    except IsADirectoryError:
+        raise EmoError(f"{path}: a directory, not a GGUF file") from None
+    except MemoryError:
+        raise EmoError(f"{path}: not a valid GGUF file (its header asks for more memory than there is)") from None
+    except Exception as e:  # gguf-py parses untrusted bytes and raises whatever it meets (IndexError,
+        # struct/numpy errors, ValueError, OverflowError ...): all of it means "not a valid GGUF"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise EmoError(f"{path}: not a valid GGUF file ({reason})") from None
 
 
 def field(reader: GGUFReader, name: str, default=None):
     f = reader.get_field(name)
-    return default if f is None else f.contents()
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception:  # a damaged value (bad UTF-8, wrong length): the file is invalid, say which key
+        raise EmoError(f"GGUF key {name} is unreadable (damaged file)") from None
 
 
 def float_field(reader: GGUFReader, name: str, default: float) -> float:
     """A float32 key as the decimal it was written from (1e-6 rather than 9.99999997e-07)."""
     v = field(reader, name)
+    if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+        raise EmoError(f"GGUF key {name} is {str(v)[:40]}, not a number")
     return default if v is None else float(str(np.float32(v)))
 
 
@@ -177,7 +195,12 @@ def provenance(reader: GGUFReader) -> dict:
     for name, k in PROVENANCE_KEYS.items():
         v = field(reader, k)
         if v is not None:
-            out[name] = json.loads(v) if name == "experts_kept_per_layer" else v
+            if name == "experts_kept_per_layer":
+                try:
+                    v = json.loads(v)
+                except (TypeError, ValueError):
+                    raise EmoError(f"GGUF key {k} is not the JSON list emo writes") from None
+            out[name] = v
     return out
 
 
@@ -193,16 +216,27 @@ def config_from_gguf(reader: GGUFReader, path: Path | str = "") -> EmoConfig:
     names = {t.name: t for t in reader.tensors}
     if TOKEN_EMBD not in names:
         raise EmoError(f"{path}: GGUF has no {TOKEN_EMBD}")
+    for k in (K_EMBD, K_BLOCKS, K_HEADS, K_EXPERTS, K_EXPERTS_USED, K_EXPERT_FF, K_LEADING_DENSE, K_EMO_SHARED,
+              K_EXPERTS_SHARED, K_HEADS_KV, K_CONTEXT, K_FF):
+        v = field(reader, k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise EmoError(f"{path}: GGUF key {k} is {str(v)[:40]}, not a count")
     n_layers = field(reader, K_BLOCKS)
+    if not 1 <= n_layers <= len(names) // len(ATTN_TENSORS):
+        raise EmoError(f"{path}: GGUF claims {n_layers} layers but holds {len(names)} tensors")
     n_dense = field(reader, K_LEADING_DENSE, 0)
+    if n_dense > n_layers:
+        raise EmoError(f"{path}: GGUF has {n_dense} leading dense layers of {n_layers}")
     shared = field(reader, K_EMO_SHARED, field(reader, K_EXPERTS_SHARED, 0))
     if shared > 1:
         raise EmoError(f"{path}: {shared} shared experts per layer; emo reads deepseek files with at most 1")
     n_routed = field(reader, K_EXPERTS)
     n_experts = n_routed + shared
     eos = field(reader, Keys.Tokenizer.EOS_ID)
-    cfg = EmoConfig(
-        vocab_size=int(names[TOKEN_EMBD].shape[1]),  # GGUF ne order: {D, V}
+    if len(names[TOKEN_EMBD].shape) != 2:
+        raise EmoError(f"{path}: {TOKEN_EMBD} is not a matrix")
+    return EmoConfig.from_dict(dict(
+        model_type="emo", vocab_size=int(names[TOKEN_EMBD].shape[1]),  # GGUF ne order: {D, V}
         hidden_size=field(reader, K_EMBD), num_hidden_layers=n_layers,
         num_attention_heads=field(reader, K_HEADS), num_key_value_heads=field(reader, K_HEADS_KV),
         intermediate_size=field(reader, K_EXPERT_FF),
@@ -213,9 +247,7 @@ def config_from_gguf(reader: GGUFReader, path: Path | str = "") -> EmoConfig:
         num_shared_experts=shared,
         num_experts_per_layer=[0] * n_dense + [n_experts] * (n_layers - n_dense) if n_dense else None,
         dense_intermediate_size=field(reader, K_FF) if n_dense else None,
-    )
-    cfg.validate()
-    return cfg
+    ))
 
 
 def gguf_fingerprint(reader: GGUFReader) -> str:

@@ -325,14 +325,43 @@ class GGUFModel:
         self.lm_plan = cpu.MatmulPlan([self.lm_head.w]) if backend == "cpu" else None
 
     def _check_tensors(self, T: dict, path: Path) -> None:
+        """Every tensor the config implies is there with its shape and a type emo computes, so a
+        damaged or hand-made file fails here in one line, never inside a matmul or a kernel."""
         cfg = self.config
-        need = [gf.TOKEN_EMBD, gf.OUTPUT_NORM]
+        D, V, F = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        need = {gf.TOKEN_EMBD: (V, D), gf.OUTPUT_NORM: (D,)}  # numpy order
+        if gf.OUTPUT in T:
+            need[gf.OUTPUT] = (V, D)
         for i in range(cfg.num_hidden_layers):
-            names = gf.ATTN_TENSORS + (gf.MOE_TENSORS if cfg.layer_experts(i) else gf.DENSE_TENSORS)
-            need += [gf.blk(i, n) for n in names]
-        missing = [n for n in need if n not in T]
-        if missing:
-            raise EmoError(f"{path}: GGUF lacks tensor {missing[0]} (not a complete emo export)")
+            shapes = {gf.ATTN_NORM: (D,), gf.FFN_NORM: (D,), gf.ATTN_Q: (q, D), gf.ATTN_K: (kv, D),
+                      gf.ATTN_V: (kv, D), gf.ATTN_OUT: (D, q)}
+            E = cfg.layer_experts(i)
+            if E:
+                Er = E - cfg.layer_shared(i)
+                shapes.update({gf.FFN_GATE_INP: (Er, D), gf.FFN_GATE_EXPS: (Er, F, D), gf.FFN_UP_EXPS: (Er, F, D),
+                               gf.FFN_DOWN_EXPS: (Er, D, F), gf.FFN_GATE_SHEXP: (F, D), gf.FFN_UP_SHEXP: (F, D),
+                               gf.FFN_DOWN_SHEXP: (D, F)})
+            else:
+                Fd = cfg.dense_intermediate_size
+                shapes.update({gf.FFN_GATE: (Fd, D), gf.FFN_UP: (Fd, D), gf.FFN_DOWN: (D, Fd)})
+            need.update({gf.blk(i, n): s for n, s in shapes.items()})
+        for name, shape in need.items():
+            if name not in T:
+                raise EmoError(f"{path}: GGUF lacks tensor {name} (not a complete emo export)")
+            have = tuple(int(d) for d in reversed(T[name].shape))  # GGUF ne order is numpy's reversed
+            if have != shape:
+                raise EmoError(f"{path}: tensor {name} has shape {have}, but the file's keys imply {shape}")
+            if T[name].tensor_type not in gf.READABLE_TYPES:
+                raise EmoError(f"{path}: tensor {name} has type {T[name].tensor_type.name}, which emo cannot compute")
+        kept = gf.provenance(self.reader).get("experts_kept_per_layer")
+        if kept is not None and not (
+                isinstance(kept, list) and len(kept) == cfg.num_hidden_layers
+                and all((k is None and not cfg.layer_experts(i)) or (
+                    isinstance(k, list) and len(k) == cfg.layer_experts(i)
+                    and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in k))
+                        for i, k in enumerate(kept))):
+            raise EmoError(f"{path}: emo.experts_kept_per_layer does not match the file's layers")
 
     # ---- the model interface ------------------------------------------------------------------
     @property

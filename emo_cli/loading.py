@@ -151,7 +151,7 @@ def read_weight(files: HFModelFiles, name: str, shape: tuple[int, ...], device, 
 def layer_sources(files: HFModelFiles, i: int, block: Block) -> list[tuple[str, str, tuple[int, ...], int | None]]:
     """Where every parameter of layer i comes from: (checkpoint name, parameter name, shape, expert
     row of a stacked tensor or None), checked against the safetensors headers alone."""
-    cfg, ckpt = files.config, files.ckpt
+    ckpt = files.ckpt
     expected = {n: tuple(p.shape) for n, p in block.named_parameters()}
     p = f"model.layers.{i}"
     moe = isinstance(block.mlp, MoEBlock)

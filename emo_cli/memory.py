@@ -139,7 +139,7 @@ def estimate(cfg, counts: WeightCounts, dtype: torch.dtype, streaming: bool, wor
         weights = max(counts.largest_layer, counts.head) * item
     else:
         weights = counts.total * item
-    D, F, H, K = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_experts_per_tok
+    D, F, K = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
     E = max([cfg.layer_experts(i) for i in range(cfg.num_hidden_layers)] + [1])
     B, S = work.batch_size, work.seq_len
     T = B * S

@@ -63,3 +63,28 @@ def remove_stale(parent: Path, name: str) -> None:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
+
+
+def staging_path(path: Path, tag: str = "tmp") -> Path:
+    """The name `path` is written under until it is complete: hidden, beside it, with our pid."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{tag}")
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call `write(staging)` and rename the result to `path` with the umask's permissions. A failure
+    or interruption leaves `path` as it was and no staging file; killed runs' leftovers are removed
+    first. An OSError becomes one line naming `path`."""
+    from .errors import EmoError
+
+    path = Path(path)
+    remove_stale(path.parent, path.name)
+    tmp = staging_path(path)
+    try:
+        write(tmp)
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise EmoError(f"cannot write {path} ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)

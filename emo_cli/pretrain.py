@@ -409,7 +409,7 @@ def training_markdown(r: dict) -> str:
     pool = r["document_pool"]
     lines = [f"# {r['recipe']}: how this model was trained", "",
              f"- command: `{r['command'] or 'emo pretrain --recipe recipe.toml'}` (recipe copy: `recipe.toml`)",
-             f"- document-level expert pool: " + (f"d ~ U{{{pool['min_size']}..{pool['max_size']}}} routed experts per "
+             "- document-level expert pool: " + (f"d ~ U{{{pool['min_size']}..{pool['max_size']}}} routed experts per "
                                                   "document and layer" if pool else "none (standard MoE)"),
              f"- {r['steps']} steps, {r['tokens']:,} tokens, {r['train_seconds'] / 60:.1f} min on {r['device']} "
              f"({r['threads']} threads, {r['tokens_per_second']:,} tokens/s), {r['parameters']:,} parameters",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +22,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .config import conforms
 from .errors import EmoError
 from .model_api import layout
-from .outputs import follow_umask
+from .outputs import write_atomic
 from .models.emo import MoEObservation
 from .passes import HiddenStore, embed_batches, run_layers
 
 STATS = ("counts", "prob", "reap", "easyep")
+# The metadata keys emo reads back, with their types; a file that lacks one or holds another type
+# (hand-edited, or written by something else) is refused at load, not deep inside a command.
+# Each dataset part (meta.data itself, or each of meta.data.parts after a merge) re-reads its data:
+PART_SCHEMA = {"sources": "list[str]", "hash": "str", "heldout_ids": "list[int]", "text_field": "str | None",
+               "max_docs": "int | None"}
+META_SCHEMA = {
+    "model": {"path": "str", "fingerprint": "str", "expert_ids": "list[list[int] | None]",
+              "fixed_ids": "list[list[int] | None]", "routed_top_k": "list[int]", "top_k": "int"},
+    "data": {"sources": "list[str]", "docs": "int", "tokens": "int", "hash": "str"},
+    "settings": {"seq_len": "int", "batch_size": "int", "max_tokens": "int | None"},
+}
 
 
 @dataclass
@@ -100,10 +111,8 @@ class Profile:
         if path.exists() and not force:
             raise EmoError(f"{path} exists (pass --force to overwrite)")
         tensors = {k: getattr(self, k).contiguous() for k in STATS + ("tokens",)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"emo_profile": json.dumps(self.meta, sort_keys=True)})
-        follow_umask(tmp)  # safetensors writes 0600
-        os.replace(tmp, path)
+        meta = {"emo_profile": json.dumps(self.meta, sort_keys=True)}
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: Path) -> "Profile":
@@ -117,8 +126,48 @@ class Profile:
         except (KeyError, json.JSONDecodeError):
             raise EmoError(f"{path}: not an emo profile (no emo_profile metadata)") from None
         except Exception as e:  # safetensors raises its own error type for corrupt files
-            raise EmoError(f"{path}: cannot read profile ({str(e).splitlines()[0]})") from None
+            raise EmoError(f"{path}: cannot read profile ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+        problem = _schema_problem(meta, t)
+        if problem:
+            raise EmoError(f"{path}: not a valid emo profile ({problem})")
+        t = {k: v.to(torch.float64) for k, v in t.items()}
         return cls(**t, meta=meta, path=path.resolve())
+
+
+def _schema_problem(meta, tensors: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with a loaded profile's metadata and statistics, or None."""
+    if not isinstance(meta, dict):
+        return "metadata is not an object"
+    for section, keys in META_SCHEMA.items():
+        if not isinstance(meta.get(section), dict):
+            return f"no {section!r} section"
+        for k, ann in keys.items():
+            if k not in meta[section] or not conforms(meta[section][k], ann):
+                return f"{section}.{k} missing or not {ann}"
+    parts = meta["data"].get("parts", [meta["data"]])
+    if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+        return "data.parts malformed"
+    for p in parts:
+        for k, ann in PART_SCHEMA.items():
+            if not conforms(p.get(k), ann) and not (k == "heldout_ids" and k not in p):  # before emo 0.1
+                return f"data {k} not {ann}"
+    ids = meta["model"]["expert_ids"]
+    L = len(ids)
+    width = tensors["counts"].shape[-1] if tensors["counts"].dim() == 2 else -1
+    for k in STATS:
+        if tuple(tensors[k].shape) != (L, width) or not tensors[k].is_floating_point():
+            return f"{k} has shape {tuple(tensors[k].shape)}, expected {L} layers x {width}"
+    if tuple(tensors["tokens"].shape) != (L,) or not tensors["tokens"].is_floating_point():
+        return f"tokens has shape {tuple(tensors['tokens'].shape)}, expected ({L},)"
+    if len(meta["model"]["fixed_ids"]) != L or len(meta["model"]["routed_top_k"]) != L:
+        return "per-layer lists of different lengths"
+    for layer_ids, fixed in zip(ids, meta["model"]["fixed_ids"]):
+        if any(not 0 <= e < width for e in layer_ids or []) or any(e not in (layer_ids or []) for e in fixed or []):
+            return f"expert ids outside the {width} profiled experts"
+    for v in tensors.values():
+        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+            return "negative or non-finite statistics"
+    return None
 
 
 class ProfileAccumulator:
@@ -223,9 +272,8 @@ def _resumable_pass(model, batches, prof: Profile, folder: Path, before, acc, st
         cur = 1 - cur
         stores[cur].sync()  # the streams first, then the state that points at them
         prof.save(folder / "partial.profile.safetensors", force=True)
-        tmp = folder / "state.json.tmp"
-        tmp.write_text(json.dumps({"key": key, "next_layer": layer + 1, "current": cur}))
-        os.replace(tmp, state_file)
+        state = json.dumps({"key": key, "next_layer": layer + 1, "current": cur})
+        write_atomic(state_file, lambda tmp: tmp.write_text(state))
     for st in stores:
         st.close()
     shutil.rmtree(folder, ignore_errors=True)

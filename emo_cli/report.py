@@ -17,7 +17,6 @@ import html
 import io
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from . import __version__
 from .errors import EmoError
 from .profile import Profile, coverage
 from .select import Budget, score_plan
+from .outputs import write_atomic
 
 SCORE_METHODS = ("frequency", "reap", "easyep")
 SHARES = (0.5, 0.9)
@@ -430,12 +430,4 @@ def write_html(path: Path, text: str, force: bool = False) -> None:
     """Write to a temporary name beside `path`, then rename: a failure never leaves a partial report."""
     path = Path(path)
     check_output(path, force)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8", errors="xmlcharrefreplace")
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise EmoError(f"cannot write {path} ({e.strerror or e})") from None
-        raise
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="xmlcharrefreplace"))

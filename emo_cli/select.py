@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 from .errors import EmoError
 from .profile import Profile
+from .outputs import write_atomic
 
 METHODS = ("frequency", "router", "reap", "easyep", "greedy", "random")
 
@@ -90,9 +90,8 @@ class Plan:
             raise EmoError(f"invalid plan file ({e})") from None
 
     def save(self, path: Path) -> None:
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        text = json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
+        write_atomic(path, lambda tmp: tmp.write_text(text))
 
     @classmethod
     def load(cls, path: Path) -> "Plan":

@@ -163,7 +163,7 @@ def run_prune(req: PruneRequest) -> dict:
     ev = report.get("eval", {}).get("heldout")
     if ev:
         extra_meta["heldout_loss_before"], extra_meta["heldout_loss_after"] = ev["before"], ev["after"]
-    del lm, model
+    lm = model = None  # the model is not needed to write the slim files: free it first
     # everything is written under staging names first; the old outputs are replaced only once all
     # of the new ones are complete, the directory and the GGUF together
     remove_stale(out.parent, out.name)

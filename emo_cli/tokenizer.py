@@ -9,6 +9,14 @@ from tokenizers import Tokenizer
 
 from .errors import EmoError
 
+# A document is encoded from a character prefix, so the work is bounded by the tokens kept (a 50 MB
+# document with --seq-len 256 must not be tokenized in full). First guess: this many characters per
+# kept token; the prefix doubles until it gives enough tokens.
+PREFIX_CHARS_PER_TOKEN = 8
+# Tokens ending this close to a cut may differ from the whole text's (a word cut in two), so they
+# are never kept from a prefix.
+CUT_MARGIN_CHARS = 64
+
 
 class EmoTokenizer:
     def __init__(self, tok: Tokenizer, eos_id: int | None, pad_id: int | None,
@@ -31,9 +39,11 @@ class EmoTokenizer:
         tcfg_path = Path(model_dir) / "tokenizer_config.json"
         if tcfg_path.exists():
             try:
-                tcfg = json.loads(tcfg_path.read_text())
-            except json.JSONDecodeError:
+                tcfg = json.loads(tcfg_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 raise EmoError(f"{tcfg_path}: invalid JSON") from None
+            if not isinstance(tcfg, dict):
+                raise EmoError(f"{tcfg_path}: not a JSON object")
 
         def token_id(value):
             if isinstance(value, dict):
@@ -55,6 +65,35 @@ class EmoTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_prefixes(self, texts: list[str], max_tokens: int) -> list[tuple[list[int], bool]]:
+        """The first `max_tokens` ids of each text, and whether they are the whole text's ids.
+
+        Equal to `encode(text)[:max_tokens]`, with work bounded by max_tokens: a long text is
+        encoded from prefixes of doubling length, and ids are taken only once two prefixes agree
+        on them, away from the cut (BPE merges never reach across more than a word)."""
+        first = max_tokens * PREFIX_CHARS_PER_TOKEN + 16 * CUT_MARGIN_CHARS
+        out: list[tuple[list[int], bool] | None] = [None] * len(texts)
+        short = [i for i, t in enumerate(texts) if len(t) <= first]
+        for i, ids in zip(short, self.encode_batch([texts[i] for i in short])):
+            out[i] = (ids[:max_tokens], len(ids) <= max_tokens)
+        for i, text in enumerate(texts):
+            if out[i] is None:
+                out[i] = self._long_prefix(text, max_tokens, first)
+        return out  # type: ignore[return-value]
+
+    def _long_prefix(self, text: str, max_tokens: int, limit: int) -> tuple[list[int], bool]:
+        previous = None
+        while len(text) > limit:
+            enc = self.tok.encode(text[:limit], add_special_tokens=False)
+            safe = [t for t, (_, end) in zip(enc.ids, enc.offsets) if end <= limit - CUT_MARGIN_CHARS]
+            if len(safe) >= max_tokens:
+                if safe[:max_tokens] == previous:
+                    return previous, False
+                previous = safe[:max_tokens]
+            limit *= 2
+        ids = self.encode(text)
+        return ids[:max_tokens], len(ids) <= max_tokens
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)

@@ -13,18 +13,23 @@ from pathlib import Path
 
 from .errors import EmoError
 from .loading import DEFAULT_MODEL, find_in_hf_cache
+from .outputs import write_atomic
 
 STATE = Path(".emo") / "state.json"
 
 
 def read_state() -> dict:
-    if not STATE.exists():
+    if not STATE.is_file():
+        if STATE.exists():
+            raise EmoError(f"{STATE}: not a file (delete it and run `emo profile` again)")
         return {}
     try:
-        state = json.loads(STATE.read_text())
+        state = json.loads(STATE.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         state = None
-    if not isinstance(state, dict):
+    except OSError as e:
+        raise EmoError(f"{STATE}: cannot read ({e.strerror or e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, str) for v in state.values()):
         raise EmoError(f"{STATE}: corrupt workspace state (delete it and run `emo profile` again)")
     return state
 
@@ -33,9 +38,8 @@ def update_state(**values) -> None:
     state = read_state()
     state.update({k: v for k, v in values.items() if v is not None})
     STATE.parent.mkdir(exist_ok=True)
-    tmp = STATE.with_name("state.json.tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, STATE)
+    text = json.dumps(state, indent=2) + "\n"
+    write_atomic(STATE, lambda tmp: tmp.write_text(text))
 
 
 def resolve_default_model(explicit: str | None) -> str:

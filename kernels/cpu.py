@@ -143,6 +143,8 @@ class QWeight:
 
     def slice_rows(self, i: int, rows: int) -> "QWeight":
         """Rows [i*rows, (i+1)*rows): one expert of a stacked [E*F, K] tensor."""
+        if not (0 <= i and (i + 1) * rows <= self.n):  # the kernels get raw pointers: stay inside the owner
+            raise ValueError(f"rows [{i * rows}, {(i + 1) * rows}) outside a matrix of {self.n} rows")
         vals, nbytes = BLOCK[self.qtype]
         stride = self.k // vals * nbytes
         return QWeight(self.ptr + i * rows * stride, self.qtype, rows, self.k, self.owner)

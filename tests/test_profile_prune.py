@@ -11,7 +11,6 @@ import reference_emo
 from emo_cli.data import read_documents
 from emo_cli.errors import EmoError
 from emo_cli.pipeline import batches_for, run_profile
-from emo_cli.profile import Profile
 from emo_cli.prune import prune_to_dir
 from emo_cli.runtime import load_model
 from emo_cli.select import Budget, score_plan

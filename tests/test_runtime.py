@@ -1,7 +1,6 @@
 """The runtime equals an independent float64 reference, for every routing path and layout."""
 
 import numpy as np
-import pytest
 import torch
 
 import reference_emo

@@ -33,8 +33,9 @@ def _quiet_datasets():
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    logging.getLogger("datasets").setLevel(logging.ERROR)
+    # its parsers log each failure before raising; emo reports the failure itself, in one line
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
     return datasets
 
 
@@ -51,15 +52,42 @@ def data_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _check_utf8(path: Path) -> None:
+    """Text formats must be UTF-8: name the first line that is not (the parsers' errors do not)."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EmoError(f"{path}:{n}: not UTF-8 text (byte {line[e.start]:#04x}); "
+                               f"binary data, or another encoding?") from None
+
+
 def _check_jsonl(path: Path) -> None:
-    """Locate a malformed line ourselves: the datasets error does not name it."""
-    with open(path, encoding="utf-8", errors="strict") as f:
+    """Every line must be a JSON object. We check it ourselves: the datasets error does not name the
+    line, and pyarrow's JSON reader under it crashes the process on some valid JSON (a `null` line)."""
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise EmoError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise EmoError(f"{path}:{n}: a JSON {type(row).__name__}, not an object with a text field")
+
+
+def _check_json(path: Path) -> None:
+    """A .json file is a list of objects (or JSON Lines under another name), checked as _check_jsonl."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError:
+            rows = None
+    if rows is None:
+        _check_jsonl(path)
+    elif not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise EmoError(f"{path}: not a list of JSON objects (nor JSON Lines)")
 
 
 def _row_text(row: dict, field: str, where: str) -> str:
@@ -91,8 +119,12 @@ def load_table(path: Path):
     builder = SUFFIX_BUILDER[path.suffix]
     if path.stat().st_size == 0:
         raise EmoError(f"{path}: empty file")
+    if builder != "parquet":
+        _check_utf8(path)
     if path.suffix == ".jsonl":
         _check_jsonl(path)
+    elif path.suffix == ".json":
+        _check_json(path)
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)

@@ -452,8 +452,25 @@ def tokenizer_from_gguf(reader, path: Path) -> EmoTokenizer:
     if model != "gpt2" or pre != "dbrx":
         raise EmoError(f"{path}: tokenizer {model!r}/{pre!r} is not the cl100k-style byte-level BPE emo exports")
     tokens = gf.field(reader, Keys.Tokenizer.LIST)
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise EmoError(f"{path}: GGUF has no token list")
     types = gf.field(reader, Keys.Tokenizer.TOKEN_TYPE) or [int(TokenType.NORMAL)] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in gf.field(reader, Keys.Tokenizer.MERGES, [])]
+    merges = gf.field(reader, Keys.Tokenizer.MERGES, [])
+    if (len(types) != len(tokens) or not all(isinstance(m, str) and " " in m for m in merges)
+            or not all(isinstance(t, int) for t in types)):
+        raise EmoError(f"{path}: GGUF tokenizer tables are damaged (types or merges)")
+    try:
+        tok = _bpe_tokenizer(tokens, types, [tuple(m.split(" ", 1)) for m in merges])
+    except Exception as e:  # `tokenizers` raises bare Exceptions on inconsistent tables
+        raise EmoError(f"{path}: GGUF tokenizer is damaged ({(str(e).splitlines() or ['?'])[0][:80]})") from None
+    eos = gf.field(reader, Keys.Tokenizer.EOS_ID)
+    pad = gf.field(reader, Keys.Tokenizer.PAD_ID)
+    if not all(v is None or (isinstance(v, int) and 0 <= v < len(tokens)) for v in (eos, pad)):
+        raise EmoError(f"{path}: GGUF eos/pad token ids are outside the vocabulary")
+    return EmoTokenizer(tok, eos, pad, gf.field(reader, Keys.Tokenizer.CHAT_TEMPLATE))
+
+
+def _bpe_tokenizer(tokens: list[str], types: list[int], merges: list[tuple[str, str]]) -> Tokenizer:
     # padding rows ([PADi], UNUSED) are left out: like llama.cpp, emo prints nothing for them
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != TokenType.UNUSED}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
@@ -470,9 +487,7 @@ def tokenizer_from_gguf(reader, path: Path) -> EmoTokenizer:
         tok.add_special_tokens(special)
     if user:
         tok.add_tokens(user)
-    eos = gf.field(reader, Keys.Tokenizer.EOS_ID)
-    pad = gf.field(reader, Keys.Tokenizer.PAD_ID)
-    return EmoTokenizer(tok, eos, pad, gf.field(reader, Keys.Tokenizer.CHAT_TEMPLATE))
+    return tok
 
 
 def load_gguf_model(path, device: str = "cpu", backend: str = "auto") -> LoadedModel:

@@ -244,9 +244,22 @@ def _save_history(readline) -> None:
         pass
 
 
+def is_text(s: str) -> bool:
+    """Whether a str decoded from the terminal, a pipe or argv is real text: Python keeps bytes
+    that are not UTF-8 as lone surrogates, which no tokenizer can encode."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def repl(m: OpenModel, params: SamplingParams) -> None:
     """Interactive chat: stream replies; /reset, /stats, /exit; line editing and history."""
     from . import ui
+
+    if sys.stdin is None or sys.stdin.closed:
+        raise EmoError("stdin is closed: nothing to chat with (pass --prompt TEXT for one reply)")
 
     _readline_setup()
     session = ChatSession(m, params)
@@ -264,6 +277,9 @@ def repl(m: OpenModel, params: SamplingParams) -> None:
             continue
         cmd = line.strip()
         if not cmd:
+            continue
+        if not is_text(line):  # a paste of binary or Latin-1 bytes: skip it, keep the conversation
+            ui.err.print("that line is not UTF-8 text; skipped it", style="yellow")
             continue
         if cmd in ("/exit", "/quit"):
             return

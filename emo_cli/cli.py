@@ -36,6 +36,14 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `emo ... | head`: the reader left; nothing to report
+        sys.exit(141)
+    except OSError as e:  # the system refused (disk full, no permission, read-only): say what, once
+        from .ui import err
+
+        where = f"{e.filename}: " if e.filename else ""
+        err.print(f"error: {where}{e.strerror or e}", markup=False, highlight=False, soft_wrap=True, style="red")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

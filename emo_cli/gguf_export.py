@@ -35,7 +35,7 @@ from .bpe import CL100K_SPLIT
 from .config import EmoConfig
 from .errors import EmoError
 from .loading import HFModelFiles, open_hf_dir, read_pruning_metadata
-from .outputs import remove_stale
+from .outputs import check_location, remove_stale
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -445,8 +445,7 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "f16", provenance: dict
         raise EmoError(f"{out} is a directory")
     if out.exists() and not force:
         raise EmoError(f"{out} already exists (use --force to overwrite it)")
-    if not out.parent.is_dir():
-        raise EmoError(f"{out.parent}: no such directory")
+    check_location(out)
     files = open_hf_dir(Path(model_dir))
     reason = gguf_blocker(files.config, files.dir)
     if reason:

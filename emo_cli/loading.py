@@ -89,8 +89,8 @@ def open_hf_dir(path: Path) -> HFModelFiles:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise EmoError(f"{path}: missing config.json (not a Hugging Face model directory)")
-    text = cfg_path.read_text()
     cfg = EmoConfig.from_file(cfg_path)
+    text = cfg_path.read_text(encoding="utf-8")
     ckpt = SafetensorsCheckpoint(path)
     if "model.embed_tokens.weight" not in ckpt.headers:
         raise EmoError(f"{path}: checkpoint has no model.embed_tokens.weight")

@@ -13,6 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
+from .errors import EmoError
+
 
 def current_umask() -> int:
     """The process umask, read without changing it (Linux shows it in /proc; elsewhere the
@@ -75,8 +77,6 @@ def write_atomic(path: Path, write) -> None:
     """Call `write(staging)` and rename the result to `path` with the umask's permissions. A failure
     or interruption leaves `path` as it was and no staging file; killed runs' leftovers are removed
     first. An OSError becomes one line naming `path`."""
-    from .errors import EmoError
-
     path = Path(path)
     remove_stale(path.parent, path.name)
     tmp = staging_path(path)
@@ -88,3 +88,16 @@ def write_atomic(path: Path, write) -> None:
         raise EmoError(f"cannot write {path} ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_location(path: Path) -> None:
+    """Before any work: the directory an output goes to exists and is writable."""
+    parent = Path(path).absolute().parent
+    if not parent.is_dir():
+        raise EmoError(f"{parent}: no such directory (for {path})")
+    probe = staging_path(parent / Path(path).name, "probe")  # permissions alone miss read-only mounts
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise EmoError(f"{parent}: cannot write there ({e.strerror or e}; for {path})") from None

@@ -26,7 +26,7 @@ from . import __version__
 from .errors import EmoError
 from .profile import Profile, coverage
 from .select import Budget, score_plan
-from .outputs import write_atomic
+from .outputs import check_location, write_atomic
 
 SCORE_METHODS = ("frequency", "reap", "easyep")
 SHARES = (0.5, 0.9)
@@ -422,8 +422,7 @@ def check_output(path: Path, force: bool) -> None:
         raise EmoError(f"{path} is a directory; -o takes an .html file name")
     if path.exists() and not force:
         raise EmoError(f"{path} exists (pass --force to overwrite, or -o another name)")
-    if not path.parent.is_dir():
-        raise EmoError(f"{path.parent} does not exist")
+    check_location(path)
 
 
 def write_html(path: Path, text: str, force: bool = False) -> None:

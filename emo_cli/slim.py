@@ -17,7 +17,7 @@ from . import ui
 from .data import read_documents
 from .errors import EmoError
 from .gguf_export import check_quant
-from .outputs import remove_stale
+from .outputs import check_location, remove_stale
 from .loading import is_gguf, open_hf_dir, resolve_model_path
 from .pipeline import heldout_documents, make_plan, masked_loss, masked_losses
 from .profile import Profile
@@ -210,8 +210,9 @@ def is_emo_output(path: Path) -> bool:
 def check_outputs(out: Path, gguf_path: Path | None, force: bool) -> None:
     """Refuse before any work: existing outputs without --force, and, even with it, anything emo
     did not write (a user's folder or file under the same name is never deleted)."""
-    if not out.parent.is_dir():
-        raise EmoError(f"{out.parent}: no such directory")
+    for target in (out, gguf_path):
+        if target is not None:
+            check_location(target)
     for target in (out, gguf_path):
         if target is None or not (target.exists() or target.is_symlink()):
             continue
@@ -219,8 +220,6 @@ def check_outputs(out: Path, gguf_path: Path | None, force: bool) -> None:
             raise EmoError(f"{target} exists (pass --force to overwrite, or -o another name)")
         if target.is_symlink() or not is_emo_output(target) or (target == out) != target.is_dir():
             raise EmoError(f"{target} exists and is not an emo output; refusing to replace it (choose another -o/--gguf)")
-    if gguf_path is not None and not gguf_path.parent.is_dir():
-        raise EmoError(f"{gguf_path.parent}: no such directory")
 
 
 def publish(slim: Path, out: Path, stage: Path, staged_gguf: Path | None, gguf_path: Path | None) -> None:

@@ -28,12 +28,15 @@ def chat(
 
     Example: emo chat --model slim-med.gguf --prompt "The patient was" --temperature 0 --max-new-tokens 32
     """
-    from ..chat import one_shot, open_model, repl
+    from ..chat import is_text, one_shot, open_model, repl
+    from ..errors import EmoError
     from ..generate import SamplingParams
 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             max_new_tokens=max_new_tokens)
     params.validate()
+    if prompt is not None and not is_text(prompt):
+        raise EmoError("--prompt is not UTF-8 text")
     m = open_model(model, backend=backend, device=device, threads=threads)
     if prompt is not None:
         one_shot(m, prompt, params)

@@ -44,12 +44,14 @@ def profile(
     from ..pipeline import data_stem, run_profile
     from ..profile import Profile, coverage
     from ..memory import Workload
+    from ..outputs import check_location
     from ..runtime import load_model
     from ..workspace import absolute_if_local, read_state, resolve_default_model, update_state
 
     if data and data[0] == "merge" and not Path("merge").exists():
         if len(data) < 3 or output is None:
             raise EmoError("usage: emo profile merge A B [C...] -o OUT")
+        check_location(output)
         merged = Profile.load(Path(data[1]))
         for p in data[2:]:
             merged = merged.merged(Profile.load(Path(p)))
@@ -68,6 +70,7 @@ def profile(
         raise EmoError(f"--heldout-frac must be in [0, 1) (got {heldout_frac})")
     read_state()  # a corrupt workspace fails now, not after the profile is written
     out = output or Path(f"{data_stem(data[0])}.profile.safetensors")
+    check_location(out)
     if out.exists() and not force:
         raise EmoError(f"{out} exists (pass --force to overwrite, or -o another name)")
     spec = resolve_default_model(model)

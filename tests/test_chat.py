@@ -18,6 +18,7 @@ from emo_cli.cli import app
 from emo_cli.gguf_export import export_gguf
 from emo_cli.generate import EmoEngine, SamplingParams, Sampler, TextStream, generate
 from emo_cli.runtime import load_model
+from kernel_support import cpu_param, needs_cpu_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The patient was given a dose of"
@@ -59,15 +60,15 @@ def llama_greedy(path: Path, prompt: str, n: int) -> tuple[list[int], str]:
     return out, text
 
 
-@pytest.mark.parametrize("quant,backend", [("f32", "auto"), ("f32", "cpu"), ("f32", "torch"),
-                                           ("q8_0", "auto"), ("q8_0", "cpu")])
+@pytest.mark.parametrize("quant,backend", [("f32", "auto"), cpu_param("f32", "cpu"), ("f32", "torch"),
+                                           cpu_param("q8_0", "auto"), cpu_param("q8_0", "cpu")])
 def test_greedy_chat_equals_llama_cpp(ggufs, quant, backend):
     _, files = ggufs
     ids, text = llama_greedy(files[quant], PROMPT, 16)
     ours = chat("--model", files[quant], "--prompt", PROMPT, "--temperature", 0, "--max-new-tokens", 16,
                 "--seed", 0, "--backend", backend, "--threads", 1)
     assert ours == text
-    lm = load_model(files[quant], backend="cpu" if backend == "auto" else backend)
+    lm = load_model(files[quant], backend=backend)
     got = list(generate(EmoEngine(lm.model, lm.tokenizer), lm.tokenizer.encode(PROMPT),
                         SamplingParams(temperature=0, max_new_tokens=16), set(lm.config.eos_ids)))
     assert got == ids
@@ -189,6 +190,7 @@ def _read_until(fd, needle: str, buf: list, timeout=90.0, after: str = "") -> st
     return "".join(buf)
 
 
+@needs_cpu_kernels
 def test_repl_through_a_pty(ggufs, tmp_path):
     """Line editing goes through readline on a real terminal; the reply streams, /stats, /reset,
     /exit work, and Ctrl-D also leaves cleanly."""

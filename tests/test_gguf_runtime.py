@@ -7,6 +7,7 @@ import torch
 from emo_cli.errors import EmoError
 from emo_cli.gguf_export import export_gguf
 from emo_cli.runtime import load_model
+from kernel_support import cpu_param, needs_cpu_kernels
 
 TEXT = "The patient was given a dose of aspirin for acute pain. def return 42! theorem proof"
 WIDE = dict(hidden_size=64, intermediate_size=64)  # rows of two quant blocks
@@ -38,7 +39,7 @@ def rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("variant", ["shared", "plain", "gqa"])
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", [cpu_param("cpu"), "torch"])
 def test_f32_gguf_equals_hf_runtime(exported, variant, backend):
     src, path = exported(variant)
     hf, gg = load_model(src), load_model(path, backend=backend)
@@ -64,7 +65,7 @@ def test_kv_cache_and_masking_on_gguf(exported):
     assert rel(gg.model(x)[0], hf.model(x)[0]) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", [cpu_param("cpu"), "torch"])
 def test_eval_and_profile_of_a_gguf(exported, med_data, backend):
     """The GGUF runtime implements the model interface: `emo eval X.gguf` and profiling work and
     give the HF model's numbers (f32 export: equal up to the kernels' summation order)."""
@@ -136,6 +137,7 @@ def agree_modulo_ties(ours: np.ndarray, ref: np.ndarray) -> None:
     assert (same | (margin <= 2 * diff)).all(), np.nonzero(~same)
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("quant", ["f32", "f16", "q8_0", "q4_0"])
 def test_cpu_backend_equals_llama_cpp(exported, quant):
     """The CPU kernels do llama.cpp's arithmetic: activations rounded the same way (Q8_0 blocks
@@ -159,6 +161,7 @@ def test_cpu_backend_equals_llama_cpp(exported, quant):
         assert np.median(np.abs(dense - ref).max(-1) / np.abs(ref).max()) > 1e-4
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("quant", ["f32", "q8_0", "q4_0"])
 def test_decode_steps_equal_llama_cpp(exported, quant):
     """Token-by-token decode (emo's one-call attention path) against llama.cpp's, same tokens fed."""

@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 from emo_kernels import cpu, dispatch
+from kernel_support import needs_cpu_kernels
 from emo_kernels.grouped import grouped_moe
 from emo_kernels.reference import (f16_activations, q8_0_activations, reference_moe,
                                    reference_moe_rounded)
@@ -59,6 +60,7 @@ def routing(rng, T, S, E):
     return experts, weights
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("qt", [QT.F32, QT.F16, QT.Q8_0, QT.Q4_0], ids=lambda q: q.name)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cpu_moe_equals_reference(qt, seed):
@@ -82,6 +84,7 @@ def test_cpu_moe_equals_reference(qt, seed):
     assert torch.allclose(norms[:, 0].double(), one.norm(dim=1), rtol=1e-4)
 
 
+@needs_cpu_kernels
 def test_cpu_moe_unused_experts_and_shared_pointer_table():
     """Experts nobody picks are skipped; one expert may live in another buffer (the shared one)."""
     rng = np.random.default_rng(5)
@@ -102,6 +105,7 @@ def test_cpu_moe_unused_experts_and_shared_pointer_table():
         cpu.moe(x, torch.full((T, 2), E), weights, layer)
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("qt", [QT.F32, QT.F16, QT.Q8_0, QT.Q4_0], ids=lambda q: q.name)
 def test_cpu_matmul_and_get_rows(qt):
     rng = np.random.default_rng(3)
@@ -185,3 +189,38 @@ def test_dispatch_resolves_once_with_clear_errors():
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(dispatch.BackendError, match="triton"):
             dispatch.resolve("triton", "cpu", gguf=True)
+
+
+NO_COMPILER_SCRIPT = r"""
+import sys, torch
+from emo_kernels import cpu, dispatch
+from emo_cli.runtime import load_model
+assert not cpu.available()
+print(dispatch.resolve("auto", "cpu", gguf=True))
+try:
+    dispatch.resolve("cpu", "cpu", gguf=True)
+except dispatch.BackendError as e:
+    print(e)
+lm = load_model(sys.argv[1])  # --backend auto on a GGUF: the torch path, same numbers
+print(lm.model.backend, float(lm.model.forward(torch.tensor([[1, 2, 3]])).double().abs().sum()))
+"""
+
+
+def test_without_a_compiler_auto_falls_back_to_torch(tmp_path, tiny_model_factory):
+    """A machine where the kernels cannot build (no compiler; an ARM CPU is the same path): auto
+    runs GGUFs on torch, and --backend cpu says why it cannot."""
+    from emo_cli.gguf_export import export_gguf
+    from emo_cli.runtime import load_model
+
+    gguf = tmp_path / "m.gguf"
+    export_gguf(tiny_model_factory("shared"), gguf, "f32")
+    env = dict(os.environ, CC=str(tmp_path / "no-such-compiler"), EMO_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", NO_COMPILER_SCRIPT, str(gguf)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    auto, reason, last = r.stdout.strip().splitlines()
+    assert auto == "torch" and "compiler" in reason and "unavailable" in reason
+    backend, total = last.split()
+    here = load_model(gguf, backend="torch").model.forward(torch.tensor([[1, 2, 3]])).double().abs().sum()
+    assert backend == "torch" and float(total) == pytest.approx(float(here), rel=1e-6)

@@ -228,7 +228,7 @@ def test_bad_inputs_one_line_no_file(profiles, tmp_path, capsys, monkeypatch, ca
         "not_a_profile": ([med, junk], "cannot read profile"),
         "bad_budget": ([med, "--budget", "0%"], "budget 0%"),
         "bad_method": ([med, "--method", "router"], "--method"),
-        "no_dir": ([med, "-o", tmp_path / "missing" / "r.html"], "does not exist"),
+        "no_dir": ([med, "-o", tmp_path / "missing" / "r.html"], "no such directory"),
     }[case]
     before = sorted(p.name for p in tmp_path.iterdir())
     code, out, err = run(["report", *argv], capsys, monkeypatch, tmp_path)
@@ -250,12 +250,12 @@ def test_existing_report_needs_force_and_survives_failures(profiles, tmp_path, c
 
 
 def test_write_failure_leaves_no_partial_file(tmp_path, monkeypatch):
-    import emo_cli.report as report
+    import emo_cli.outputs as outputs
 
     def full_disk(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report.os, "replace", full_disk)
+    monkeypatch.setattr(outputs.os, "replace", full_disk)
     with pytest.raises(EmoError, match="No space left"):
         write_html(tmp_path / "r.html", "<html>" + "x" * 100_000)
     assert list(tmp_path.iterdir()) == []

@@ -31,7 +31,7 @@ def main() -> None:
     except EmoError as e:
         from .ui import err
 
-        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True, style="red")
+        err.print("error: " + " ".join(str(e).split("\n")), markup=False, highlight=False, soft_wrap=True, style="red")
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -105,13 +105,13 @@ def _row_text(row: dict, field: str, where: str) -> str:
 def _pick_field(columns: list[str], text_field: str | None, source: str) -> str:
     if text_field:
         if text_field not in columns:
-            raise EmoError(f"{source}: no field {text_field!r} (fields: {', '.join(columns)})")
+            raise EmoError(f"{source}: no field {text_field!r} (fields: {', '.join(map(repr, columns))})")
         return text_field
     for f in TEXT_FIELDS:
         if f in columns:
             return f
     raise EmoError(f"{source}: no text field found (looked for {', '.join(TEXT_FIELDS)}; "
-                   f"fields: {', '.join(columns)}); pass --text-field")
+                   f"fields: {', '.join(map(repr, columns))}); pass --text-field")
 
 
 def load_table(path: Path):

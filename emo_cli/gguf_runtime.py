@@ -331,6 +331,7 @@ class GGUFModel:
         D, V, F = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         need = {gf.TOKEN_EMBD: (V, D), gf.OUTPUT_NORM: (D,)}  # numpy order
+        size = int(self.reader.data.nbytes)
         if gf.OUTPUT in T:
             need[gf.OUTPUT] = (V, D)
         for i in range(cfg.num_hidden_layers):
@@ -354,6 +355,10 @@ class GGUFModel:
                 raise EmoError(f"{path}: tensor {name} has shape {have}, but the file's keys imply {shape}")
             if T[name].tensor_type not in gf.READABLE_TYPES:
                 raise EmoError(f"{path}: tensor {name} has type {T[name].tensor_type.name}, which emo cannot compute")
+            # the kernels get raw pointers into the map: every byte they may read must be in the file
+            t = T[name]
+            if int(t.data_offset) + int(t.n_bytes) > size or t.data.nbytes != int(t.n_bytes):
+                raise EmoError(f"{path}: tensor {name} lies outside the file (truncated download?)")
         kept = gf.provenance(self.reader).get("experts_kept_per_layer")
         if kept is not None and not (
                 isinstance(kept, list) and len(kept) == cfg.num_hidden_layers

@@ -18,10 +18,9 @@ from pathlib import Path
 
 from . import ui
 from .errors import EmoError
+from .loading import EMBEDDED_MODELS
 
-ASSETS = Path(__file__).parent / "assets"
-TINY_EMO = ASSETS / "tiny-emo"
-TINY_STD = ASSETS / "tiny-stdmoe"
+TINY_EMO, TINY_STD = EMBEDDED_MODELS["tiny-emo"], EMBEDDED_MODELS["tiny-stdmoe"]
 MARKER = ".emo-demo"
 PROMPT = "J45.901 Unspecified asthma with"
 
@@ -45,6 +44,37 @@ def _prepare_out(s: DemoSettings) -> None:
         raise EmoError(f"{s.out} exists and was not written by `emo demo` (pass --force or --out another dir)")
     s.out.mkdir(parents=True, exist_ok=True)
     (s.out / MARKER).write_text("written by emo demo; safe to delete\n")
+
+
+# what `emo demo --data-only` writes under <out>/data/, from the demo corpus' (domain, split)
+DATA_FILES = {"med.jsonl": ("medical", 0), "med-heldout.jsonl": ("medical", 1), "code.jsonl": ("code", 0),
+              "law.jsonl": ("legal", 0)}
+
+
+def write_demo_data(out: Path, force: bool = False) -> list[Path]:
+    """The demo's text as plain JSONL files in <out>/data/ (med.jsonl, ...), from pip-installed
+    sources and in seconds, so the README's three commands run as printed with EMO_MODEL=tiny-emo."""
+    import shutil
+    import tempfile
+
+    from .corpus import PIP_DOMAINS, CorpusSpec, build_corpus, domain_files
+    from .outputs import check_location, follow_umask
+
+    data = Path(out) / "data"
+    targets = [data / name for name in DATA_FILES]
+    existing = [p for p in targets if p.exists()]
+    if existing and not force:
+        raise EmoError(f"{existing[0]} exists (pass --force to overwrite)")
+    check_location(data)
+    data.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=data, prefix=".emo-demo-data.") as tmp:
+        build_corpus(Path(tmp), CorpusSpec(domains=PIP_DOMAINS, max_chars_per_domain=600_000, fetch=False))
+        for target, (domain, split) in zip(targets, DATA_FILES.values()):
+            staged = Path(tmp) / target.name
+            shutil.copyfile(domain_files(Path(tmp), domain)[split], staged)
+            follow_umask(staged)
+            staged.replace(target)
+    return targets
 
 
 def run_demo(s: DemoSettings) -> dict:

@@ -20,6 +20,10 @@ from .errors import EmoError
 from .models.emo import Block, EmoForCausalLM, MoEBlock
 
 DEFAULT_MODEL = "allenai/Emo_1b14b_1T"
+ASSETS = Path(__file__).parent / "assets"
+# The models shipped inside the package, usable by name wherever a MODEL is accepted (a local
+# file or directory of the same name wins): try emo without the 14B download.
+EMBEDDED_MODELS = {"tiny-emo": ASSETS / "tiny-emo", "tiny-stdmoe": ASSETS / "tiny-stdmoe"}
 EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -49,13 +53,18 @@ def find_in_hf_cache(repo_id: str) -> Path | None:
 
 
 def resolve_model_path(spec: str | os.PathLike) -> Path:
-    """A local directory or .gguf file, or a `org/name` repo id found in the local HF cache."""
+    """A local directory or .gguf file, an embedded model's name (tiny-emo, tiny-stdmoe), or an
+    `org/name` repo id found in the local HF cache."""
     p = Path(spec).expanduser()
     if p.exists():
         if p.is_dir() or p.suffix == ".gguf":
             return p
         raise EmoError(f"{p}: not a model directory or .gguf file")
     s = str(spec)
+    if s in EMBEDDED_MODELS:
+        if not (EMBEDDED_MODELS[s] / "config.json").exists():
+            raise EmoError(f"{s}: the embedded model is missing from this installation ({EMBEDDED_MODELS[s]})")
+        return EMBEDDED_MODELS[s]
     if s.endswith(".gguf") or s.startswith((".", "/")) or s.count("/") != 1:
         raise EmoError(f"{s}: no such model file or directory")
     found = find_in_hf_cache(s)
@@ -63,7 +72,7 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
         raise EmoError(
             f"model {s} is not in the local Hugging Face cache ({hf_cache_dir()}); get it with "
             f"`huggingface-cli download {s}` on a machine with network access, or pass a local "
-            f"directory with --model (`emo demo` runs everything on the embedded tiny model)"
+            f"directory with --model (or an embedded model: {', '.join(EMBEDDED_MODELS)})"
         )
     return found
 

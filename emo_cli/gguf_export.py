@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -25,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUFWriter, TokenType
 from gguf import GGMLQuantizationType as QT
+from gguf.metadata import Metadata
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from . import gguf_format as gf
@@ -292,12 +295,32 @@ def collect_provenance(files: HFModelFiles, given: dict | None) -> dict:
     return prov
 
 
-def add_metadata(w: GGUFWriter, files: HFModelFiles, file_type: int, quantized: bool, prov: dict) -> None:
+def add_general(w: GGUFWriter, model_dir: Path, planned: list, expert_count: int) -> None:
+    """general.name, basename, size_label, license, base_model.* ... as llama.cpp's converter
+    writes them (gguf-py's Metadata: the model card's front matter, config and folder name), so
+    llama.cpp, LM Studio and Ollama show the model sensibly. Parameters are counted as the
+    converter counts them: a `_exps` tensor is expert_count experts, anything else is shared."""
+    expert = sum(math.prod(t.shape) for t in planned if "_exps." in t.name) // max(expert_count, 1)
+    shared = sum(math.prod(t.shape) for t in planned if "_exps." not in t.name)
+    total = shared + expert * expert_count
+    try:
+        meta = Metadata.load(None, model_dir.resolve(), None, total)
+    except Exception:  # a user's README front matter gguf-py cannot parse: keep the folder name only
+        meta = Metadata()
+    if meta.name is None:
+        meta.name = model_dir.resolve().name
+    if meta.size_label is None:
+        meta.size_label = gguf.size_label(total, shared, expert, expert_count)
+    meta.set_gguf_meta_model(w)
+
+
+def add_metadata(w: GGUFWriter, files: HFModelFiles, file_type: int, quantized: bool, prov: dict,
+                 planned: list) -> None:
     cfg = files.config
     moe = cfg.moe_layers()
     n, ns = cfg.layer_experts(moe[0]), cfg.layer_shared(moe[0])
     n_dense = moe[0]  # the blocker guarantees dense layers only lead
-    w.add_name(files.dir.resolve().name)
+    add_general(w, files.dir, planned, n - ns)
     w.add_file_type(file_type)
     if quantized:
         w.add_quantization_version(GGML_QUANT_VERSION)
@@ -338,7 +361,7 @@ def _write(files: HFModelFiles, path: Path, base: QT, file_type: int, prov: dict
     planned = plan_tensors(files)
     w = GGUFWriter(path, gf.ARCH)
     try:
-        add_metadata(w, files, file_type, base not in (QT.F32, QT.F16, QT.BF16), prov)
+        add_metadata(w, files, file_type, base not in (QT.F32, QT.F16, QT.BF16), prov, planned)
         add_tokenizer(w, files.dir, planned[0].shape[0], files.config)
         for t in planned:
             t.qtype = tensor_type(t.name, t.shape, base)

@@ -292,6 +292,11 @@ def gguf_info(path: Path) -> dict:
         "dtype": ",".join(sorted({t.tensor_type.name for t in reader.tensors})),
         "bytes": path.stat().st_size, "fingerprint": gguf_fingerprint(reader), **count_params(cfg, total),
     }
+    general = {k.removeprefix("general."): field(reader, k) for k in sorted(reader.fields)
+               if k.startswith("general.") and k not in (Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE,
+                                                         Keys.General.QUANTIZATION_VERSION, Keys.General.ALIGNMENT)}
+    if general:
+        info["general"] = general
     prov = provenance(reader)
     if prov:
         info["pruning"] = {PROVENANCE_METADATA_NAMES[k]: v for k, v in prov.items()}

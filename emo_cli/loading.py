@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ ASSETS = Path(__file__).parent / "assets"
 # file or directory of the same name wins): try emo without the 14B download.
 EMBEDDED_MODELS = {"tiny-emo": ASSETS / "tiny-emo", "tiny-stdmoe": ASSETS / "tiny-stdmoe"}
 EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -297,3 +299,29 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copyfile(src / name, dst / name)
+
+
+def code_files(src: Path, config: dict) -> list[str]:
+    """The Python files a trust_remote_code checkpoint needs: each module its config's auto_map
+    names ("configuration_emo.EmoConfig", or "repo--module.Class"), and the local modules those
+    import (`from .x import ...`), as found in `src`."""
+    auto = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
+    refs = [r for v in auto.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    todo = [r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs]
+    found: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in found or not (src / name).is_file():
+            continue
+        found.add(name)
+        text = (src / name).read_text(encoding="utf-8", errors="replace")
+        todo += [m + ".py" for m in re.findall(r"^\s*from \.(\w+) import", text, re.M)]
+    return sorted(found)
+
+
+def copy_support_files(src: Path, dst: Path, config: dict) -> None:
+    """Everything beside the weights a derived directory needs to load where its source loads:
+    tokenizer and generation config, the remote-code modules, and the license files."""
+    copy_tokenizer_files(src, dst)
+    for name in code_files(src, config) + [n for n in LICENSE_FILES if (src / n).is_file()]:
+        shutil.copyfile(src / name, dst / name)

@@ -18,9 +18,11 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import ShardWriter
 from .errors import EmoError
-from .loading import copy_tokenizer_files, open_hf_dir, source_expert_ids
+from .loading import copy_support_files, open_hf_dir, source_expert_ids
 from .outputs import follow_umask
 from .select import Plan
+
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' max_shard_size="5GB", as the released checkpoints are sharded
 
 
 def slim_config(cfg, plan: Plan, local_kept: dict[int, list[int]]) -> dict:
@@ -83,7 +85,7 @@ def prune_to_dir(model_dir: Path, plan: Plan, out_dir: Path, force: bool = False
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         dtype = ckpt.dtype("model.embed_tokens.weight")
-        writer = ShardWriter(tmp)
+        writer = ShardWriter(tmp, shard_bytes=MAX_SHARD_BYTES)
         names = ckpt.names()
         by_layer: dict[int, list[str]] = {}
         other = []
@@ -113,7 +115,7 @@ def prune_to_dir(model_dir: Path, plan: Plan, out_dir: Path, force: bool = False
         config = slim_config(cfg, plan, local_kept)
         config["torch_dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copy_tokenizer_files(model_dir, tmp)
+        copy_support_files(model_dir, tmp, config)
         kept_orig = [None if orig_ids[i] is None else [orig_ids[i][j] for j in local_kept[i]]
                      for i in range(cfg.num_hidden_layers)]
         counts = [len(k) for k in kept_orig if k is not None]

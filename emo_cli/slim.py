@@ -18,6 +18,7 @@ from .data import read_documents
 from .errors import EmoError
 from .gguf_export import check_quant
 from .outputs import check_location, remove_stale
+from .model_card import write_model_card
 from .loading import is_gguf, open_hf_dir, resolve_model_path
 from .pipeline import heldout_documents, make_plan, masked_loss, masked_losses
 from .profile import Profile
@@ -50,6 +51,7 @@ class PruneRequest:
     streaming: str = "auto"
     max_memory: float | None = None
     quiet: bool = False
+    command: str | None = None  # the command line, for the model card
 
 
 def parse_percent(text: str) -> float:
@@ -179,10 +181,12 @@ def run_prune(req: PruneRequest) -> dict:
             prune_to_dir(path, plan, slim, extra_meta=extra_meta, source_name=spec,
                          on_layer=lambda _i: prog.update(task, advance=1))
         plan.save(slim / "plan.json")
+        write_model_card(slim, report, path, req.command)  # the GGUF export reads base model and license here
         report["gguf"] = _export(slim, staged_gguf, gguf_path.name, req) if gguf_path else None
         wrote_gguf = bool(report["gguf"] and report["gguf"].get("path"))
         if wrote_gguf:
             report["gguf"]["path"] = str(gguf_path)
+            write_model_card(slim, report, path, req.command)  # now with the GGUF it has
         (slim / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         publish(slim, out, stage, staged_gguf if wrote_gguf else None, gguf_path)
     finally:

@@ -42,6 +42,8 @@ def info(
         desc = "dense MLP" if key == ("dense",) else f"{key[0]} routed + {key[1]} shared" + (
             f", always active {list(key[2])}" if key[2] else "")
         rows.append([f"layers {span}", desc])
+    for key, value in (facts.get("general") or {}).items():  # what llama.cpp / LM Studio / Ollama show
+        rows.append([f"general.{key}", ", ".join(map(str, value)) if isinstance(value, list) else value])
     p = facts.get("pruning")
     if p:
         rows.append(["pruned from", p.get("original_model")])

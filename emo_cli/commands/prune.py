@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -53,7 +55,8 @@ def prune(
                        allocation=allocation, output=output, gguf=gguf, no_gguf=no_gguf, quant=quant, plan=plan,
                        dry_run=dry_run, seed=seed, max_evals=max_evals, guard=list(guard),
                        max_loss_increase=max_loss_increase, force=force, device=device, dtype=dtype,
-                       streaming=streaming, max_memory=max_memory, quiet=json_out)
+                       streaming=streaming, max_memory=max_memory, quiet=json_out,
+                       command=shlex.join(["emo", *sys.argv[1:]]))
     report = run_prune(req)
     if json_out:
         ui.print_json(report)

@@ -372,14 +372,16 @@ def _write(files: HFModelFiles, path: Path, base: QT, file_type: int, prov: dict
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        written = 0
         for k, t in enumerate(planned):
             data = t.build(t.qtype)
             expect = encoded_shape(t.shape, t.qtype)
             if tuple(data.shape) != expect:
                 raise EmoError(f"{files.dir}: {t.name} came out {tuple(data.shape)}, expected {expect}")
             w.write_tensor_data(data)
+            written += data.nbytes
             if progress:
-                progress("writing", k + 1, len(planned))
+                progress("writing", k + 1, len(planned), written)
     finally:
         w.close()
 
@@ -455,7 +457,8 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "f16", provenance: dict
         provenance: pruning provenance (fields of gguf_format.PROVENANCE_KEYS), overriding what
             the directory's pruning_metadata.json says.
         force: overwrite an existing `out`.
-        progress: called as progress(stage, done, total); stages "writing", then "quantizing".
+        progress: called as progress(stage, done, total, bytes_written); stages "writing" (tensors),
+            then "quantizing" (llama.cpp's K-quants).
     Returns: output path, quant, bytes, f32_bytes (the same file at f32), ratio, tensors, params.
     Raises: EmoError, before anything is written, when the model cannot be represented exactly.
     """
@@ -487,10 +490,10 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "f16", provenance: dict
             base = _source_base(files)
             _write(files, mid, base, int(gf.QUANTS[base.name.lower()][0]), prov, progress)
             if progress:
-                progress("quantizing", 0, 1)
+                progress("quantizing", 0, 1, 0)
             _llama_quantize(mid, tmp, int(file_type), quant)
             if progress:
-                progress("quantizing", 1, 1)
+                progress("quantizing", 1, 1, tmp.stat().st_size)
         os.replace(tmp, out)
     finally:
         for p in (tmp, mid):

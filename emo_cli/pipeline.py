@@ -107,12 +107,14 @@ def make_plan(profiles, method, budget, allocation, model=None, tokenizer=None, 
         calib = batches_for(tokenizer, profiled_documents(profiles), s["seq_len"], s["batch_size"], s.get("max_tokens"))
         with ui.progress(disable=quiet) as prog:
             if method == "router":
+                per_layer = sum(int(b.mask.sum()) for b in calib) / model.num_layers  # as whole-model tokens
                 task = prog.add_task("router: layerwise", total=model.num_layers, tokens=0)
                 plan = router_plan(model, calib, profiles, budget, allocation, top_k,
-                                   on_layer=lambda _l: prog.update(task, advance=1))
+                                   on_layer=lambda _l: prog.update(
+                                       task, advance=1, tokens=prog.tasks[task].fields["tokens"] + per_layer))
             elif method == "greedy":
                 held = batches_for(tokenizer, heldout_docs or [], s["seq_len"], s["batch_size"])
-                task = prog.add_task("greedy: held-out loss", total=None, tokens=0)
+                task = prog.add_task("greedy: held-out loss evaluations", total=None)
                 plan = greedy_plan(model, calib, held, profiles, budget, allocation, top_k, max_evals=max_evals,
                                    on_eval=lambda f: prog.update(task, advance=f))
             else:

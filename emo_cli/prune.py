@@ -54,7 +54,8 @@ def slim_config(cfg, plan: Plan, local_kept: dict[int, list[int]]) -> dict:
 
 def prune_to_dir(model_dir: Path, plan: Plan, out_dir: Path, force: bool = False, extra_meta: dict | None = None,
                  on_layer=None, source_name: str | None = None) -> Path:
-    """Write the slim model described by `plan` into `out_dir` (temporary name, renamed when done)."""
+    """Write the slim model described by `plan` into `out_dir` (temporary name, renamed when done);
+    `on_layer(layer, bytes_written)` is called after each layer."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     files = open_hf_dir(model_dir)
     cfg, ckpt = files.config, files.ckpt
@@ -110,7 +111,7 @@ def prune_to_dir(model_dir: Path, plan: Plan, out_dir: Path, force: bool = False
                 else:
                     writer.add(n, ckpt.get(n))
             if on_layer:
-                on_layer(i)
+                on_layer(i, writer.total)
         writer.close()
         config = slim_config(cfg, plan, local_kept)
         config["torch_dtype"] = str(dtype).replace("torch.", "")

@@ -177,9 +177,9 @@ def run_prune(req: PruneRequest) -> dict:
     try:
         slim = stage / out.name  # the final name: the GGUF takes its model name from it
         with ui.progress(disable=req.quiet) as prog:
-            task = prog.add_task(f"writing {out}", total=files.config.num_hidden_layers, tokens=0)
+            task = prog.add_task(f"writing {out} · layers", total=files.config.num_hidden_layers, bytes=0)
             prune_to_dir(path, plan, slim, extra_meta=extra_meta, source_name=spec,
-                         on_layer=lambda _i: prog.update(task, advance=1))
+                         on_layer=lambda _i, nbytes: prog.update(task, advance=1, bytes=nbytes))
         plan.save(slim / "plan.json")
         write_model_card(slim, report, path, req.command)  # the GGUF export reads base model and license here
         report["gguf"] = _export(slim, staged_gguf, gguf_path.name, req) if gguf_path else None
@@ -296,8 +296,8 @@ def _export(out: Path, gguf_path: Path, label: str, req: PruneRequest):
         ui.err.print(f"note: no GGUF written: {reason}", markup=False)
         return {"skipped": reason}
     with ui.progress(disable=req.quiet) as prog:
-        task = prog.add_task(f"exporting {label}", total=None, tokens=0)
+        task = prog.add_task(f"exporting {label} · tensors", total=None, bytes=0)
         export_gguf(out, gguf_path, quant=req.quant, force=True,
-                    progress=lambda stage, done, total: prog.update(
-                        task, completed=done, total=total, description=f"{stage} {label}"))
+                    progress=lambda stage, done, total, nbytes: prog.update(
+                        task, completed=done, total=total, bytes=nbytes, description=f"{stage} {label} · tensors"))
     return {"path": str(gguf_path), "quant": req.quant, "bytes": gguf_path.stat().st_size}

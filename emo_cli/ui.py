@@ -15,19 +15,32 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
-class TokensPerSecond(ProgressColumn):
-    """Tokens/s from a `tokens` field the caller keeps up to date on the task."""
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+class Throughput(ProgressColumn):
+    """What moves and how fast, from the task's fields: `bytes` (writing: size and MB/s) or
+    `tokens` (passes: tokens and tok/s). A task with neither shows only its count."""
 
     def render(self, task) -> Text:
-        toks = task.fields.get("tokens", 0)
         el = task.elapsed or 0.0
-        rate = toks / el if el > 0 else 0.0
-        return Text(f"{round(toks):,} tok  {rate:,.0f} tok/s", style="cyan")
+        if "bytes" in task.fields:
+            n = task.fields["bytes"]
+            return Text(f"{human_bytes(n)}  {n / el / 1e6 if el > 0 else 0.0:,.1f} MB/s", style="cyan")
+        if "tokens" in task.fields:
+            toks = task.fields["tokens"]
+            return Text(f"{round(toks):,} tok  {toks / el if el > 0 else 0.0:,.0f} tok/s", style="cyan")
+        return Text("")
 
 
 def progress(disable: bool = False) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TokensPerSecond(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    Throughput(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     console=err, transient=False, disable=disable)
 
 

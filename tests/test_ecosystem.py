@@ -105,3 +105,18 @@ def test_slim_directory_is_self_contained_and_carries_a_model_card(tmp_path, cap
     assert "emo.experts_kept_per_layer" in reader.fields  # emo's provenance stays
     info = json.loads(emo(["info", "slim-med.gguf", "--json"], capsys))
     assert info["general"]["license"] == "apache-2.0" and info["general"]["size_label"] == general["general.size_label"]
+
+
+def test_progress_shows_what_moves():
+    from emo_cli.ui import Throughput, progress
+
+    prog = progress(disable=True)
+    writing = prog.add_task("writing", total=4, bytes=0)
+    prog.update(writing, advance=1, bytes=5_250_000)
+    passes = prog.add_task("profiling", total=4, tokens=0)
+    prog.update(passes, advance=1, tokens=2048)
+    evals = prog.add_task("greedy evaluations", total=None)
+    column = Throughput()
+    assert column.render(prog.tasks[writing]).plain.startswith("5.2 MB ") and "MB/s" in column.render(prog.tasks[writing]).plain
+    assert column.render(prog.tasks[passes]).plain.startswith("2,048 tok ")
+    assert column.render(prog.tasks[evals]).plain == ""

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import ui
 
@@ -34,16 +33,14 @@ def export(
     if is_gguf(path):
         raise EmoError(f"{path} is already a GGUF file; export from the HF model directory")
     out = output if output is not None else Path(f"{path.resolve().name}.gguf")
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=ui.err, disable=json_out) as prog:
+    with ui.progress(disable=json_out) as prog:
         tasks: dict[str, int] = {}
 
-        def on_progress(stage: str, done: int, total: int) -> None:
+        def on_progress(stage: str, done: int, total: int, nbytes: int) -> None:
             if stage not in tasks:
-                label = "tensors" if stage == "writing" else "llama.cpp quantize"
-                tasks[stage] = prog.add_task(label, total=total)
-            prog.update(tasks[stage], completed=done, total=total)
+                label = f"writing {out.name} · tensors" if stage == "writing" else "llama.cpp quantize"
+                tasks[stage] = prog.add_task(label, total=total, bytes=0)
+            prog.update(tasks[stage], completed=done, total=total, bytes=nbytes)
 
         result = export_gguf(path, out, quant=quant, force=force, progress=on_progress)
     if json_out:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import EmoError
+from .mc_items import MCItem, is_mc_table, mc_item, with_shots
 
 SUFFIX_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 TEXT_FIELDS = ("text", "content", "messages")
@@ -27,6 +28,12 @@ class Document:
     text: str
     source: str  # file it came from
     index: int  # position in the whole input (the id recorded in profiles)
+    item: MCItem | None = None  # a multiple-choice row: text is its prompt plus the gold answer
+
+    @property
+    def split_key(self) -> str:
+        """What the held-out split hashes: the item's question, so --shots never moves an item."""
+        return self.item.question if self.item is not None else self.text
 
 
 def _quiet_datasets():
@@ -134,9 +141,12 @@ def load_table(path: Path):
 
 
 def read_documents(inputs: list[str | Path], text_field: str | None = None,
-                   max_docs: int | None = None) -> list[Document]:
-    """All documents of all inputs, in order; empty texts are skipped (they have nothing to score)."""
+                   max_docs: int | None = None, shots: int = 0) -> list[Document]:
+    """All documents of all inputs, in order; empty texts are skipped (they have nothing to score).
+    Multiple-choice rows (question, choices, answer; no text field) become EMO's selection text:
+    `shots` solved items of the same file, the question and its gold answer."""
     docs: list[Document] = []
+    mc_seen = False
     for inp in inputs:
         path = Path(inp)
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
@@ -147,6 +157,14 @@ def read_documents(inputs: list[str | Path], text_field: str | None = None,
         for source, table in tables:
             if hasattr(table, "keys") and not hasattr(table, "column_names"):
                 raise EmoError(f"{source}: a DatasetDict; pass one split's directory")
+            if text_field is None and is_mc_table(table.column_names) and not set(TEXT_FIELDS) & set(table.column_names):
+                mc_seen = True
+                items = with_shots([mc_item(row, f"{source}: row {n}") for n, row in enumerate(table, 1)], shots)
+                for it in items:
+                    docs.append(Document(it.solved, source, len(docs), it))
+                    if max_docs is not None and len(docs) >= max_docs:
+                        return docs
+                continue
             field = _pick_field(table.column_names, text_field, source)
             for n, row in enumerate(table, 1):
                 text = _row_text(row, field, f"{source}: row {n}")
@@ -156,6 +174,8 @@ def read_documents(inputs: list[str | Path], text_field: str | None = None,
                         return docs
     if not docs:
         raise EmoError(f"{', '.join(map(str, inputs))}: no non-empty documents")
+    if shots and not mc_seen:
+        raise EmoError("--shots applies to multiple-choice rows (question, choices, answer); this data has none")
     return docs
 
 
@@ -174,7 +194,7 @@ def heldout_split(docs: list[Document], frac: float, salt: str = "") -> tuple[li
         raise EmoError(f"--heldout-frac must be in [0, 1), got {frac}")
     keep, held = [], []
     for d in docs:
-        u = int.from_bytes(hashlib.sha256((salt + d.text).encode()).digest()[:8], "big") / 2**64
+        u = int.from_bytes(hashlib.sha256((salt + d.split_key).encode()).digest()[:8], "big") / 2**64
         (held if u < frac else keep).append(d)
     if frac > 0 and not held and len(docs) > 1:
         held, keep = keep[-1:], keep[:-1]  # small inputs: still hold one out

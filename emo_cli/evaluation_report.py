@@ -11,11 +11,12 @@ from . import ui
 
 
 def run_eval(models: list[str], data: list[str], max_docs=None, seq_len=2048, batch_size=8,
-             text_field=None, device="cpu", dtype="auto", streaming="auto", max_memory=None, quiet=False) -> dict:
+             text_field=None, device="cpu", dtype="auto", streaming="auto", max_memory=None, quiet=False,
+             shots: int = 0) -> dict:
     datasets = []
     for d in data:
         if text_field is None and is_multiple_choice(d):
-            datasets.append((d, "mc", read_mc_items(d, max_items=max_docs)))
+            datasets.append((d, "mc", read_mc_items(d, max_items=max_docs, shots=shots)))
         else:
             datasets.append((d, "lm", read_documents([d], text_field=text_field, max_docs=max_docs)))
     results, memory = [], {}

@@ -85,6 +85,12 @@ def model_card(report: dict, source_dir: Path, name: str, command: str | None) -
         for data, ev in evals.items():
             lines.append(f"| {data} | {ev['docs']} | {ev['before']:.4f} | {ev['after']:.4f} | "
                          f"{ev['increase_pct']:+.2f}% |")
+        acc = {data: ev for data, ev in evals.items() if "acc_before" in ev}
+        if acc:
+            lines += ["", "## Multiple-choice accuracy (held out)", "", "| data | items | source | slim |",
+                      "|---|---|---|---|"]
+            lines += [f"| {data} | {ev['items']} | {ev['acc_before']:.3f} | {ev['acc_after']:.3f} |"
+                      for data, ev in acc.items()]
     if report.get("gguf"):
         lines += ["", "## Files", "",
                   f"The GGUF export `{Path(report['gguf']['path']).name}` ({report['gguf']['quant']}) runs in "

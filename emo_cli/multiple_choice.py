@@ -1,14 +1,14 @@
 """Multiple-choice scoring by log-likelihood (lm-eval's acc / acc_norm protocol).
 
 A JSONL row {"question": Q, "choices": [...], "answer": index or letter} is scored by the summed
-log-probability of each continuation " " + choice after the context Q (tokenized together, so the
-choice tokens are those of Q + " " + choice after Q's own tokens). `acc` picks the highest sum;
+log-probability of each continuation " " + choice after the context: the item's in-context
+examples (--shots) and Q, tokenized together, so the choice tokens are those of context + " " +
+choice after the context's own tokens. `acc` picks the highest sum;
 `acc_norm` divides it by the choice's length in UTF-8 bytes first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,45 +16,24 @@ import torch.nn.functional as F
 
 from .data import data_files, load_table
 from .errors import EmoError
+from .mc_items import MCItem, is_mc_table, mc_item, with_shots
+from .model_api import masks_for
 from .passes import embed_batches, run_layers
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-@dataclass
-class MCItem:
-    question: str
-    choices: list[str]
-    answer: int
-
 
 def is_multiple_choice(path: str) -> bool:
     files = data_files(Path(path))
-    table = load_table(files[0])
-    return {"question", "choices", "answer"} <= set(table.column_names)
+    return is_mc_table(load_table(files[0]).column_names)
 
 
-def read_mc_items(path: str, max_items: int | None = None) -> list[MCItem]:
+def read_mc_items(path: str, max_items: int | None = None, shots: int = 0) -> list[MCItem]:
+    """The items of a multiple-choice file, each preceded by `shots` solved items of the same
+    file (mc_items.with_shots: seeded, never the item itself)."""
     items = []
     for f in data_files(Path(path)):
-        for n, row in enumerate(load_table(f), 1):
-            choices = row["choices"]
-            if not isinstance(choices, list) or len(choices) < 2:
-                raise EmoError(f"{f}: item {n} needs a list of at least two choices")
-            ans = row["answer"]
-            if isinstance(ans, str):
-                a = ans.strip()
-                idx = LETTERS.index(a.upper()) if len(a) == 1 and a.upper() in LETTERS else (int(a) if a.isdigit() else -1)
-            else:
-                idx = int(ans)
-            if not 0 <= idx < len(choices):
-                raise EmoError(f"{f}: item {n} has answer {ans!r} outside its {len(choices)} choices")
-            items.append(MCItem(str(row["question"]), [str(c) for c in choices], idx))
-            if max_items is not None and len(items) >= max_items:
-                return items
+        items += [mc_item(row, f"{f}: item {n}") for n, row in enumerate(load_table(f), 1)]
     if not items:
         raise EmoError(f"{path}: no multiple-choice items")
-    return items
+    return with_shots(items, shots)[:max_items]
 
 
 def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -73,7 +52,7 @@ def _rows(tokenizer, items: list[MCItem], seq_len: int) -> list[tuple[list[int],
     rows = []
     for it in items:
         for c in it.choices:
-            ctx, cont = continuation_ids(tokenizer, it.question, " " + c)
+            ctx, cont = continuation_ids(tokenizer, it.context, " " + c)
             if not cont:
                 raise EmoError(f"choice {c!r} tokenizes to nothing")
             ids = (ctx + cont)[-seq_len:]
@@ -83,8 +62,9 @@ def _rows(tokenizer, items: list[MCItem], seq_len: int) -> list[tuple[list[int],
 
 @torch.no_grad()
 def choice_logprobs(model, tokenizer, items: list[MCItem], seq_len: int, batch_size: int = 16,
-                    on_step=None) -> list[list[float]]:
-    """Summed log-probability of every choice of every item, in one layer-major pass."""
+                    on_step=None, kept: dict | None = None) -> list[list[float]]:
+    """Summed log-probability of every choice of every item, in one layer-major pass; with
+    `kept`, routing is restricted to those original expert ids (= the slim model's scores)."""
     rows = _rows(tokenizer, items, seq_len)
     order = sorted(range(len(rows)), key=lambda r: (-len(rows[r][0]), r))  # similar lengths together
     groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -98,7 +78,7 @@ def choice_logprobs(model, tokenizer, items: list[MCItem], seq_len: int, batch_s
     store = embed_batches(model, id_batches)
     scores = [0.0] * len(rows)
     try:
-        run_layers(model, store, 0, model.num_layers, on_step=step)
+        run_layers(model, store, 0, model.num_layers, masks=masks_for(model, kept), on_step=step)
         for g, h in zip(groups, (store[b] for b in range(len(store)))):
             for j, r in enumerate(g):
                 ids, n = rows[r]
@@ -115,9 +95,10 @@ def choice_logprobs(model, tokenizer, items: list[MCItem], seq_len: int, batch_s
     return out
 
 
-def evaluate_mc(model, tokenizer, items: list[MCItem], seq_len: int = 2048, on_step=None) -> dict:
+def evaluate_mc(model, tokenizer, items: list[MCItem], seq_len: int = 2048, on_step=None,
+                kept: dict | None = None) -> dict:
     correct = correct_norm = 0
-    for it, lp in zip(items, choice_logprobs(model, tokenizer, items, seq_len, on_step=on_step)):
+    for it, lp in zip(items, choice_logprobs(model, tokenizer, items, seq_len, on_step=on_step, kept=kept)):
         norm = [v / max(len(c.encode("utf-8")), 1) for v, c in zip(lp, it.choices)]
         correct += int(max(range(len(lp)), key=lambda j: (lp[j], -j)) == it.answer)
         correct_norm += int(max(range(len(norm)), key=lambda j: (norm[j], -j)) == it.answer)

@@ -22,15 +22,16 @@ def batches_for(tokenizer, docs: list[Document], seq_len: int, batch_size: int, 
 
 
 def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=None, seq_len=2048,
-                batch_size=8, heldout_frac=0.1, quiet=False, resume_dir: Path | None = None) -> Profile:
+                batch_size=8, heldout_frac=0.1, quiet=False, resume_dir: Path | None = None, shots: int = 0) -> Profile:
     """Profile `data`; with `resume_dir` the pass checkpoints after every layer and an interrupted
     run of the same command continues where it stopped."""
-    docs = read_documents(data, text_field=text_field, max_docs=max_docs)
+    docs = read_documents(data, text_field=text_field, max_docs=max_docs, shots=shots)
     profiled, held = heldout_split(docs, heldout_frac, salt="emo-profile:")
     batches = batches_for(lm.tokenizer, profiled, seq_len, batch_size, max_tokens)
     meta = {
         "model": {"path": str(lm.path), "fingerprint": lm.fingerprint},
         "data": {"sources": [str(Path(d).resolve()) for d in data], "text_field": text_field, "max_docs": max_docs,
+                 "shots": shots, "multiple_choice": any(d.item is not None for d in docs),
                  "docs": sum(len(b.doc_index) for b in batches),
                  "tokens": int(sum(int(b.mask.sum()) for b in batches)), "hash": data_hash(docs),
                  "total_docs": len(docs), "heldout_frac": heldout_frac, "heldout_ids": [d.index for d in held]},
@@ -64,7 +65,8 @@ def _locate(source: str, profile_path: Path | None) -> str:
 
 def _reread(part: dict, profile_path: Path | None) -> list[Document]:
     sources = [_locate(src, profile_path) for src in part["sources"]]
-    docs = read_documents(sources, text_field=part.get("text_field"), max_docs=part.get("max_docs"))
+    docs = read_documents(sources, text_field=part.get("text_field"), max_docs=part.get("max_docs"),
+                          shots=part.get("shots") or 0)
     if data_hash(docs) != part["hash"]:
         raise EmoError(f"{', '.join(sources)} changed since it was profiled (content hash differs); profile it again")
     return docs

@@ -34,7 +34,7 @@ STATS = ("counts", "prob", "reap", "easyep")
 # (hand-edited, or written by something else) is refused at load, not deep inside a command.
 # Each dataset part (meta.data itself, or each of meta.data.parts after a merge) re-reads its data:
 PART_SCHEMA = {"sources": "list[str]", "hash": "str", "heldout_ids": "list[int]", "text_field": "str | None",
-               "max_docs": "int | None"}
+               "max_docs": "int | None", "shots": "int | None"}
 META_SCHEMA = {
     "model": {"path": "str", "fingerprint": "str", "expert_ids": "list[list[int] | None]",
               "fixed_ids": "list[list[int] | None]", "routed_top_k": "list[int]", "top_k": "int"},

@@ -253,12 +253,21 @@ def _weight_passes(req: PruneRequest) -> int:
 
 
 def _losses(model, tok, plan, heldout, guards, seq_len, quiet) -> dict:
+    """Loss before/after on each set; on multiple-choice items also accuracy before/after, as the
+    items were profiled (same in-context examples)."""
+    from .multiple_choice import evaluate_mc
+
     res = {}
     sets = ([("heldout", heldout)] if heldout else []) + guards
     for name, docs in sets:
         before, after = masked_losses(model, tok, docs, [None, plan.kept], seq_len, quiet=quiet)
         res[name] = {"docs": len(docs), "before": before, "after": after,
                      "increase_pct": 100 * (after / before - 1) if before else None}
+        items = [d.item for d in docs if d.item is not None]
+        if items:
+            full, slim = (evaluate_mc(model, tok, items, seq_len, kept=k) for k in (None, plan.kept))
+            res[name].update(acc_before=full["acc"], acc_after=slim["acc"], acc_norm_before=full["acc_norm"],
+                             acc_norm_after=slim["acc_norm"], items=len(items))
     return res
 
 

@@ -67,6 +67,8 @@ def eval_cmd(
     seq_len: int = typer.Option(2048, "--seq-len", help="Truncate each document to N tokens."),
     batch_size: int = typer.Option(8, "--batch-size"),
     text_field: Optional[str] = typer.Option(None, "--text-field"),
+    shots: int = typer.Option(0, "--shots", help="Multiple-choice data: N solved items of the same file before each "
+                              "question (seeded, never itself), as `emo profile --shots` builds them."),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     streaming: str = options.STREAMING,
@@ -85,6 +87,6 @@ def eval_cmd(
 
     result = run_eval(models, [str(d) for d in data], max_docs=max_docs, seq_len=seq_len,
                       batch_size=batch_size, text_field=text_field, device=device, dtype=dtype,
-                      streaming=streaming, max_memory=max_memory, quiet=json_out)
+                      streaming=streaming, max_memory=max_memory, quiet=json_out, shots=shots)
     if json_out:
         ui.print_json(result)

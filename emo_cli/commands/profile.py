@@ -25,6 +25,9 @@ def profile(
     batch_size: int = typer.Option(8, "--batch-size"),
     heldout_frac: float = typer.Option(0.1, "--heldout-frac", help="Share of documents held out (not profiled) "
                                        "for loss-guided selection and reports; 0 profiles everything."),
+    shots: int = typer.Option(0, "--shots", help="Multiple-choice rows (question, choices, answer): precede each "
+                              "with N solved items of the same file (seeded, never itself); the prompt plus the gold "
+                              "answer is profiled, as EMO's selection does (5 for MMLU)."),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     streaming: str = options.STREAMING,
@@ -62,7 +65,7 @@ def profile(
         else:
             ui.out.print(f"merged {len(data) - 1} profiles into {output} ({merged.docs} docs)")
         return
-    for flag, value, least in (("--max-docs", max_docs, 1), ("--max-tokens", max_tokens, 1), ("--seq-len", seq_len, 2),
+    for flag, value, least in (("--shots", shots, 0), ("--max-docs", max_docs, 1), ("--max-tokens", max_tokens, 1), ("--seq-len", seq_len, 2),
                                ("--batch-size", batch_size, 1)):
         if value is not None and value < least:
             raise EmoError(f"{flag} must be at least {least} (got {value})")
@@ -76,7 +79,7 @@ def profile(
     spec = resolve_default_model(model)
     lm = load_model(spec, device=device, dtype=dtype, streaming=streaming, max_memory=max_memory,
                     workload=Workload(batch_size, seq_len, passes=1), what="profiling")
-    prof = run_profile(lm, data, text_field=text_field, max_docs=max_docs, max_tokens=max_tokens, seq_len=seq_len,
+    prof = run_profile(lm, data, text_field=text_field, max_docs=max_docs, max_tokens=max_tokens, seq_len=seq_len, shots=shots,
                        batch_size=batch_size, heldout_frac=heldout_frac, quiet=json_out,
                        resume_dir=out.with_name(out.name + ".partial") if lm.memory and lm.memory.streaming else None)
     prof.meta["model"]["spec"] = absolute_if_local(spec)

@@ -87,6 +87,11 @@ def render_report(r: dict) -> None:
     if r.get("eval"):
         erows = [[name, e["docs"], e["before"], e["after"], f"{e['increase_pct']:+.2f}%"] for name, e in r["eval"].items()]
         ui.out.print(ui.table("loss before / after (nats/token)", ["data", "docs", "before", "after", "change"], erows))
+        arows = [[name, e["items"], f"{e['acc_before']:.3f}", f"{e['acc_after']:.3f}", f"{e['acc_norm_before']:.3f}",
+                  f"{e['acc_norm_after']:.3f}"] for name, e in r["eval"].items() if "acc_before" in e]
+        if arows:
+            ui.out.print(ui.table("multiple-choice accuracy before / after", ["data", "items", "acc before",
+                                  "acc after", "acc_norm before", "acc_norm after"], arows))
     if r.get("dry_run"):
         ui.out.print(ui.table("plan: kept original expert ids", ["layer", "kept"],
                               [[k, " ".join(map(str, v))] for k, v in r["plan"].items()]))

@@ -61,22 +61,22 @@ def _rows(tokenizer, items: list[MCItem], seq_len: int) -> list[tuple[list[int],
 
 
 @torch.no_grad()
-def choice_logprobs(model, tokenizer, items: list[MCItem], seq_len: int, batch_size: int = 16,
-                    on_step=None, kept: dict | None = None) -> list[list[float]]:
-    """Summed log-probability of every choice of every item, in one layer-major pass; with
-    `kept`, routing is restricted to those original expert ids (= the slim model's scores)."""
-    rows = _rows(tokenizer, items, seq_len)
+def score_rows(model, pad_id: int, rows: list[tuple[list[int], int]], batch_size: int = 16, on_step=None,
+               kept: dict | None = None) -> list[tuple[float, bool]]:
+    """For each (ids, n) row: the summed log-probability of its last n tokens given the ones
+    before, and whether each of them is the argmax (lm-eval's loglikelihood), in one layer-major
+    pass; with `kept`, routing is restricted to those original expert ids."""
     order = sorted(range(len(rows)), key=lambda r: (-len(rows[r][0]), r))  # similar lengths together
     groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     id_batches = []
     for g in groups:
-        batch = torch.full((len(g), len(rows[g[0]][0])), tokenizer.pad_id, dtype=torch.long)  # [B, S]
+        batch = torch.full((len(g), len(rows[g[0]][0])), pad_id, dtype=torch.long)  # [B, S]
         for j, r in enumerate(g):
             batch[j, :len(rows[r][0])] = torch.tensor(rows[r][0])
         id_batches.append(batch)
     step = (lambda layer, b: on_step(layer, len(groups[b]), 0)) if on_step else None
     store = embed_batches(model, id_batches)
-    scores = [0.0] * len(rows)
+    scores: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     try:
         run_layers(model, store, 0, model.num_layers, masks=masks_for(model, kept), on_step=step)
         for g, h in zip(groups, (store[b] for b in range(len(store)))):
@@ -84,10 +84,20 @@ def choice_logprobs(model, tokenizer, items: list[MCItem], seq_len: int, batch_s
                 ids, n = rows[r]
                 pos = torch.arange(len(ids) - n - 1, len(ids) - 1)
                 logp = F.log_softmax(model.logits(h[j, pos]).double(), dim=-1)  # [n, V]
-                scores[r] = float(logp[torch.arange(n), torch.tensor(ids[len(ids) - n:])].sum())
+                target = torch.tensor(ids[len(ids) - n:])
+                scores[r] = (float(logp[torch.arange(n), target].sum()), bool((logp.argmax(-1) == target).all()))
     finally:
         store.close()
         model.release()
+    return scores
+
+
+def choice_logprobs(model, tokenizer, items: list[MCItem], seq_len: int, batch_size: int = 16,
+                    on_step=None, kept: dict | None = None) -> list[list[float]]:
+    """Summed log-probability of every choice of every item, in one layer-major pass; with
+    `kept`, routing is restricted to those original expert ids (= the slim model's scores)."""
+    scores = [s for s, _ in score_rows(model, tokenizer.pad_id, _rows(tokenizer, items, seq_len), batch_size,
+                                       on_step, kept)]
     out, k = [], 0
     for it in items:
         out.append(scores[k:k + len(it.choices)])

@@ -62,7 +62,11 @@ def info(
 
 def eval_cmd(
     models: List[str] = typer.Argument(..., help="One or more models (HF dir, cached repo id, .gguf)."),
-    data: List[Path] = typer.Option(..., "--data", help="Data file(s)/dirs; repeat for several."),
+    data: List[Path] = typer.Option([], "--data", help="Data file(s)/dirs; repeat for several."),
+    tasks: List[str] = typer.Option([], "--tasks", help="lm-eval task names (needs emo-cli[eval]); repeat for "
+                                    "several. Run on emo's runtime through the `emo` lm-eval model."),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="A directory of your own lm-eval "
+                                                "task YAMLs (local data)."),
     max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Score at most N documents per dataset."),
     seq_len: int = typer.Option(2048, "--seq-len", help="Truncate each document to N tokens."),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -82,11 +86,26 @@ def eval_cmd(
     the scored text. Multiple-choice JSONL (question/choices/answer) reports acc and acc_norm.
 
     Example: emo eval allenai/Emo_1b14b_1T slim-med/ --data data/med-heldout.jsonl
+             emo eval slim-med.gguf --tasks mmlu_clinical_knowledge --shots 5
     """
+    from ..errors import EmoError
     from ..evaluation_report import run_eval
 
+    if not data and not tasks:
+        raise EmoError("nothing to evaluate: pass --data DATA and/or --tasks TASK")
+    if tasks:
+        from ..lm_eval_tasks import run_tasks
+
+        task_result = run_tasks(models, list(tasks), include_path, shots or None, max_docs, device, seq_len,
+                                quiet=json_out)
+        if not data:
+            if json_out:
+                ui.print_json(task_result)
+            return
     result = run_eval(models, [str(d) for d in data], max_docs=max_docs, seq_len=seq_len,
                       batch_size=batch_size, text_field=text_field, device=device, dtype=dtype,
                       streaming=streaming, max_memory=max_memory, quiet=json_out, shots=shots)
+    if tasks:
+        result.update(task_result)
     if json_out:
         ui.print_json(result)

@@ -23,9 +23,53 @@ app.command("chat")(chat.chat)
 app.command("demo")(demo.demo)
 
 
+def _join_world():
+    """Under torchrun: join the process group; ranks other than 0 print nothing (rank 0 reports)."""
+    import os
+
+    from . import ui
+    from .distributed import init_from_env
+
+    w = init_from_env()
+    if w.size > 1 and not w.writer:
+        from rich.console import Console
+
+        sys.stdout = open(os.devnull, "w")
+        ui.out, ui.err = Console(file=sys.stdout), Console(file=sys.stdout)
+    return w
+
+
+def _fail_rank(w, message: str) -> None:
+    """One line naming the rank, then exit at once: the others wait in a collective, and torchrun
+    stops them when it sees this rank gone."""
+    import os
+
+    print(f"error: rank {w.rank}: {message}", file=sys.__stderr__, flush=True)
+    os._exit(1)
+
+
 def main() -> None:
     from .errors import EmoError
 
+    try:
+        w = _join_world()
+    except EmoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if w.size > 1:
+        try:
+            app()
+        except SystemExit as e:
+            if e.code:
+                _fail_rank(w, f"exit status {e.code}")
+            raise
+        except EmoError as e:
+            _fail_rank(w, " ".join(str(e).split("\n")))
+        except KeyboardInterrupt:
+            _fail_rank(w, "interrupted")
+        except Exception as e:  # a crash on one rank must not leave the others waiting
+            _fail_rank(w, f"{type(e).__name__}: {e}")
+        return
     try:
         app()
     except EmoError as e:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import torch
+
 from .data import Document, make_batches
+from .distributed import world
 from .errors import EmoError
 from .passes import batch_nll
 
@@ -51,6 +54,8 @@ def evaluate_losses(model, tokenizer, docs: list[Document], mask_sets: list[dict
     encoded = tokenizer.encode_prefixes([d.text for d in docs], seq_len)
     toks = [ids for ids, _ in encoded]
     batches = make_batches(toks, docs, batch_size, tokenizer.pad_id)
+    w = world()
+    batches = [batches[i] for i in w.mine(len(batches))]  # data parallel: this rank's share
     step = None
     if on_step:
         def step(layer, b):
@@ -64,11 +69,12 @@ def evaluate_losses(model, tokenizer, docs: list[Document], mask_sets: list[dict
             tokens += len(toks[i]) - 1
             nbytes += scored_bytes(tokenizer, docs[i], toks[i], encoded[i][1])
             ndocs += 1
+    sums = [sum(float(per_doc.sum()) for per_doc in per_batch) for per_batch in per_variant]
+    if w.size > 1:  # every rank gets the totals, so every rank takes the same decisions on them
+        total = w.sum(torch.tensor(sums + [tokens, nbytes, ndocs], dtype=torch.float64)).tolist()
+        sums, (tokens, nbytes, ndocs) = total[:-3], (int(v) for v in total[-3:])
     results = []
-    for per_batch in per_variant:
-        nll_sum = 0.0
-        for per_doc in per_batch:
-            nll_sum += float(per_doc.sum())
+    for nll_sum in sums:
         loss = nll_sum / max(tokens, 1)
         results.append(LossResult(loss=loss, ppl=math.exp(loss) if loss < 700 else float("inf"),
                                   bits_per_byte=nll_sum / math.log(2) / max(nbytes, 1), tokens=tokens,

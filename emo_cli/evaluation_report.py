@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .data import read_documents
+from .distributed import world
 from .evaluate import evaluate_loss
 from .multiple_choice import evaluate_mc, is_multiple_choice, read_mc_items
 from .memory import Workload
@@ -22,7 +23,7 @@ def run_eval(models: list[str], data: list[str], max_docs=None, seq_len=2048, ba
     results, memory = [], {}
     with ui.progress(disable=quiet) as prog:
         for spec in models:
-            lm = load_model(spec, device=device, dtype=dtype, streaming=streaming, max_memory=max_memory,
+            lm = load_model(spec, device=world().device(device), dtype=dtype, streaming=streaming, max_memory=max_memory,
                             workload=Workload(batch_size, seq_len, passes=1), what=f"evaluating {spec}")
             if lm.memory:
                 memory[spec] = lm.memory.as_dict()

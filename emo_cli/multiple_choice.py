@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import data_files, load_table
+from .distributed import world
 from .errors import EmoError
 from .mc_items import MCItem, is_mc_table, mc_item, with_shots
 from .model_api import masks_for
@@ -68,6 +69,8 @@ def score_rows(model, pad_id: int, rows: list[tuple[list[int], int]], batch_size
     pass; with `kept`, routing is restricted to those original expert ids."""
     order = sorted(range(len(rows)), key=lambda r: (-len(rows[r][0]), r))  # similar lengths together
     groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    w = world()
+    groups = [groups[i] for i in w.mine(len(groups))]  # data parallel: this rank's share
     id_batches = []
     for g in groups:
         batch = torch.full((len(g), len(rows[g[0]][0])), pad_id, dtype=torch.long)  # [B, S]
@@ -89,6 +92,10 @@ def score_rows(model, pad_id: int, rows: list[tuple[list[int], int]], batch_size
     finally:
         store.close()
         model.release()
+    if w.size > 1:  # each row was scored on one rank (others hold 0): the sum is exact
+        sums = w.sum(torch.tensor([s for s, _ in scores], dtype=torch.float64)).tolist()
+        greedy = w.sum(torch.tensor([float(g) for _, g in scores], dtype=torch.float64)).tolist()
+        scores = [(s, g > 0) for s, g in zip(sums, greedy)]
     return scores
 
 

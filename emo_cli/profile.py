@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .config import conforms
+from .distributed import world
 from .errors import EmoError
 from .model_api import layout
 from .outputs import write_atomic
@@ -210,6 +211,9 @@ def profile_model(model, batches, meta: dict, on_step=None, resume_dir: Path | N
     residual streams entering the next layer are on disk there, and a later call with the same
     model, data and settings continues from that layer (`on_resume(layer)` is told). The streams
     alternate between two files, so the checkpoint stays valid while a layer is being computed."""
+    w = world()
+    if w.size > 1:  # data parallel: this rank's share of the batches; the sums are reduced below
+        batches, resume_dir = [batches[i] for i in w.mine(len(batches))], None
     lay = layout(model)
     width = max((max(ids) + 1 for ids in lay["expert_ids"] if ids), default=0)
     if width == 0:
@@ -236,6 +240,9 @@ def profile_model(model, batches, meta: dict, on_step=None, resume_dir: Path | N
             _resumable_pass(model, batches, prof, Path(resume_dir), before, acc, step, on_resume)
     finally:
         model.release()
+    if w.size > 1:
+        for name in STATS + ("tokens",):
+            setattr(prof, name, w.sum(getattr(prof, name)))
     return prof
 
 

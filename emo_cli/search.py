@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from .distributed import world
 from .errors import EmoError
 from .model_api import expert_mask, masks_for
 from .passes import batch_nll, embed_batches, replicate, row_nll, run_layers, variant_masks
@@ -54,6 +55,8 @@ def router_plan(model, batches, profiles: list[Profile], budget: Budget, allocat
     expert_ids = model.expert_ids()
     kept: dict[int, list[int]] = {}
     scores: dict[int, dict[int, float]] = {}
+    w = world()
+    batches = [batches[i] for i in w.mine(len(batches))]  # data parallel: sums reduced per layer
     store = embed_batches(model, [b.ids for b in batches])
     try:
         for layer in range(model.num_layers):
@@ -66,6 +69,9 @@ def router_plan(model, batches, profiles: list[Profile], budget: Budget, allocat
                     m = b.mask.reshape(-1).to(model.device)
                     total += model.router_probs(store[i], layer)[m].double().sum(0).cpu()  # [E]
                     ntok += int(m.sum())
+                if w.size > 1:
+                    reduced = w.sum(torch.cat([total, torch.tensor([float(ntok)], dtype=torch.float64)]))
+                    total, ntok = reduced[:-1], int(reduced[-1])
                 mean = total / max(ntok, 1)
                 fixed = base.fixed_ids(layer)
                 routed = [e for e in ids if e not in set(fixed)]
@@ -103,14 +109,23 @@ def _candidate_losses(model, layer: int, store, batches, masks: dict, candidate_
             ntok += int(b.mask[:, 1:].sum())
     finally:
         work.close()
+    w = world()
+    if w.size > 1:  # this rank scored its share of the held-out batches: every rank gets the totals
+        reduced = w.sum(torch.cat([nll, torch.tensor([float(ntok)], dtype=torch.float64)]))
+        nll, ntok = reduced[:-1], int(reduced[-1])
     return (nll / max(ntok, 1)).tolist()
 
 
 def plan_loss(model, plan: Plan, batches) -> float:
     """Held-out loss (nats/token) with routing masked to the plan (= the slim model's loss)."""
+    w = world()
+    batches = [batches[i] for i in w.mine(len(batches))]  # data parallel: this rank's share
     (per_batch,) = batch_nll(model, [b.ids for b in batches], [b.mask for b in batches], [masks_for(model, plan.kept)])
     ntok = sum(int(b.mask[:, 1:].sum()) for b in batches)
-    return float(sum(float(x.sum()) for x in per_batch)) / max(ntok, 1)
+    nll = float(sum(float(x.sum()) for x in per_batch))
+    if w.size > 1:
+        nll, ntok = w.sum(torch.tensor([nll, float(ntok)], dtype=torch.float64)).tolist()
+    return nll / max(ntok, 1)
 
 
 @torch.no_grad()
@@ -135,6 +150,8 @@ def greedy_plan(model, calib_batches, heldout_batches, profiles: list[Profile], 
     expert_ids = model.expert_ids()
     L = model.num_layers
     moe_left = len(kept)
+    w = world()
+    heldout_batches = [heldout_batches[i] for i in w.mine(len(heldout_batches))]  # losses reduced per pass
     store = embed_batches(model, [b.ids for b in heldout_batches])
     try:
         for layer in range(L):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import ui
 from .data import read_documents
+from .distributed import world
 from .errors import EmoError
 from .gguf_export import check_quant
 from .outputs import check_location, remove_stale
@@ -122,7 +123,7 @@ def run_prune(req: PruneRequest) -> dict:
     lm = None
     if needs_model:
         settings = profiles[0].meta["settings"]
-        lm = load_model(str(path), device=req.device, dtype=req.dtype, streaming=req.streaming,
+        lm = load_model(str(path), device=world().device(req.device), dtype=req.dtype, streaming=req.streaming,
                         max_memory=req.max_memory, workload=Workload(settings["batch_size"], settings["seq_len"],
                                                                       passes=_weight_passes(req)),
                         what="pruning with held-out reports")
@@ -160,6 +161,8 @@ def run_prune(req: PruneRequest) -> dict:
     if req.dry_run:
         report["dry_run"] = True
         report["plan"] = {str(k): v for k, v in plan.kept.items()}
+        return report
+    if not world().writer:  # data parallel: every rank took the same decisions; rank 0 writes
         return report
     extra_meta = {"profile_files": [str(p) for p in (req.profiles or [state.get("profile")])]}
     ev = report.get("eval", {}).get("heldout")

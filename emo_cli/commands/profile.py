@@ -46,6 +46,7 @@ def profile(
     from ..errors import EmoError
     from ..pipeline import data_stem, run_profile
     from ..profile import Profile, coverage
+    from ..distributed import world
     from ..memory import Workload
     from ..outputs import check_location
     from ..runtime import load_model
@@ -77,11 +78,13 @@ def profile(
     if out.exists() and not force:
         raise EmoError(f"{out} exists (pass --force to overwrite, or -o another name)")
     spec = resolve_default_model(model)
-    lm = load_model(spec, device=device, dtype=dtype, streaming=streaming, max_memory=max_memory,
+    lm = load_model(spec, device=world().device(device), dtype=dtype, streaming=streaming, max_memory=max_memory,
                     workload=Workload(batch_size, seq_len, passes=1), what="profiling")
     prof = run_profile(lm, data, text_field=text_field, max_docs=max_docs, max_tokens=max_tokens, seq_len=seq_len, shots=shots,
                        batch_size=batch_size, heldout_frac=heldout_frac, quiet=json_out,
                        resume_dir=out.with_name(out.name + ".partial") if lm.memory and lm.memory.streaming else None)
+    if not world().writer:  # data parallel: rank 0 writes the profile and the workspace
+        return
     prof.meta["model"]["spec"] = absolute_if_local(spec)
     prof.save(out, force=force)
     update_state(model=absolute_if_local(spec), profile=str(out.resolve()), stem=data_stem(data[0]))

@@ -1,0 +1,109 @@
+"""Data-parallel passes under torchrun (Gloo on CPU): two and three processes give the profile,
+the losses, the multiple-choice accuracy and the greedy plan of one process; only rank 0 writes;
+a failing rank ends every rank with one line naming it and leaves no output.
+
+Both sides run with one thread per process (torchrun's default), so every batch's fp32 arithmetic
+is the same and the results agree to float64 summation order."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from emo_cli.profile import Profile
+from tiny_models import sample_texts, write_jsonl
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "EMO_MODEL": "", "PYTHONPATH": str(ROOT)}
+
+
+def emo(cwd, *args, procs: int = 1, script: list[str] | None = None):
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+    cmd = (launch + (script or ["-m", "emo_cli"]) if procs > 1 else [sys.executable, "-m", "emo_cli"]) + list(map(str, args))
+    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_model_factory):
+    d = tmp_path_factory.mktemp("dp")
+    write_jsonl(d / "med.jsonl", sample_texts(45, seed=21))
+    write_jsonl(d / "held.jsonl", sample_texts(13, seed=22))
+    rows = [{"question": t, "choices": ["aspirin", "lambda", "covenant"], "answer": i % 3}
+            for i, t in enumerate(sample_texts(11, seed=23, words_per_doc=(3, 8)))]
+    (d / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = tiny_model_factory("shared")
+    r = emo(d, "profile", "med.jsonl", "--model", model, "--seq-len", "48", "--batch-size", "4", "-o", "one.profile.safetensors")
+    assert r.returncode == 0, r.stderr
+    return d, model
+
+
+@pytest.mark.parametrize("procs", [2, 3])
+def test_profile_and_eval_equal_one_process(work, procs):
+    d, model = work
+    out = f"dp{procs}.profile.safetensors"
+    r = emo(d, "profile", "med.jsonl", "--model", model, "--seq-len", "48", "--batch-size", "4", "-o", out, procs=procs)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, many = Profile.load(d / "one.profile.safetensors"), Profile.load(d / out)
+    assert torch.equal(one.counts, many.counts) and torch.equal(one.tokens, many.tokens)
+    for name in ("prob", "reap", "easyep"):
+        assert torch.allclose(getattr(one, name), getattr(many, name), rtol=1e-9, atol=0), name
+    assert one.meta["data"] == many.meta["data"]
+
+    args = ["eval", model, "--data", "held.jsonl", "--data", "mc.jsonl", "--seq-len", "48", "--json"]
+    single, multi = emo(d, *args), emo(d, *args, procs=procs)
+    assert multi.returncode == 0, multi.stderr[-2000:]
+    a, b = (json.loads(x.stdout.strip().splitlines()[-1])["results"] for x in (single, multi))
+    assert [r["data"] for r in a] == [r["data"] for r in b]
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-12) and a[0]["tokens"] == b[0]["tokens"]
+    assert a[1]["acc"] == b[1]["acc"] and a[1]["acc_norm"] == b[1]["acc_norm"]
+
+
+def test_greedy_plan_equals_one_process_and_only_rank_0_writes(work):
+    d, model = work
+    args = ["prune", "-p", "one.profile.safetensors", "--budget", "50%", "--method", "greedy", "--max-evals", "6",
+            "--no-gguf", "--json"]
+    single = emo(d, *args, "-o", "g1")
+    before = sorted(p.name for p in d.iterdir())
+    multi = emo(d, *args, "-o", "g2", procs=2)
+    assert single.returncode == 0 and multi.returncode == 0, multi.stderr[-2000:]
+    assert json.loads((d / "g1" / "plan.json").read_text())["kept"] == json.loads((d / "g2" / "plan.json").read_text())["kept"]
+    assert sorted(p.name for p in d.iterdir()) == sorted(before + ["g2"])  # one output, written once
+
+
+FAILING = r"""
+import os, sys
+import emo_cli.profile as profile
+real = profile.profile_model
+def failing(*a, **k):
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("injected failure")
+    return real(*a, **k)
+profile.profile_model = failing
+import emo_cli.pipeline as pipeline
+pipeline.profile_model = failing
+from emo_cli.cli import main
+sys.argv = ["emo", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_failing_rank_ends_all_ranks_cleanly(work, tmp_path):
+    d, model = work
+    (tmp_path / "failing.py").write_text(FAILING)
+    r = emo(d, "profile", "med.jsonl", "--model", model, "--seq-len", "48", "-o", "fail.profile.safetensors",
+            procs=2, script=[str(tmp_path / "failing.py")])
+    assert r.returncode != 0
+    assert "error: rank 1: RuntimeError: injected failure" in r.stderr
+    assert "Traceback" not in "\n".join(ln for ln in r.stderr.splitlines() if "rank 1" in ln)
+    assert not (d / "fail.profile.safetensors").exists()
+    assert not [p for p in d.iterdir() if p.name.startswith(".fail")]

@@ -1,13 +1,23 @@
-"""Cost of profiling and of loss-guided selection, measured against plain forwards in one run.
+"""Cost of profiling and of loss-guided selection, measured against plain forwards in one run;
+and data-parallel profiling under torchrun against one process.
 
     python bench/profile.py          # profiling overhead vs plain forward; greedy's cost on a
                                      # 16-layer, 127+1-expert, top-8 model (narrow, random weights)
+    python bench/profile.py --procs 1,2,4   # `torchrun -m emo_cli profile` with N CPU processes
+                                     # (cores / N threads each) on one synthetic model and data:
+                                     # tokens/s of the pass and the ratio to one process
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,11 +58,52 @@ def best_time(fn, reps):
     return best
 
 
+def data_parallel(procs: list[int], docs: int, seq_len: int) -> None:
+    """The same `emo profile` with 1..N torchrun processes; threads split so the cores are shared."""
+    from pydoc_data.topics import topics
+
+    from emo_cli.loading import EMBEDDED_MODELS, save_hf_model
+
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        model = random_model(512, 8, 65, 512, 8, 8192)  # the embedded tokenizer's 8192 ids
+        save_hf_model(model, work / "model", tokenizer_dir=EMBEDDED_MODELS["tiny-emo"])
+        texts = [topics[k] for k in sorted(topics) if len(topics[k]) > 4 * seq_len][:docs]  # Python's manual
+        (work / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        rows = []
+        for n in procs:
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n)), "EMO_MODEL": ""}
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"] \
+                if n > 1 else [sys.executable]
+            cmd = launch + ["-m", "emo_cli", "profile", "data.jsonl", "--model", "model", "--seq-len", str(seq_len),
+                            "--heldout-frac", "0", "-o", f"p{n}.profile.safetensors", "--json"]
+            t = time.perf_counter()
+            r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if r.returncode:
+                sys.exit(f"{n} processes failed: {r.stderr.strip().splitlines()[-1:]}")
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append((n, max(1, cores // n), out["tokens"], out["pass_s"], wall))
+    base = rows[0][2] / rows[0][3]
+    print(f"data-parallel emo profile ({cores} cores; d 512, 8 layers, 64+1 experts x 512, top-8; "
+          f"{docs} docs x {seq_len} tokens)")
+    print("procs  threads/proc  tokens  pass s  tok/s   vs 1 proc  wall s (with start-up)")
+    for n, th, tok, s, wall in rows:
+        print(f"{n:>5}  {th:>12}  {tok:>6}  {s:>6.1f}  {tok / s:>6.0f}  {tok / s / base:>8.2f}x  {wall:>6.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--max-evals", type=int, default=64)
+    ap.add_argument("--procs", default=None, help="e.g. 1,2,4: data-parallel profiling under torchrun")
+    ap.add_argument("--docs", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
     args = ap.parse_args()
+    if args.procs:
+        data_parallel([int(p) for p in args.procs.split(",")], args.docs, args.seq_len)
+        return
 
     # 1. profiling overhead: same batches, plain forward (no head) vs forward with the observer
     m = random_model(512, 4, 65, 256, 8, 8000)

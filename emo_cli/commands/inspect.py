@@ -87,6 +87,7 @@ def eval_cmd(
 
     Example: emo eval allenai/Emo_1b14b_1T slim-med/ --data data/med-heldout.jsonl
              emo eval slim-med.gguf --tasks mmlu_clinical_knowledge --shots 5
+             torchrun --nproc-per-node 4 -m emo_cli eval slim-med/ --data data/med-heldout.jsonl
     """
     from ..errors import EmoError
     from ..evaluation_report import run_eval

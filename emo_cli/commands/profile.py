@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -40,6 +41,9 @@ def profile(
 
     A model that does not fit in memory is streamed one layer at a time; such a run checkpoints
     after every layer into <output>.partial/, and the same command run again resumes there.
+
+    Data parallel: torchrun --nproc-per-node N -m emo_cli profile DATA (one node; add --nnodes and
+    --rdzv-endpoint for several); rank 0 writes the profile, equal to one process's.
 
     Examples:  emo profile data/med.jsonl          emo profile merge med.profile.safetensors code.profile.safetensors -o mix.profile.safetensors
     """
@@ -80,9 +84,11 @@ def profile(
     spec = resolve_default_model(model)
     lm = load_model(spec, device=world().device(device), dtype=dtype, streaming=streaming, max_memory=max_memory,
                     workload=Workload(batch_size, seq_len, passes=1), what="profiling")
+    t0 = time.perf_counter()
     prof = run_profile(lm, data, text_field=text_field, max_docs=max_docs, max_tokens=max_tokens, seq_len=seq_len, shots=shots,
                        batch_size=batch_size, heldout_frac=heldout_frac, quiet=json_out,
                        resume_dir=out.with_name(out.name + ".partial") if lm.memory and lm.memory.streaming else None)
+    pass_s = time.perf_counter() - t0  # rank 0 waits for every rank in the reduction: the slowest
     if not world().writer:  # data parallel: rank 0 writes the profile and the workspace
         return
     prof.meta["model"]["spec"] = absolute_if_local(spec)
@@ -95,7 +101,8 @@ def profile(
         rows.append([layer, len(routed), coverage(prof, layer, 0.5), coverage(prof, layer, 0.9),
                      " ".join(str(e) for e in top)])
     summary = {"profile": str(out), "model": spec, "docs": prof.docs, "tokens": prof.meta["data"]["tokens"],
-               "memory": lm.memory.as_dict() if lm.memory else None,
+               "memory": lm.memory.as_dict() if lm.memory else None, "pass_s": round(pass_s, 3),
+               "ranks": world().size,
                "heldout_docs": len(prof.meta["data"]["heldout_ids"]),
                "layers": [{"layer": r[0], "routed": r[1], "cover50": r[2], "cover90": r[3],
                            "top": [int(x) for x in r[4].split()]} for r in rows]}

@@ -48,6 +48,8 @@ def prune(
 
     Examples:  emo prune --budget 25%      emo prune --budget 16 --method greedy --guard data/code.jsonl
                emo prune -p med.profile.safetensors -p code.profile.safetensors --budget 32 -o slim-medcode
+               torchrun --nproc-per-node 8 -m emo_cli prune --budget 25% --method greedy --device cuda
+               (data parallel: held-out losses split over the ranks; rank 0 writes)
     """
     from ..slim import PruneRequest, run_prune
 

@@ -212,8 +212,9 @@ def profile_model(model, batches, meta: dict, on_step=None, resume_dir: Path | N
     model, data and settings continues from that layer (`on_resume(layer)` is told). The streams
     alternate between two files, so the checkpoint stays valid while a layer is being computed."""
     w = world()
-    if w.size > 1:  # data parallel: this rank's share of the batches; the sums are reduced below
-        batches, resume_dir = [batches[i] for i in w.mine(len(batches))], None
+    if w.size > 1:  # data parallel: this rank's share of the batches (and its own checkpoints);
+        batches = [batches[i] for i in w.mine(len(batches))]  # the sums are reduced below
+        resume_dir = Path(resume_dir) / f"rank-{w.rank}-of-{w.size}" if resume_dir is not None else None
     lay = layout(model)
     width = max((max(ids) + 1 for ids in lay["expert_ids"] if ids), default=0)
     if width == 0:
@@ -232,7 +233,9 @@ def profile_model(model, batches, meta: dict, on_step=None, resume_dir: Path | N
             on_step(layer, len(batches[b].doc_index), int(batches[b].mask.sum()))
 
     try:
-        if resume_dir is None:
+        if not batches:  # more ranks than batches: this one only joins the reduction
+            pass
+        elif resume_dir is None:
             store = embed_batches(model, [b.ids for b in batches])
             run_layers(model, store, 0, model.num_layers, before_batch=before, observer=acc, on_step=step)
             store.close()

@@ -107,3 +107,14 @@ def test_a_failing_rank_ends_all_ranks_cleanly(work, tmp_path):
     assert "Traceback" not in "\n".join(ln for ln in r.stderr.splitlines() if "rank 1" in ln)
     assert not (d / "fail.profile.safetensors").exists()
     assert not [p for p in d.iterdir() if p.name.startswith(".fail")]
+
+
+def test_streamed_data_parallel_profile_checkpoints_per_rank_and_equals_one_process(work):
+    d, model = work
+    r = emo(d, "profile", "med.jsonl", "--model", model, "--seq-len", "48", "--batch-size", "4", "--streaming", "on",
+            "-o", "streamed.profile.safetensors", procs=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, many = Profile.load(d / "one.profile.safetensors"), Profile.load(d / "streamed.profile.safetensors")
+    assert torch.equal(one.counts, many.counts)
+    assert torch.allclose(one.reap, many.reap, rtol=1e-9, atol=0)
+    assert not (d / "streamed.profile.safetensors.partial").exists()

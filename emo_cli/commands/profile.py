@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -84,15 +85,17 @@ def profile(
     spec = resolve_default_model(model)
     lm = load_model(spec, device=world().device(device), dtype=dtype, streaming=streaming, max_memory=max_memory,
                     workload=Workload(batch_size, seq_len, passes=1), what="profiling")
+    partial = out.with_name(out.name + ".partial")
     t0 = time.perf_counter()
     prof = run_profile(lm, data, text_field=text_field, max_docs=max_docs, max_tokens=max_tokens, seq_len=seq_len, shots=shots,
                        batch_size=batch_size, heldout_frac=heldout_frac, quiet=json_out,
-                       resume_dir=out.with_name(out.name + ".partial") if lm.memory and lm.memory.streaming else None)
+                       resume_dir=partial if lm.memory and lm.memory.streaming else None)
     pass_s = time.perf_counter() - t0  # rank 0 waits for every rank in the reduction: the slowest
     if not world().writer:  # data parallel: rank 0 writes the profile and the workspace
         return
     prof.meta["model"]["spec"] = absolute_if_local(spec)
     prof.save(out, force=force)
+    shutil.rmtree(partial, ignore_errors=True)  # data parallel: every rank emptied its own checkpoint
     update_state(model=absolute_if_local(spec), profile=str(out.resolve()), stem=data_stem(data[0]))
     rows = []
     for layer in prof.moe_layers():

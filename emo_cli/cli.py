@@ -61,7 +61,7 @@ def main() -> None:
             app()
         except SystemExit as e:
             if e.code:
-                _fail_rank(w, f"exit status {e.code}")
+                _fail_rank(w, "interrupted" if e.code == 130 else f"exit status {e.code}")
             raise
         except EmoError as e:
             _fail_rank(w, " ".join(str(e).split("\n")))

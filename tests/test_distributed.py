@@ -118,3 +118,23 @@ def test_streamed_data_parallel_profile_checkpoints_per_rank_and_equals_one_proc
     assert torch.equal(one.counts, many.counts)
     assert torch.allclose(one.reap, many.reap, rtol=1e-9, atol=0)
     assert not (d / "streamed.profile.safetensors.partial").exists()
+
+
+def test_ctrl_c_on_the_launcher_stops_every_rank(work, tmp_path):
+    import signal
+    import time
+
+    d, model = work
+    write_jsonl(tmp_path / "long.jsonl", sample_texts(3000, seed=5, words_per_doc=(40, 80)))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "emo_cli",
+              "profile", str(tmp_path / "long.jsonl"), "--model", str(model), "--seq-len", "64", "-o", "cut.profile.safetensors"]
+    proc = subprocess.Popen(launch, cwd=d, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    time.sleep(6)  # both ranks are inside the pass by now
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the launcher's terminal sends
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "error: rank 0: interrupted" in err and "error: rank 1: interrupted" in err
+    assert "Traceback" not in "\n".join(ln for ln in err.splitlines() if ln.startswith("error:"))
+    assert not (d / "cut.profile.safetensors").exists()
+    assert subprocess.run(["pgrep", "-f", "cut.profile.safetensors"], capture_output=True).stdout == b""

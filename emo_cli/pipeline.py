@@ -22,9 +22,11 @@ def batches_for(tokenizer, docs: list[Document], seq_len: int, batch_size: int, 
 
 
 def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=None, seq_len=2048,
-                batch_size=8, heldout_frac=0.1, quiet=False, resume_dir: Path | None = None, shots: int = 0) -> Profile:
-    """Profile `data`; with `resume_dir` the pass checkpoints after every layer and an interrupted
-    run of the same command continues where it stopped."""
+                batch_size=8, heldout_frac=0.1, quiet=False, resume_dir: Path | None = None, shots: int = 0,
+                checkpoint_docs: int | None = None) -> Profile:
+    """Profile `data`; with `resume_dir` the pass checkpoints (after every layer, or with
+    `checkpoint_docs` every that many documents) and an interrupted run of the same command
+    continues where it stopped."""
     docs = read_documents(data, text_field=text_field, max_docs=max_docs, shots=shots)
     profiled, held = heldout_split(docs, heldout_frac, salt="emo-profile:")
     batches = batches_for(lm.tokenizer, profiled, seq_len, batch_size, max_tokens)
@@ -41,14 +43,15 @@ def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=
         label = "profiling" + (" · streamed" if lm.memory and lm.memory.streaming else "")
         step = ui.layer_steps(prog, label, lm.model.num_layers, meta["data"]["docs"])
 
-        def resumed(layer):
-            prog.console.print(f"resuming an interrupted run at layer {layer + 1}/{lm.model.num_layers} "
-                               f"({resume_dir})", style="dim")
-            for done in range(layer):  # the bar shows the layers already done, without their tokens
-                for b in batches:
-                    step(done, len(b.doc_index), 0)
+        def resumed(where: str, layers_done: int, batches_done: int):
+            prog.console.print(f"resuming an interrupted run at {where} ({resume_dir})", style="dim")
+            for layer in range(lm.model.num_layers):  # the bar shows the work already done, without its tokens
+                for i, b in enumerate(batches):
+                    if layer < layers_done or i < batches_done:
+                        step(layer, len(b.doc_index), 0)
 
-        return profile_model(lm.model, batches, meta, on_step=step, resume_dir=resume_dir, on_resume=resumed)
+        return profile_model(lm.model, batches, meta, on_step=step, resume_dir=resume_dir, on_resume=resumed,
+                             checkpoint_docs=checkpoint_docs)
 
 
 def _locate(source: str, profile_path: Path | None) -> str:

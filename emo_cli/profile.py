@@ -203,14 +203,19 @@ class ProfileAccumulator:
 
 
 @torch.no_grad()
-def profile_model(model, batches, meta: dict, on_step=None, resume_dir: Path | None = None, on_resume=None) -> Profile:
+def profile_model(model, batches, meta: dict, on_step=None, resume_dir: Path | None = None, on_resume=None,
+                  checkpoint_docs: int | None = None) -> Profile:
     """Run every batch through `model` (layer-major, no lm_head) and accumulate the profile;
     `on_step(layer, n_docs, n_tokens)` reports progress after each batch of each layer.
 
-    With `resume_dir`, the run is resumable: after every layer the partial profile and the
-    residual streams entering the next layer are on disk there, and a later call with the same
-    model, data and settings continues from that layer (`on_resume(layer)` is told). The streams
-    alternate between two files, so the checkpoint stays valid while a layer is being computed."""
+    With `resume_dir`, the run is resumable, and a later call with the same model, data and
+    settings continues where it stopped (`on_resume(where, layers_done, batches_done)` is told):
+      * by default (for streamed models, which read every layer once) after every layer the
+        partial profile and the residual streams entering the next layer are on disk; the streams
+        alternate between two files, so the checkpoint stays valid while a layer is computed;
+      * with `checkpoint_docs` (resident models), the batches go through all layers in groups of
+        about that many documents, and the partial sums are saved after each group.
+    Under torchrun every rank checkpoints its own share in resume_dir/rank-R-of-W."""
     w = world()
     if w.size > 1:  # data parallel: this rank's share of the batches (and its own checkpoints);
         batches = [batches[i] for i in w.mine(len(batches))]  # the sums are reduced below
@@ -239,6 +244,8 @@ def profile_model(model, batches, meta: dict, on_step=None, resume_dir: Path | N
             store = embed_batches(model, [b.ids for b in batches])
             run_layers(model, store, 0, model.num_layers, before_batch=before, observer=acc, on_step=step)
             store.close()
+        elif checkpoint_docs:
+            _grouped_pass(model, batches, prof, Path(resume_dir), acc, step, on_resume, checkpoint_docs)
         else:
             _resumable_pass(model, batches, prof, Path(resume_dir), before, acc, step, on_resume)
     finally:
@@ -272,7 +279,7 @@ def _resumable_pass(model, batches, prof: Profile, folder: Path, before, acc, st
         for name in STATS + ("tokens",):
             getattr(prof, name).copy_(getattr(partial, name))
         if on_resume:
-            on_resume(start)
+            on_resume(f"layer {start + 1}/{model.num_layers}", start, 0)
     else:
         for i, b in enumerate(batches):
             stores[cur][i] = model.embed(b.ids)
@@ -286,6 +293,45 @@ def _resumable_pass(model, batches, prof: Profile, folder: Path, before, acc, st
         write_atomic(state_file, lambda tmp: tmp.write_text(state))
     for st in stores:
         st.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _grouped_pass(model, batches, prof: Profile, folder: Path, acc, step, on_resume, docs_per_group: int) -> None:
+    """All layers for one group of batches at a time; the partial sums are saved after each group.
+    Per (layer, expert) the batches still add up in the same order as one layer-major pass, so the
+    profile is bit-identical to an uncheckpointed run."""
+    per = max(1, docs_per_group // max(len(batches[0].doc_index), 1))  # batches per group
+    shapes = [tuple(b.ids.shape) for b in batches]
+    key = hashlib.sha256((json.dumps(prof.meta, sort_keys=True) + repr(shapes) + f"/{per}").encode()).hexdigest()[:16]
+    state_file, partial = folder / "state.json", folder / "partial.profile.safetensors"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or state.get("key") != key:  # none, or another run's leftovers
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        state = {"key": key, "next_batch": 0}
+    start = int(state["next_batch"])
+    if start > 0:
+        saved = Profile.load(partial)
+        for name in STATS + ("tokens",):
+            getattr(prof, name).copy_(getattr(saved, name))
+        if on_resume:
+            on_resume(f"document {sum(len(b.doc_index) for b in batches[:start]) + 1}", 0, start)
+    for s in range(start, len(batches), per):
+        group = batches[s:s + per]
+        store = embed_batches(model, [b.ids for b in group])
+
+        def before(b, group=group):
+            acc.mask = group[b].mask.reshape(-1).to(model.device)
+
+        run_layers(model, store, 0, model.num_layers, before_batch=before, observer=acc,
+                   on_step=lambda layer, b, s=s: step(layer, s + b))
+        store.close()
+        prof.save(partial, force=True)
+        done = json.dumps({"key": key, "next_batch": s + len(group)})
+        write_atomic(state_file, lambda tmp: tmp.write_text(done))
     shutil.rmtree(folder, ignore_errors=True)
 
 

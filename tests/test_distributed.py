@@ -138,3 +138,40 @@ def test_ctrl_c_on_the_launcher_stops_every_rank(work, tmp_path):
     assert "Traceback" not in "\n".join(ln for ln in err.splitlines() if ln.startswith("error:"))
     assert not (d / "cut.profile.safetensors").exists()
     assert subprocess.run(["pgrep", "-f", "cut.profile.safetensors"], capture_output=True).stdout == b""
+
+
+DYING = r"""
+import os, sys
+import emo_cli.profile as profile
+real, calls = profile.run_layers, []
+def dying(*a, **k):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        raise RuntimeError("killed in its third group")
+    return real(*a, **k)
+profile.run_layers = dying
+from emo_cli.cli import main
+sys.argv = ["emo", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("streaming,saved", [("off", ("next_batch", 2)), ("on", ("next_layer", 2))])
+def test_an_interrupted_data_parallel_profile_resumes_per_rank(work, tmp_path, streaming, saved):
+    """In memory, each rank saves its sums every --checkpoint-every documents; streamed, after every
+    layer. Rank 1 dies in its third group (or layer); the same command then finishes the run."""
+    d, model = work
+    (tmp_path / "dying.py").write_text(DYING)
+    args = ["profile", "med.jsonl", "--model", model, "--seq-len", "48", "--batch-size", "4", "--checkpoint-every", "4",
+            "--streaming", streaming, "-o", "resumed.profile.safetensors", "--force"]
+    first = emo(d, *args, procs=2, script=[str(tmp_path / "dying.py")])
+    assert first.returncode != 0 and "error: rank 1: RuntimeError: killed in its third group" in first.stderr
+    state = json.loads((d / "resumed.profile.safetensors.partial" / "rank-1-of-2" / "state.json").read_text())
+    assert state[saved[0]] == saved[1]  # rank 1 saved its first two groups (or layers)
+    again = emo(d, *args, procs=2)
+    assert again.returncode == 0, again.stderr[-2000:]
+    one, many = Profile.load(d / "one.profile.safetensors"), Profile.load(d / "resumed.profile.safetensors")
+    assert torch.equal(one.counts, many.counts)
+    for name in ("prob", "reap", "easyep"):
+        assert torch.allclose(getattr(one, name), getattr(many, name), rtol=1e-9, atol=0), name
+    assert not (d / "resumed.profile.safetensors.partial").exists()

@@ -180,6 +180,46 @@ def test_interrupted_streamed_profile_resumes_to_the_same_bytes(tiny_model_facto
     assert not folder.exists()
 
 
+def test_in_memory_profile_checkpoints_every_n_documents_and_resumes_to_the_same_bytes(
+        tiny_model_factory, med_data, tmp_path, monkeypatch):
+    """A resident model's run saves its partial sums every --checkpoint-every documents; killed in
+    the third group, it resumes after the second, and the profile equals an uncheckpointed run."""
+    import emo_cli.profile as profile_mod
+
+    d = tiny_model_factory("shared")
+    lm = load_model(d)
+    want = run_profile(lm, [str(med_data)], seq_len=64, batch_size=4, quiet=True)
+    folder = tmp_path / "med.profile.safetensors.partial"
+    same_profile(run_profile(lm, [str(med_data)], seq_len=64, batch_size=4, quiet=True, resume_dir=folder,
+                             checkpoint_docs=8), want)  # checkpointing alone changes nothing
+    assert not folder.exists()
+
+    class Killed(Exception):
+        pass
+
+    original, groups = profile_mod.run_layers, []
+
+    def dying(*a, **kw):
+        groups.append(1)
+        if len(groups) == 3:
+            raise Killed
+        return original(*a, **kw)
+
+    monkeypatch.setattr(profile_mod, "run_layers", dying)
+    with pytest.raises(Killed):
+        run_profile(lm, [str(med_data)], seq_len=64, batch_size=4, quiet=True, resume_dir=folder, checkpoint_docs=8)
+    monkeypatch.setattr(profile_mod, "run_layers", original)
+    assert json.loads((folder / "state.json").read_text())["next_batch"] == 4  # two groups of 2 batches saved
+    calls = []
+    monkeypatch.setattr(profile_mod, "run_layers", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    prof = run_profile(lm, [str(med_data)], seq_len=64, batch_size=4, quiet=True, resume_dir=folder,
+                       checkpoint_docs=8)
+    total = -(-int(want.meta["data"]["docs"]) // 4)  # batches
+    assert len(calls) == -(-(total - 4) // 2)  # only the groups after the checkpoint ran again
+    same_profile(prof, want)
+    assert not folder.exists()
+
+
 def test_planner_choice_and_refusal_under_a_small_limit(tiny_model_factory):
     files = open_hf_dir(tiny_model_factory("shared"))
     work = Workload(batch_size=4, seq_len=64)

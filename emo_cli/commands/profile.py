@@ -30,6 +30,9 @@ def profile(
     shots: int = typer.Option(0, "--shots", help="Multiple-choice rows (question, choices, answer): precede each "
                               "with N solved items of the same file (seeded, never itself); the prompt plus the gold "
                               "answer is profiled, as EMO's selection does (5 for MMLU)."),
+    checkpoint_every: int = typer.Option(1024, "--checkpoint-every", help="Save the partial sums every N documents "
+                                         "into <output>.partial/ (a model in memory; a streamed one checkpoints "
+                                         "every layer), so the same command resumes an interrupted run."),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     streaming: str = options.STREAMING,
@@ -41,7 +44,8 @@ def profile(
     probability mass, REAP and EASY-EP saliency. Each document is tokenized alone; pads never count.
 
     A model that does not fit in memory is streamed one layer at a time; such a run checkpoints
-    after every layer into <output>.partial/, and the same command run again resumes there.
+    after every layer into <output>.partial/ (a model in memory: every --checkpoint-every
+    documents), and the same command run again resumes there.
 
     Data parallel: torchrun --nproc-per-node N -m emo_cli profile DATA (one node; add --nnodes and
     --rdzv-endpoint for several); rank 0 writes the profile, equal to one process's.
@@ -71,7 +75,7 @@ def profile(
         else:
             ui.out.print(f"merged {len(data) - 1} profiles into {output} ({merged.docs} docs)")
         return
-    for flag, value, least in (("--shots", shots, 0), ("--max-docs", max_docs, 1), ("--max-tokens", max_tokens, 1), ("--seq-len", seq_len, 2),
+    for flag, value, least in (("--shots", shots, 0), ("--checkpoint-every", checkpoint_every, 1), ("--max-docs", max_docs, 1), ("--max-tokens", max_tokens, 1), ("--seq-len", seq_len, 2),
                                ("--batch-size", batch_size, 1)):
         if value is not None and value < least:
             raise EmoError(f"{flag} must be at least {least} (got {value})")
@@ -89,7 +93,7 @@ def profile(
     t0 = time.perf_counter()
     prof = run_profile(lm, data, text_field=text_field, max_docs=max_docs, max_tokens=max_tokens, seq_len=seq_len, shots=shots,
                        batch_size=batch_size, heldout_frac=heldout_frac, quiet=json_out,
-                       resume_dir=partial if lm.memory and lm.memory.streaming else None)
+                       resume_dir=partial, checkpoint_docs=None if lm.memory and lm.memory.streaming else checkpoint_every)
     pass_s = time.perf_counter() - t0  # rank 0 waits for every rank in the reduction: the slowest
     if not world().writer:  # data parallel: rank 0 writes the profile and the workspace
         return

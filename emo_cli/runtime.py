@@ -31,12 +31,12 @@ def load_model(spec, device: str = "cpu", dtype: str | None = None, backend: str
                streaming: str = "auto", max_memory: float | None = None, workload: Workload = Workload(),
                what: str = "this command") -> LoadedModel:
     path = resolve_model_path(spec)
+    device = check_device(device)
     if is_gguf(path):
         from .gguf_runtime import load_gguf_model
 
         return load_gguf_model(path, device=device, backend=backend)  # mapped: nothing to stream
     files = open_hf_dir(path)
-    device = check_device(device)
     plan = plan_memory(files, device, parse_dtype(dtype), streaming, max_memory, workload, what)
     if plan.streaming:
         from .streaming import StreamedModel

@@ -11,7 +11,7 @@ Contract (same function as every emo kernel, see __init__.py):
   * kernel 2 computes out[p] = weight[p] * (h[p] @ down[e].T); the host sums the S slots of
     each token (a fixed order, so results are deterministic; no float atomics).
 Tiles are autotuned with the key (E, N, K, M_BUCKET): pruned models have unusual expert counts,
-and a config tuned for 128 experts is not the one for 31; M_BUCKET (the sorted row count rounded
+and a config tuned for 128 experts is not the one for 31; M_BUCKET (the assignment count rounded
 up to a power of 4) keeps one decode step's tiles apart from a 16k-token prefill's without
 re-tuning for every batch size.
 Shape legend: T tokens, S slots per token, P = T*S, D hidden, F expert width, E experts.
@@ -124,20 +124,25 @@ def _down_kernel(
 
 
 def align_by_expert(experts: torch.Tensor, num_experts: int):
-    """[T, S] expert ids -> (sorted_ids [P_pad] int32, granule_expert [P_pad/GRANULE] int32)."""
+    """[T, S] expert ids -> (sorted_ids [R] int32, granule_expert [R/GRANULE] int32).
+
+    R = P + E*(ALIGN-1) rounded up to ALIGN is a bound on the padded length that depends only on the
+    shapes, so nothing here waits for the GPU (bincount and a sized allocation would each force a
+    device-to-host sync, most of a decode step's time). Rows past the real padded length are all
+    padding: their blocks return at once."""
     flat = experts.reshape(-1)
-    P = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
-    padded = (counts + ALIGN - 1) // ALIGN * ALIGN
+    P, dev = flat.numel(), flat.device
+    rows = -(-(P + num_experts * (ALIGN - 1)) // ALIGN) * ALIGN
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + ALIGN - 1) // ALIGN * ALIGN  # [E]
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
-    total = int(ends[-1]) if num_experts else 0
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-    rank = torch.arange(P, device=flat.device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
-    sorted_ids = torch.full((total,), P, dtype=torch.int32, device=flat.device)
+    rank = torch.arange(P, device=dev) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+    sorted_ids = torch.full((rows,), P, dtype=torch.int32, device=dev)
     sorted_ids[starts[flat[order]] + rank] = order.to(torch.int32)
-    granule_expert = torch.repeat_interleave(torch.arange(num_experts, device=flat.device, dtype=torch.int32),
-                                             padded // GRANULE)
+    first_row = torch.arange(0, rows, GRANULE, device=dev)  # [R/GRANULE]
+    granule_expert = torch.searchsorted(ends, first_row, right=True).clamp_max(num_experts - 1).to(torch.int32)
     return sorted_ids, granule_expert
 
 
@@ -164,8 +169,8 @@ def triton_moe(
     h = torch.empty(P, F, device=x.device, dtype=torch.float32)
     out = torch.empty(P, D, device=x.device, dtype=torch.float32)
     rows = sorted_ids.numel()
-    bucket = 64
-    while bucket < min(rows, 1 << 16):
+    bucket = 64  # assignments rounded up to a power of 4: the autotuner's notion of "how big"
+    while bucket < min(P, 1 << 16):
         bucket *= 4
 
     def grid(n):

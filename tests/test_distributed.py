@@ -130,7 +130,11 @@ def test_ctrl_c_on_the_launcher_stops_every_rank(work, tmp_path):
               "profile", str(tmp_path / "long.jsonl"), "--model", str(model), "--seq-len", "64", "-o", "cut.profile.safetensors"]
     proc = subprocess.Popen(launch, cwd=d, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    time.sleep(6)  # both ranks are inside the pass by now
+    partial = d / "cut.profile.safetensors.partial"
+    deadline = time.monotonic() + 240
+    while not all((partial / f"rank-{r}-of-2").exists() for r in (0, 1)):  # both ranks are in the pass
+        assert proc.poll() is None and time.monotonic() < deadline, "the ranks never started their pass"
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the launcher's terminal sends
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0

@@ -40,6 +40,16 @@ def _join_world():
     return w
 
 
+def _leave_world() -> None:
+    """Finish together, then tear the group down before the interpreter does: a rank that exits
+    while a peer still talks to it, or whose Gloo context dies in interpreter teardown, can abort."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _fail_rank(w, message: str) -> None:
     """One line naming the rank, then exit at once: the others wait in a collective, and torchrun
     stops them when it sees this rank gone."""
@@ -63,6 +73,7 @@ def main() -> None:
         except SystemExit as e:
             if e.code:
                 _fail_rank(w, "interrupted" if e.code == 130 else f"exit status {e.code}")
+            _leave_world()
             raise
         except EmoError as e:
             _fail_rank(w, " ".join(str(e).split("\n")))
@@ -70,6 +81,7 @@ def main() -> None:
             _fail_rank(w, "interrupted")
         except Exception as e:  # a crash on one rank must not leave the others waiting
             _fail_rank(w, f"{type(e).__name__}: {e}")
+        _leave_world()
         return
     try:
         app()

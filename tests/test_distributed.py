@@ -33,6 +33,12 @@ def emo(cwd, *args, procs: int = 1, script: list[str] | None = None):
     return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
 
 
+def ok(r) -> None:
+    """A torchrun run succeeded; else show its first lines (the failing rank's own report comes
+    before torchrun's summary)."""
+    assert r.returncode == 0, r.stderr[:3000]
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_model_factory):
     d = tmp_path_factory.mktemp("dp")
@@ -52,7 +58,7 @@ def test_profile_and_eval_equal_one_process(work, procs):
     d, model = work
     out = f"dp{procs}.profile.safetensors"
     r = emo(d, "profile", "med.jsonl", "--model", model, "--seq-len", "48", "--batch-size", "4", "-o", out, procs=procs)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     one, many = Profile.load(d / "one.profile.safetensors"), Profile.load(d / out)
     assert torch.equal(one.counts, many.counts) and torch.equal(one.tokens, many.tokens)
     for name in ("prob", "reap", "easyep"):
@@ -61,7 +67,7 @@ def test_profile_and_eval_equal_one_process(work, procs):
 
     args = ["eval", model, "--data", "held.jsonl", "--data", "mc.jsonl", "--seq-len", "48", "--json"]
     single, multi = emo(d, *args), emo(d, *args, procs=procs)
-    assert multi.returncode == 0, multi.stderr[-2000:]
+    ok(multi)
     a, b = (json.loads(x.stdout.strip().splitlines()[-1])["results"] for x in (single, multi))
     assert [r["data"] for r in a] == [r["data"] for r in b]
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-12) and a[0]["tokens"] == b[0]["tokens"]
@@ -75,7 +81,8 @@ def test_greedy_plan_equals_one_process_and_only_rank_0_writes(work):
     single = emo(d, *args, "-o", "g1")
     before = sorted(p.name for p in d.iterdir())
     multi = emo(d, *args, "-o", "g2", procs=2)
-    assert single.returncode == 0 and multi.returncode == 0, multi.stderr[-2000:]
+    ok(single)
+    ok(multi)
     assert json.loads((d / "g1" / "plan.json").read_text())["kept"] == json.loads((d / "g2" / "plan.json").read_text())["kept"]
     assert sorted(p.name for p in d.iterdir()) == sorted(before + ["g2"])  # one output, written once
 
@@ -113,7 +120,7 @@ def test_streamed_data_parallel_profile_checkpoints_per_rank_and_equals_one_proc
     d, model = work
     r = emo(d, "profile", "med.jsonl", "--model", model, "--seq-len", "48", "--batch-size", "4", "--streaming", "on",
             "-o", "streamed.profile.safetensors", procs=2)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     one, many = Profile.load(d / "one.profile.safetensors"), Profile.load(d / "streamed.profile.safetensors")
     assert torch.equal(one.counts, many.counts)
     assert torch.allclose(one.reap, many.reap, rtol=1e-9, atol=0)
@@ -175,7 +182,7 @@ def test_an_interrupted_data_parallel_profile_resumes_per_rank(work, tmp_path, s
     state = json.loads((d / "resumed.profile.safetensors.partial" / "rank-1-of-2" / "state.json").read_text())
     assert state[saved[0]] == saved[1]  # rank 1 saved its first two groups (or layers)
     again = emo(d, *args, procs=2)
-    assert again.returncode == 0, again.stderr[-2000:]
+    ok(again)
     one, many = Profile.load(d / "one.profile.safetensors"), Profile.load(d / "resumed.profile.safetensors")
     assert torch.equal(one.counts, many.counts)
     for name in ("prob", "reap", "easyep"):

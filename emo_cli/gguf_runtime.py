@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import threading
 import warnings
 from pathlib import Path
 
@@ -282,8 +283,17 @@ class GGUFBlock:
         return self.ffn(h, x)
 
 
+def populate_in_background(data: np.ndarray) -> threading.Thread:
+    """`populate` on a daemon thread: loading returns at once and the first token is not paid for
+    reading the whole file; pages not read yet fault in on first use (ctypes releases the GIL
+    during madvise, so the prefetch runs beside the first forward)."""
+    t = threading.Thread(target=populate, args=(data,), name="emo-gguf-prefetch", daemon=True)
+    t.start()
+    return t
+
+
 def populate(data: np.ndarray) -> None:
-    """Map every page of the memory-mapped file now (Linux MADV_POPULATE_READ; llama.cpp does the
+    """Map every page of the memory-mapped file (Linux MADV_POPULATE_READ; llama.cpp does the
     same with MAP_POPULATE) when it fits comfortably in free memory: decode then never stops on a
     page fault the first time it meets an expert, and the pages stay evictable file cache."""
     try:
@@ -309,7 +319,7 @@ class GGUFModel:
         self.reader = gf.open_reader(path)
         self.config = cfg = gf.config_from_gguf(self.reader, path)
         if backend == "cpu":  # the kernels read the map itself
-            populate(self.reader.data)
+            self.prefetch = populate_in_background(self.reader.data)
         self.backend = backend
         self._device = torch.device(device)
         self.activation_budget = DEFAULT_ACTIVATION_BUDGET

@@ -12,9 +12,7 @@ plus the pending output shard.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ from . import __version__
 from .checkpoint import EXPERT_RE, ShardWriter
 from .errors import EmoError
 from .loading import copy_support_files, open_hf_dir, read_pruning_metadata, source_expert_ids
-from .outputs import check_location, follow_umask
+from .outputs import check_location, staged_dir
 from .prune import MAX_SHARD_BYTES
 
 PARTS = ("router", "shared", "non-expert")
@@ -71,8 +69,7 @@ def merge_back(slim_dir: Path, full_dir: Path, out_dir: Path, include: set[str] 
     shared = [set(range(cfg.layer_experts(i) - cfg.layer_shared(i), cfg.layer_experts(i)))
               for i in range(cfg.num_hidden_layers)]
     moved = [[] for _ in kept]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", dir=out_dir.absolute().parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         writer = ShardWriter(tmp, shard_bytes=MAX_SHARD_BYTES)
         names = sorted(full.ckpt.names(), key=_layer_order)
         for n_done, name in enumerate(names, 1):
@@ -110,13 +107,6 @@ def merge_back(slim_dir: Path, full_dir: Path, out_dir: Path, include: set[str] 
                   "slim_pruning": {k: meta.get(k) for k in ("original_model", "pruning_method", "budget")},
                   "parent_fingerprint": full.fingerprint, "emo_version": __version__}
         (tmp / "merge_metadata.json").write_text(json.dumps(record, indent=2) + "\n")
-        follow_umask(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import EmoError
@@ -101,3 +103,20 @@ def check_location(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise EmoError(f"{parent}: cannot write there ({e.strerror or e}; for {path})") from None
+
+
+@contextmanager
+def staged_dir(out_dir: Path):
+    """A private staging directory beside `out_dir` (named with our pid), published when the block
+    completes: umask permissions, then it replaces any old `out_dir`. Removed if the block fails."""
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", dir=out_dir.absolute().parent))
+    try:
+        yield tmp
+        follow_umask(tmp)  # mkdtemp and safetensors' writer made it private
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -10,16 +10,13 @@ Peak memory: one layer plus the pending output shard; never the whole model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from . import __version__
 from .checkpoint import ShardWriter
 from .errors import EmoError
 from .loading import copy_support_files, open_hf_dir, source_expert_ids
-from .outputs import follow_umask
+from .outputs import staged_dir
 from .select import Plan
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' max_shard_size="5GB", as the released checkpoints are sharded
@@ -83,8 +80,7 @@ def prune_to_dir(model_dir: Path, plan: Plan, out_dir: Path, force: bool = False
             if not set(range(n - ns, n)) <= set(local_kept[i]):
                 raise EmoError(f"plan drops the shared expert of layer {i}; shared experts are always kept")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         dtype = ckpt.dtype("model.embed_tokens.weight")
         writer = ShardWriter(tmp, shard_bytes=MAX_SHARD_BYTES)
         names = ckpt.names()
@@ -141,13 +137,6 @@ def prune_to_dir(model_dir: Path, plan: Plan, out_dir: Path, force: bool = False
             meta["seed"] = plan.extra.get("seed", 0)
         meta.update(extra_meta or {})
         (tmp / "pruning_metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-        follow_umask(tmp)  # mkdtemp and the shard writer made it private
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -38,15 +38,17 @@ class World:
         """The indices (of n batches) this rank runs: a fixed round-robin share."""
         return list(range(self.rank, n, self.size))
 
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """The element-wise float64 sum of `t` over all ranks (every rank gets it)."""
+    def sum(self, *parts) -> list[torch.Tensor]:
+        """Element-wise float64 sums over all ranks of each tensor or number in `parts`, in one
+        collective; every rank gets them, in the parts' shapes."""
+        flat = [torch.as_tensor(p, dtype=torch.float64).detach().cpu() for p in parts]
         if self.size == 1:
-            return t.double()
+            return flat
         import torch.distributed as dist
 
-        buf = t.detach().to("cpu", torch.float64).contiguous()
+        buf = torch.cat([f.reshape(-1) for f in flat])
         dist.all_reduce(buf)
-        return buf
+        return [chunk.view(f.shape) for chunk, f in zip(buf.split([f.numel() for f in flat]), flat)]
 
     def device(self, device: str) -> str:
         """Each rank's own GPU: `cuda` means cuda:LOCAL_RANK under torchrun."""

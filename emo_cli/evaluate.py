@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import torch
-
 from .data import Document, make_batches
 from .distributed import world
 from .errors import EmoError
@@ -71,8 +69,8 @@ def evaluate_losses(model, tokenizer, docs: list[Document], mask_sets: list[dict
             ndocs += 1
     sums = [sum(float(per_doc.sum()) for per_doc in per_batch) for per_batch in per_variant]
     if w.size > 1:  # every rank gets the totals, so every rank takes the same decisions on them
-        total = w.sum(torch.tensor(sums + [tokens, nbytes, ndocs], dtype=torch.float64)).tolist()
-        sums, (tokens, nbytes, ndocs) = total[:-3], (int(v) for v in total[-3:])
+        reduced, counts = w.sum(sums, [tokens, nbytes, ndocs])
+        sums, (tokens, nbytes, ndocs) = reduced.tolist(), (int(v) for v in counts.tolist())
     results = []
     for nll_sum in sums:
         loss = nll_sum / max(tokens, 1)

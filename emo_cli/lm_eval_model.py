@@ -43,7 +43,8 @@ class EmoLM(LM):
         self.engine = self.m.engine
         self.model, self.tok = self.engine.model, self.engine.tokenizer
         self.max_length = min(int(max_length), self.engine.max_context)
-        self.batch = max(1, int(str(batch_size).split(":")[0]) if str(batch_size) != "auto" else 16)
+        size = str(batch_size)
+        self.batch = 16 if size.startswith("auto") else max(1, int(size))  # lm-eval's "auto" / "auto:N"
         self.eot = next(iter(sorted(self.m.eos_ids)), self.tok.pad_id)
 
     @property

@@ -93,9 +93,8 @@ def score_rows(model, pad_id: int, rows: list[tuple[list[int], int]], batch_size
         store.close()
         model.release()
     if w.size > 1:  # each row was scored on one rank (others hold 0): the sum is exact
-        sums = w.sum(torch.tensor([s for s, _ in scores], dtype=torch.float64)).tolist()
-        greedy = w.sum(torch.tensor([float(g) for _, g in scores], dtype=torch.float64)).tolist()
-        scores = [(s, g > 0) for s, g in zip(sums, greedy)]
+        sums, greedy = w.sum([s for s, _ in scores], [float(g) for _, g in scores])
+        scores = [(s, g > 0) for s, g in zip(sums.tolist(), greedy.tolist())]
     return scores
 
 

@@ -251,33 +251,41 @@ def profile_model(model, batches, meta: dict, on_step=None, resume_dir: Path | N
     finally:
         model.release()
     if w.size > 1:
-        for name in STATS + ("tokens",):
-            setattr(prof, name, w.sum(getattr(prof, name)))
+        names = STATS + ("tokens",)
+        for name, total in zip(names, w.sum(*(getattr(prof, n) for n in names))):
+            setattr(prof, name, total)
     return prof
+
+
+def _checkpoint(folder: Path, prof: Profile, layout_key: str, fresh: dict) -> tuple[Path, str, dict]:
+    """(state file, run key, state) of a resumable pass in `folder`. A checkpoint of the same run
+    (same metadata and batch layout) is resumed: its partial sums are loaded into `prof`; anything
+    else in the folder (emo's own) is another run's leftovers and is cleared."""
+    key = hashlib.sha256((json.dumps(prof.meta, sort_keys=True) + layout_key).encode()).hexdigest()[:16]
+    state_file = folder / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or state.get("key") != key:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return state_file, key, {"key": key, **fresh}
+    if any(state.get(k) for k in fresh):  # past the start: the partial sums come back too
+        saved = Profile.load(folder / "partial.profile.safetensors")
+        for name in STATS + ("tokens",):
+            getattr(prof, name).copy_(getattr(saved, name))
+    return state_file, key, state
 
 
 def _resumable_pass(model, batches, prof: Profile, folder: Path, before, acc, step, on_resume) -> None:
     D = model.config.hidden_size
     shapes = [(b.ids.shape[0], b.ids.shape[1], D) for b in batches]
-    key = hashlib.sha256((json.dumps(prof.meta, sort_keys=True) + repr(shapes)).encode()).hexdigest()[:16]
-    state_file = folder / "state.json"
-    state = None
-    if state_file.exists():
-        try:
-            state = json.loads(state_file.read_text())
-        except json.JSONDecodeError:
-            state = None
-    if state is None or state.get("key") != key:  # another run's leftovers (emo's own folder)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        state = {"key": key, "next_layer": 0, "current": 0}
+    state_file, key, state = _checkpoint(folder, prof, repr(shapes), {"next_layer": 0, "current": 0})
     dtype = model.embed(batches[0].ids[:1, :1]).dtype
     stores = [HiddenStore(shapes, dtype, model.device, 0, path=folder / f"hidden-{k}.bin") for k in (0, 1)]
     cur, start = state["current"], state["next_layer"]
     if start > 0:
-        partial = Profile.load(folder / "partial.profile.safetensors")
-        for name in STATS + ("tokens",):
-            getattr(prof, name).copy_(getattr(partial, name))
         if on_resume:
             on_resume(f"layer {start + 1}/{model.num_layers}", start, 0)
     else:
@@ -302,21 +310,10 @@ def _grouped_pass(model, batches, prof: Profile, folder: Path, acc, step, on_res
     profile is bit-identical to an uncheckpointed run."""
     per = max(1, docs_per_group // max(len(batches[0].doc_index), 1))  # batches per group
     shapes = [tuple(b.ids.shape) for b in batches]
-    key = hashlib.sha256((json.dumps(prof.meta, sort_keys=True) + repr(shapes) + f"/{per}").encode()).hexdigest()[:16]
-    state_file, partial = folder / "state.json", folder / "partial.profile.safetensors"
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
-        state = None
-    if not isinstance(state, dict) or state.get("key") != key:  # none, or another run's leftovers
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        state = {"key": key, "next_batch": 0}
+    state_file, key, state = _checkpoint(folder, prof, f"{shapes!r}/{per}", {"next_batch": 0})
+    partial = folder / "partial.profile.safetensors"
     start = int(state["next_batch"])
     if start > 0:
-        saved = Profile.load(partial)
-        for name in STATS + ("tokens",):
-            getattr(prof, name).copy_(getattr(saved, name))
         if on_resume:
             on_resume(f"document {sum(len(b.doc_index) for b in batches[:start]) + 1}", 0, start)
     for s in range(start, len(batches), per):

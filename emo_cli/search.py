@@ -70,8 +70,7 @@ def router_plan(model, batches, profiles: list[Profile], budget: Budget, allocat
                     total += model.router_probs(store[i], layer)[m].double().sum(0).cpu()  # [E]
                     ntok += int(m.sum())
                 if w.size > 1:
-                    reduced = w.sum(torch.cat([total, torch.tensor([float(ntok)], dtype=torch.float64)]))
-                    total, ntok = reduced[:-1], int(reduced[-1])
+                    total, ntok = w.sum(total, ntok)
                 mean = total / max(ntok, 1)
                 fixed = base.fixed_ids(layer)
                 routed = [e for e in ids if e not in set(fixed)]
@@ -111,8 +110,7 @@ def _candidate_losses(model, layer: int, store, batches, masks: dict, candidate_
         work.close()
     w = world()
     if w.size > 1:  # this rank scored its share of the held-out batches: every rank gets the totals
-        reduced = w.sum(torch.cat([nll, torch.tensor([float(ntok)], dtype=torch.float64)]))
-        nll, ntok = reduced[:-1], int(reduced[-1])
+        nll, ntok = w.sum(nll, ntok)
     return (nll / max(ntok, 1)).tolist()
 
 
@@ -124,7 +122,7 @@ def plan_loss(model, plan: Plan, batches) -> float:
     ntok = sum(int(b.mask[:, 1:].sum()) for b in batches)
     nll = float(sum(float(x.sum()) for x in per_batch))
     if w.size > 1:
-        nll, ntok = w.sum(torch.tensor([nll, float(ntok)], dtype=torch.float64)).tolist()
+        nll, ntok = (float(v) for v in w.sum(nll, ntok))
     return nll / max(ntok, 1)
 
 

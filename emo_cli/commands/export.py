@@ -47,12 +47,5 @@ def export(
         ui.print_json(result)
         return
     ui.out.print(ui.table("emo export", ["file", "quant", "size", "x f32 size"],
-                          [[result["output"], result["quant"], _size(result["bytes"]), f"{result['ratio']:.3f}"]]))
+                          [[result["output"], result["quant"], ui.human_bytes(result["bytes"]), f"{result['ratio']:.3f}"]]))
 
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"

@@ -82,8 +82,8 @@ def open_model(spec: str, backend: str = "auto", device: str = "auto", threads: 
                      threads, device)
 
 
-def render_template(template: str, messages: list[dict], eos_text: str) -> str:
-    """A Hugging Face chat template (jinja) rendered for the next assistant turn."""
+def render_template(template: str, messages: list[dict], eos_text: str, add_generation_prompt: bool = True) -> str:
+    """A Hugging Face chat template (jinja) rendered, by default for the next assistant turn."""
     try:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -96,7 +96,7 @@ def render_template(template: str, messages: list[dict], eos_text: str) -> str:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = fail
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                 bos_token="", eos_token=eos_text)
     except TemplateError as e:
         raise EmoError(f"the model's chat template failed: {e}") from None

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from .commands import chat, demo, export, inspect, merge, pretrain, profile, prune, report
+from .commands import chat, demo, export, finetune, inspect, merge, pretrain, profile, prune, report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build small task-specific models out of one EMO mixture of experts, and run them locally.\n\n"
@@ -21,6 +21,7 @@ app.command("report")(report.report)
 app.command("export")(export.export)
 app.command("chat")(chat.chat)
 app.command("demo")(demo.demo)
+app.command("finetune")(finetune.finetune_cmd)
 app.command("merge-back")(merge.merge_back)
 
 

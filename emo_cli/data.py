@@ -29,6 +29,7 @@ class Document:
     source: str  # file it came from
     index: int  # position in the whole input (the id recorded in profiles)
     item: MCItem | None = None  # a multiple-choice row: text is its prompt plus the gold answer
+    messages: list[dict] | None = None  # a chat row: text is its turns as "role: content" lines
 
     @property
     def split_key(self) -> str:
@@ -100,7 +101,7 @@ def _check_json(path: Path) -> None:
 def _row_text(row: dict, field: str, where: str) -> str:
     value = row.get(field)
     if field == "messages" and isinstance(value, list):
-        return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in value if isinstance(m, dict))
+        return "\n".join(f"{m.get('role') or ''}: {m.get('content') or ''}" for m in value if isinstance(m, dict))
     if value is None:
         return ""
     if not isinstance(value, str):  # a number or a structure is not text: say so, never str() it
@@ -169,7 +170,8 @@ def read_documents(inputs: list[str | Path], text_field: str | None = None,
             for n, row in enumerate(table, 1):
                 text = _row_text(row, field, f"{source}: row {n}")
                 if text.strip():
-                    docs.append(Document(text, source, len(docs)))
+                    turns = row[field] if field == "messages" and isinstance(row[field], list) else None
+                    docs.append(Document(text, source, len(docs), messages=turns))
                     if max_docs is not None and len(docs) >= max_docs:
                         return docs
     if not docs:

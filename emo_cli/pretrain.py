@@ -29,8 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
 from emo_kernels.grouped import grouped_moe
 
 from .bpe import EOS_TOKEN, save_tokenizer, train_bpe
@@ -44,6 +42,7 @@ from .models.emo import EmoForCausalLM, MoEBlock
 from .pretrain_recipe import Recipe
 from .routing import routed_mask
 from .tokenizer import EmoTokenizer
+from .training import balance_loss, load_checkpoint, resolve_device, save_checkpoint
 
 CKPT_DIR = "checkpoint"
 STATE_FORMAT = 1
@@ -105,17 +104,13 @@ def segment_ids(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, int]:
 
 
 def aux_losses(model: EmoForCausalLM, hook: RouterHook) -> tuple[torch.Tensor, torch.Tensor]:
-    """(load balancing, router z-loss), each averaged over MoE layers."""
+    """(load balancing, router z-loss), each averaged over MoE layers. The balance uses the masked
+    softmax, so probabilities are zero outside each document's pool."""
     lbs, zs = [], []
     for i, blk in model.moe_blocks().items():
         logits, allowed = hook.seen[i]
-        r = blk.last_routing
         routed = routed_mask(blk.spec, logits.device)  # [E]
-        R, k = int(routed.sum()), blk.spec.top_k - blk.spec.num_shared
-        T = logits.shape[0]
-        counts = torch.bincount(r.experts[:, :k].reshape(-1), minlength=R)[:R].float()  # [R] routed slots come first
-        mean_p = r.probs[:, routed].mean(0)  # [R] masked softmax, so zero outside each pool
-        lbs.append(R / k * torch.dot(counts / T, mean_p))
+        lbs.append(balance_loss(blk))
         lg = logits[:, routed].float()
         if allowed is not None:
             lg = lg.masked_fill(~allowed[:, routed], float("-inf"))
@@ -209,58 +204,7 @@ def make_optimizer(model: EmoForCausalLM, t) -> torch.optim.AdamW:
                              lr=t.lr, betas=(t.beta1, t.beta2))
 
 
-# ---- checkpoints -------------------------------------------------------------------------------
-def save_checkpoint(ckpt: Path, model: EmoForCausalLM, opt: torch.optim.Optimizer, state: dict) -> None:
-    tmp = ckpt.with_name(ckpt.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    moments = {}
-    for name, p in model.named_parameters():
-        st = opt.state.get(p)
-        if st:
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                moments[f"{name}::{key}"] = torch.as_tensor(st[key]).detach().cpu().contiguous()
-    save_file(moments, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
-    old = ckpt.with_name(ckpt.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if ckpt.exists():
-        os.replace(ckpt, old)
-    os.replace(tmp, ckpt)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(ckpt: Path, model: EmoForCausalLM, opt: torch.optim.Optimizer, fingerprint: str) -> dict:
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-        weights = load_file(str(ckpt / "model.safetensors"))
-        moments = load_file(str(ckpt / "optimizer.safetensors"))
-    except Exception as e:  # OSError, JSON or safetensors' own error types: all mean the same here
-        raise EmoError(f"{ckpt}: unreadable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if state.get("format") != STATE_FORMAT or state.get("recipe_fingerprint") != fingerprint:
-        raise EmoError(f"{ckpt}: checkpoint was written by a different recipe; use --force to start over")
-    device = model.device
-    model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=True)
-    for name, p in model.named_parameters():
-        if f"{name}::exp_avg" in moments:
-            opt.state[p] = {"step": moments[f"{name}::step"].float(),
-                            "exp_avg": moments[f"{name}::exp_avg"].to(device),
-                            "exp_avg_sq": moments[f"{name}::exp_avg_sq"].to(device)}
-    return state
-
-
 # ---- the run -----------------------------------------------------------------------------------
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EmoError("--device cuda requested but no CUDA GPU is available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise EmoError(f"unknown device {device!r} (use auto, cpu or cuda)")
-    return device
-
-
 def check_out_dir(out: Path, resume: bool, force: bool) -> None:
     ckpt = out / CKPT_DIR
     if out.exists() and not out.is_dir():
@@ -309,7 +253,7 @@ def pretrain(recipe: Recipe, out: Path, resume: bool = False, force: bool = Fals
     state = {"format": STATE_FORMAT, "recipe_fingerprint": recipe.fingerprint(), "step": 0, "tokens": 0,
              "train_seconds": 0.0, "history": []}
     if resume:
-        state = load_checkpoint(ckpt, model, opt, recipe.fingerprint())
+        state = load_checkpoint(ckpt, model, opt, {"format": STATE_FORMAT, "recipe_fingerprint": recipe.fingerprint()})
         if log:
             log(f"resuming {out} at step {state['step']}")
     out.mkdir(parents=True, exist_ok=True)

@@ -312,7 +312,7 @@ def train_step(model, opt, batch: list[Window], pad_id: int, s: FinetuneSettings
                 loss = loss + lb_weight * lb / len(micro)
                 lb_sum += float(lb.detach()) / len(micro)
         loss.backward()
-        nll_sum += float(nll)
+        nll_sum += float(nll.detach())
     if s.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], s.grad_clip)
     opt.step()
@@ -411,8 +411,8 @@ def finetune(model_dir: Path, data: list[str], out: Path, s: FinetuneSettings, *
         p.requires_grad_(trains(name, s.freeze))
         if p.requires_grad:
             trained.append(p)
-        elif precision == "bf16":
-            p.data = p.data.to(torch.bfloat16)  # frozen weights need no fp32 master copy
+        elif precision == "bf16" and save_dtype == torch.bfloat16:
+            p.data = p.data.to(torch.bfloat16)  # a frozen bf16 weight needs no fp32 copy (lossless)
     opt = torch.optim.AdamW(trained, lr=s.lr, weight_decay=s.weight_decay)
     steps = total_steps(len(train), s)
     lb_weight = cfg.router_aux_loss_coef if cfg.output_router_logits else 0.0

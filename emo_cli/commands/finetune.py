@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 from pathlib import Path
@@ -79,12 +80,15 @@ def finetune_cmd(
         raise EmoError("--max-docs must be at least 1")
     src = resolve_model_path(model)
     out = output or Path(f"{src.name}-ft")
-    with ui.progress(disable=json_out) as prog:
-        task = prog.add_task(f"finetuning {src.name}", total=None, tokens=0)
+    with contextlib.ExitStack() as stack:
+        bar: dict = {}  # the progress bar opens with the first step, after every input check passed
 
         def on_step(step, total, tokens, loss):
-            prog.update(task, completed=step, total=total, tokens=tokens,
-                        description=f"finetuning {src.name} · loss {loss:.3f}")
+            if not bar:
+                bar["prog"] = stack.enter_context(ui.progress(disable=json_out))
+                bar["task"] = bar["prog"].add_task(f"finetuning {src.name}", total=total, tokens=0)
+            bar["prog"].update(bar["task"], completed=step, total=total, tokens=tokens,
+                               description=f"finetuning {src.name} · loss {loss:.3f}")
 
         def log(msg):
             if not json_out:

@@ -343,6 +343,8 @@ def check_output(out: Path, resume: bool, force: bool) -> None:
             raise EmoError(f"{out} exists (pass --force to overwrite, or -o another name)")
         if out.is_symlink() or not (out / RECORD).is_file():
             raise EmoError(f"{out} exists and is not an emo finetune output; refusing to replace it (choose another -o)")
+    if work.exists() and not (work / "state" / "state.json").exists():
+        shutil.rmtree(work)  # stopped before its first checkpoint: nothing to resume
     if work.exists():
         if not force:
             raise EmoError(f"{work} holds an unfinished finetune; --resume to continue or --force to restart")

@@ -342,6 +342,11 @@ def add_metadata(w: GGUFWriter, files: HFModelFiles, file_type: int, quantized: 
     w.add_expert_weights_scale(1.0)
     w.add_uint32(gf.K_EMO_SHARED, ns)
     w.add_string(gf.K_EMO_SOURCE_FINGERPRINT, files.fingerprint)
+    add_provenance(w, prov)
+
+
+def add_provenance(w: GGUFWriter, prov: dict) -> None:
+    """Pruning provenance as strings (the kept ids as JSON); also written by `emo prune` of a GGUF."""
     for name, value in prov.items():
         text = json.dumps(value) if name == "experts_kept_per_layer" else (
             ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))

@@ -1,7 +1,8 @@
 """`emo prune`: profile(s) -> plan -> slim HF dir (+ GGUF) -> report of what was lost.
 
 The report evaluates the full model with routing masked to the plan, which gives exactly the slim
-model's numbers (DESIGN.md's identity) without loading a second model.
+model's numbers (DESIGN.md's identity) without loading a second model. A .gguf model is pruned
+into a slim GGUF alone, its experts' bytes copied as they are (gguf_prune.py).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ui
+from . import gguf_prune, ui
 from .data import read_documents
 from .distributed import world
 from .errors import EmoError
 from .gguf_export import check_quant
-from .outputs import check_location, remove_stale
-from .model_card import write_model_card
 from .loading import is_gguf, open_hf_dir, resolve_model_path
+from .model_card import write_model_card
+from .outputs import check_location, remove_stale
 from .pipeline import heldout_documents, make_plan, masked_loss, masked_losses
 from .profile import Profile
 from .prune import expected_size, prune_to_dir
@@ -39,7 +40,7 @@ class PruneRequest:
     output: Path | None = None
     gguf: Path | None = None
     no_gguf: bool = False
-    quant: str = "f16"
+    quant: str | None = None  # None: f16, or a .gguf source's own types
     plan: Path | None = None
     dry_run: bool = False
     seed: int = 0
@@ -101,18 +102,26 @@ def run_prune(req: PruneRequest) -> dict:
     spec = req.model or os.environ.get("EMO_MODEL") or profiles[0].meta["model"].get("spec") or state.get("model")
     spec = resolve_default_model(spec)
     path = resolve_model_path(spec)
+    source = files = None
     if is_gguf(path):
-        raise EmoError("prune needs the full HF model directory, not a .gguf file")
-    files = open_hf_dir(path)
-    if files.fingerprint != profiles[0].fingerprint:
+        source = gguf_prune.open_source(path)
+        fingerprints, described = source.fingerprints, source.describe()
+        out, gguf_path = None, gguf_prune.output_path(req.output, req.gguf, req.no_gguf, stem)
+        gguf_prune.check_quant(source, req.quant)
+    else:
+        files = open_hf_dir(path)
+        fingerprints, described = (files.fingerprint,), f"{spec} ({files.fingerprint})"
+        out = Path(req.output or f"slim-{stem}")
+        gguf_path = None if req.no_gguf else Path(req.gguf or f"{out}.gguf")
+    if profiles[0].fingerprint not in fingerprints:
         raise EmoError(f"the profile was made on another model ({profiles[0].meta['model']['path']}, "
-                       f"fingerprint {profiles[0].fingerprint}) than {spec} ({files.fingerprint})")
-    out = Path(req.output or f"slim-{stem}")
-    gguf_path = None if req.no_gguf else Path(req.gguf or f"{out}.gguf")
+                       f"fingerprint {profiles[0].fingerprint}) than {described}")
     if not req.dry_run:
+        if source is not None and gguf_path.resolve() == path.resolve():
+            raise EmoError(f"{gguf_path} is the model being pruned; write the slim file under another name")
         check_outputs(out, gguf_path, req.force)
-        if gguf_path is not None:
-            check_quant(req.quant)
+        if gguf_path is not None and source is None:
+            check_quant(req.quant or "f16")
     heldout = (read_documents(req.heldout) if req.heldout else heldout_documents(profiles))
     if req.method == "greedy" and req.plan is None and not heldout:  # before any model is loaded
         raise EmoError("greedy needs held-out documents: profile with --heldout-frac > 0 or pass --heldout DATA")
@@ -137,16 +146,18 @@ def run_prune(req: PruneRequest) -> dict:
 
     if req.plan is not None:
         plan = Plan.load(req.plan)
-        if plan.model_fingerprint != files.fingerprint:
-            raise EmoError(f"{req.plan} was made for another model (fingerprint {plan.model_fingerprint})")
+        if plan.model_fingerprint not in fingerprints:
+            raise EmoError(f"{req.plan} was made for another model (fingerprint {plan.model_fingerprint}) "
+                           f"than {described}")
     elif req.max_loss_increase is not None:
         if not heldout:
             raise EmoError("--max-loss-increase needs held-out documents (profile with --heldout-frac > 0 or pass --heldout)")
         plan, chosen_by = _search_budget(req, profiles, model, tok, heldout, seq_len, plan_for)
     else:
         plan = plan_for(budget)
-    full_bytes, slim_bytes = expected_size(path, plan)
-    report = {"model": spec, "output": str(out), "method": plan.method, "budget": plan.budget,
+    # a GGUF takes only plans it can hold (one expert count): refused before any evaluation
+    full_bytes, slim_bytes = gguf_prune.expected_size(source, plan) if source else expected_size(path, plan)
+    report = {"model": spec, "output": str(out or gguf_path), "method": plan.method, "budget": plan.budget,
               "allocation": plan.allocation, "kept_per_layer": {str(k): len(v) for k, v in plan.kept.items()},
               "bytes_before": full_bytes, "bytes_after": slim_bytes, "bytes_saved": full_bytes - slim_bytes,
               "coverage": {Path(p.meta["data"]["sources"][0]).name: round(domain_coverage(p, plan), 4) for p in profiles}}
@@ -163,6 +174,11 @@ def run_prune(req: PruneRequest) -> dict:
         report["plan"] = {str(k): v for k, v in plan.kept.items()}
         return report
     if not world().writer:  # data parallel: every rank took the same decisions; rank 0 writes
+        return report
+    if source is not None:
+        lm = model = None
+        report["gguf"] = _prune_gguf(source, plan, gguf_path, spec, req)
+        update_state(model=state.get("model") or spec, slim=str(gguf_path.resolve()))
         return report
     extra_meta = {"profile_files": [str(p) for p in (req.profiles or [state.get("profile")])]}
     ev = report.get("eval", {}).get("heldout")
@@ -309,7 +325,16 @@ def _export(out: Path, gguf_path: Path, label: str, req: PruneRequest):
         return {"skipped": reason}
     with ui.progress(disable=req.quiet) as prog:
         task = prog.add_task(f"exporting {label} · tensors", total=None, bytes=0)
-        export_gguf(out, gguf_path, quant=req.quant, force=True,
+        export_gguf(out, gguf_path, quant=req.quant or "f16", force=True,
                     progress=lambda stage, done, total, nbytes: prog.update(
                         task, completed=done, total=total, bytes=nbytes, description=f"{stage} {label} · tensors"))
-    return {"path": str(gguf_path), "quant": req.quant, "bytes": gguf_path.stat().st_size}
+    return {"path": str(gguf_path), "quant": req.quant or "f16", "bytes": gguf_path.stat().st_size}
+
+
+def _prune_gguf(source, plan: Plan, gguf_path: Path, spec: str, req: PruneRequest) -> dict:
+    with ui.progress(disable=req.quiet) as prog:
+        task = prog.add_task(f"writing {gguf_path} · tensors", total=None, bytes=0)
+        res = gguf_prune.prune_gguf(source, plan, gguf_path, force=req.force, source_name=spec,
+                                    progress=lambda done, total, nbytes: prog.update(
+                                        task, completed=done, total=total, bytes=nbytes))
+    return {k: res[k] for k in ("path", "quant", "bytes")}

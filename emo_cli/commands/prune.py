@@ -27,9 +27,11 @@ def prune(
     allocation: str = typer.Option("uniform", "--allocation", help="uniform (same count per layer; llama.cpp "
                                    "needs it) or global (per-layer counts by score, same total)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Default: slim-<data stem>/"),
-    gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF path (default: <output>.gguf)."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF path (default: <output>.gguf). A .gguf "
+                                        "model is pruned into this one file (-o X also names it X.gguf)."),
     no_gguf: bool = typer.Option(False, "--no-gguf", help="Write only the HF directory."),
-    quant: str = typer.Option("f16", "--quant", help="GGUF type: f32 f16 bf16 q8_0 q4_0 q5_0 q4_k_m q5_k_m q6_k."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="GGUF type: f32 f16 (default) bf16 q8_0 q4_0 q5_0 "
+                                        "q4_k_m q5_k_m q6_k. A .gguf model keeps its own types (no re-quantization)."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Re-apply a saved plan.json."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the expected size; write nothing."),
     seed: int = typer.Option(0, "--seed", help="Seed of --method random."),
@@ -44,7 +46,7 @@ def prune(
     max_memory: Optional[float] = options.MAX_MEMORY,
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """Keep the experts a domain uses and write a slim HF model (and its GGUF).
+    """Keep the experts a domain uses and write a slim HF model (and its GGUF); a .gguf model gives a slim GGUF.
 
     Examples:  emo prune --budget 25%      emo prune --budget 16 --method greedy --guard data/code.jsonl
                emo prune -p med.profile.safetensors -p code.profile.safetensors --budget 32 -o slim-medcode

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, Keys, LlamaFileType
+from gguf import Keys, LlamaFileType
 
 from .config import EmoConfig
 from .errors import EmoError
+from .gguf_reader import GGUFFile
 
 ARCH = "deepseek"
 
@@ -156,22 +158,24 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 # ---- reading -------------------------------------------------------------------------------------
-def open_reader(path: Path) -> GGUFReader:
+def open_reader(path: Path) -> GGUFFile:
+    """The file's header, metadata and tensor table (gguf_reader.py); tensor bytes stay on disk until used."""
     try:
-        return GGUFReader(path)
+        return GGUFFile(path)
     except FileNotFoundError:
         raise EmoError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise EmoError(f"{path}: a directory, not a GGUF file") from None
+    except PermissionError:
+        raise EmoError(f"{path}: permission denied") from None
     except MemoryError:
         raise EmoError(f"{path}: not a valid GGUF file (its header asks for more memory than there is)") from None
-    except Exception as e:  # gguf-py parses untrusted bytes and raises whatever it meets (IndexError,
-        # struct/numpy errors, ValueError, OverflowError ...): all of it means "not a valid GGUF"
+    except (ValueError, OSError, struct.error, OverflowError) as e:  # GGUFFormatError says what is wrong
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise EmoError(f"{path}: not a valid GGUF file ({reason})") from None
 
 
-def field(reader: GGUFReader, name: str, default=None):
+def field(reader: GGUFFile, name: str, default=None):
     f = reader.get_field(name)
     if f is None:
         return default
@@ -181,7 +185,7 @@ def field(reader: GGUFReader, name: str, default=None):
         raise EmoError(f"GGUF key {name} is unreadable (damaged file)") from None
 
 
-def float_field(reader: GGUFReader, name: str, default: float) -> float:
+def float_field(reader: GGUFFile, name: str, default: float) -> float:
     """A float32 key as the decimal it was written from (1e-6 rather than 9.99999997e-07)."""
     v = field(reader, name)
     if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
@@ -189,7 +193,7 @@ def float_field(reader: GGUFReader, name: str, default: float) -> float:
     return default if v is None else float(str(np.float32(v)))
 
 
-def provenance(reader: GGUFReader) -> dict:
+def provenance(reader: GGUFFile) -> dict:
     """The pruning provenance stored in the file, by provenance field name (absent keys omitted)."""
     out = {}
     for name, k in PROVENANCE_KEYS.items():
@@ -204,7 +208,7 @@ def provenance(reader: GGUFReader) -> dict:
     return out
 
 
-def config_from_gguf(reader: GGUFReader, path: Path | str = "") -> EmoConfig:
+def config_from_gguf(reader: GGUFFile, path: Path | str = "") -> EmoConfig:
     """The EmoConfig of an exported file (what the HF config.json said, in emo's field names)."""
     arch = field(reader, Keys.General.ARCHITECTURE)
     if arch != ARCH:
@@ -250,7 +254,7 @@ def config_from_gguf(reader: GGUFReader, path: Path | str = "") -> EmoConfig:
     ))
 
 
-def gguf_fingerprint(reader: GGUFReader) -> str:
+def gguf_fingerprint(reader: GGUFFile) -> str:
     """Identity of a GGUF model: every tensor's name, type and shape plus the architecture keys."""
     h = hashlib.sha256()
     for k in sorted(reader.fields):

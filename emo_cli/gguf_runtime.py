@@ -1,9 +1,9 @@
 """Run an emo GGUF export (llama.cpp's `deepseek` layout, see gguf_format.py) with emo's kernels.
 
-The file is memory-mapped (gguf.GGUFReader). On the `cpu` backend, F32/F16/Q8_0/Q4_0 weights are
-handed to the C kernels as pointers into the map and never copied; other types (K-quants, BF16,
-Q5_0...) are dequantized to fp32 tensor by tensor at load. The `torch`/`triton` backends dequantize
-everything (dense stacked experts for grouped_moe / triton_moe).
+The file is memory-mapped (emo_cli.gguf_reader: opening parses only the header and tables). On the
+`cpu` backend, F32/F16/Q8_0/Q4_0 weights are handed to the C kernels as pointers into the map and
+never copied; other types (K-quants, BF16, Q5_0...) are dequantized to fp32 tensor by tensor at load.
+The `torch`/`triton` backends dequantize everything (dense stacked experts for grouped_moe / triton_moe).
 
 The model mirrors llama.cpp's graph so greedy decoding agrees with it: q/k stay in the file's
 permuted row order and get NORM RoPE (pairs 2i, 2i+1; llama.cpp's angles, accumulated in fp32),

@@ -250,7 +250,7 @@ def test_gguf_whose_expert_count_disagrees_with_its_tensors(tmp_path, small_gguf
     good.write_bytes(original)
     reader = open_reader(good)
     f = reader.get_field(K_EXPERTS)
-    at = int(f.parts[f.data[0]].ctypes.data - reader.data.ctypes.data)  # the value's byte offset
+    at = f.value_offset
     blob = bytearray(original)
     blob[at:at + 4] = struct.pack("<I", int(f.contents()) + 1)
     bad = tmp_path / "bad.gguf"

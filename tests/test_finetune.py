@@ -65,13 +65,8 @@ def test_windows_cover_every_target_once():
     assert windows([1, 2, 3], [True, False, False], 8) == []  # nothing to predict: dropped
 
 
-def test_heldout_loss_equals_float64_reference(tiny_model_factory):
-    path = tiny_model_factory("shared")
-    cfg, T = load_tensors(path)
-    model, _ = load_hf_model(path, dtype=torch.float32)
-    rng = np.random.default_rng(0)
-    wins = [Window(rng.integers(0, 300, n).tolist(), (rng.random(n) < 0.6).tolist()) for n in (9, 14, 5)]
-    got = heldout_loss(model, wins, pad_id=0, micro_batch=2, device="cpu", precision="fp32")
+def reference_target_nll(cfg, T, wins: list[Window]) -> tuple[float, int]:
+    """(mean NLL over the target tokens, their count) by the float64 reference model."""
     total, count = 0.0, 0
     for w in wins:
         logits = forward(cfg, T, w.ids)
@@ -80,8 +75,19 @@ def test_heldout_loss_equals_float64_reference(tiny_model_factory):
                 z = logits[t] - logits[t].max()
                 total += -(z[w.ids[t + 1]] - math.log(np.exp(z).sum()))
                 count += 1
+    return total / count, count
+
+
+def test_heldout_loss_equals_float64_reference(tiny_model_factory):
+    path = tiny_model_factory("shared")
+    cfg, T = load_tensors(path)
+    model, _ = load_hf_model(path, dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    wins = [Window(rng.integers(0, 300, n).tolist(), (rng.random(n) < 0.6).tolist()) for n in (9, 14, 5)]
+    got = heldout_loss(model, wins, pad_id=0, micro_batch=2, device="cpu", precision="fp32")
+    ref, count = reference_target_nll(cfg, T, wins)
     assert got["tokens"] == count
-    assert got["loss"] == pytest.approx(total / count, abs=2e-5)
+    assert got["loss"] == pytest.approx(ref, abs=2e-5)
     all_targets = [Window(w.ids, [True] * len(w.ids)) for w in wins[:1]]  # every token: the LM loss
     ref = doc_nll(cfg, T, wins[0].ids) / (len(wins[0].ids) - 1)
     assert heldout_loss(model, all_targets, 0, 1, "cpu", "fp32")["loss"] == pytest.approx(ref, abs=2e-5)
@@ -98,15 +104,7 @@ def test_gradient_is_the_mean_over_the_step_target_tokens(tiny_model_factory):
              for n in (12, 6, 9)]
 
     def ref_loss(Tm):
-        total, count = 0.0, 0
-        for w in batch:
-            logits = forward(cfg, Tm, w.ids)
-            for t in range(len(w.ids) - 1):
-                if w.target[t + 1]:
-                    z = logits[t] - logits[t].max()
-                    total += -(z[w.ids[t + 1]] - math.log(np.exp(z).sum()))
-                    count += 1
-        return total / count
+        return reference_target_nll(cfg, Tm, batch)[0]
 
     model, _ = load_hf_model(path, dtype=torch.float32)
     model.requires_grad_(True)  # loaded for inference

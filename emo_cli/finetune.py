@@ -120,10 +120,11 @@ def trains(name: str, freeze: str) -> bool:
             "non-expert": role == "expert", "experts": role != "expert"}[freeze]
 
 
-def memory_estimate(cfg: EmoConfig, freeze: str, precision: str, micro_batch: int, seq_len: int) -> dict:
+def memory_estimate(cfg: EmoConfig, freeze: str, precision: str, micro_batch: int, seq_len: int,
+                    frozen_bytes: int | None = None) -> dict:
     """Bytes a finetune needs, from the parameter counts of `cfg` (meta tensors, nothing allocated).
-    Trained parameters: fp32 weight + gradient + two AdamW moments. Frozen ones: 4 bytes in fp32,
-    2 in bf16. Activations are an approximate count of what autograd keeps per token and layer
+    Trained parameters: fp32 weight + gradient + two AdamW moments. Frozen ones: `frozen_bytes`,
+    by default 4 in fp32 and 2 in bf16 (a bf16 checkpoint's frozen weights stay bf16). Activations are an approximate count of what autograd keeps per token and layer
     (attention inputs and outputs, the K expert copies of each token and their hidden units;
     scaled_dot_product_attention keeps no score matrix) plus the logits and their gradient."""
     with torch.device("meta"):
@@ -134,7 +135,7 @@ def memory_estimate(cfg: EmoConfig, freeze: str, precision: str, micro_batch: in
     D, F_, K, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok, cfg.num_hidden_layers
     tokens = micro_batch * seq_len
     per_token = L * (12 * D + K * (2 * D + 3 * F_)) * act_bytes
-    weights = trained * 4 + frozen * act_bytes
+    weights = trained * 4 + frozen * (frozen_bytes or act_bytes)
     out = {"trained_parameters": trained, "frozen_parameters": frozen, "weights": weights,
            "gradients": trained * 4, "optimizer": trained * 8,
            "activations": tokens * per_token + tokens * cfg.vocab_size * 8}
@@ -378,7 +379,9 @@ def finetune(model_dir: Path, data: list[str], out: Path, s: FinetuneSettings, *
     cfg = files.config
     seq_len = min(s.seq_len, cfg.max_position_embeddings)
     check_output(out, resume, force)
-    need = memory_estimate(cfg, s.freeze, precision, s.micro_batch, seq_len)
+    save_dtype = files.ckpt.dtype(EMBED)
+    frozen_bf16 = precision == "bf16" and save_dtype == torch.bfloat16  # casting them is lossless only then
+    need = memory_estimate(cfg, s.freeze, precision, s.micro_batch, seq_len, frozen_bytes=2 if frozen_bf16 else 4)
     have = available_memory(device)
     if need["total"] > have:
         raise EmoError(f"finetuning needs about {human_bytes(need['total'])} with --freeze {s.freeze} "
@@ -397,7 +400,6 @@ def finetune(model_dir: Path, data: list[str], out: Path, s: FinetuneSettings, *
         raise EmoError(f"{'the training split' if not train else empty[0]} has no tokens to train or score "
                        "(chat rows without an assistant turn?)")
     fingerprint = s.fingerprint(files.fingerprint, data_hash(docs))
-    save_dtype = files.ckpt.dtype(EMBED)
     raw_config = json.loads(files.config_text)
 
     model = load_resident(files, device, torch.float32)
@@ -413,8 +415,8 @@ def finetune(model_dir: Path, data: list[str], out: Path, s: FinetuneSettings, *
         p.requires_grad_(trains(name, s.freeze))
         if p.requires_grad:
             trained.append(p)
-        elif precision == "bf16" and save_dtype == torch.bfloat16:
-            p.data = p.data.to(torch.bfloat16)  # a frozen bf16 weight needs no fp32 copy (lossless)
+        elif frozen_bf16:
+            p.data = p.data.to(torch.bfloat16)  # a frozen bf16 weight needs no fp32 copy
     opt = torch.optim.AdamW(trained, lr=s.lr, weight_decay=s.weight_decay)
     steps = total_steps(len(train), s)
     lb_weight = cfg.router_aux_loss_coef if cfg.output_router_logits else 0.0

@@ -24,20 +24,22 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-HEADERS = [Path(__file__).with_name(n) for n in ("cpu_dot.h", "cpu_pool.h")]
+HEADERS = [Path(__file__).with_name(n) for n in ("cpu_dot.h", "cpu_kquants.h", "cpu_pool.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-fPIC", "-shared",
          # keep mul and add separately rounded, as llama.cpp's graph does for the expert mixture
          "-ffp-contract=off"]
 
-F32, F16, Q4_0, Q8_0 = 0, 1, 2, 8  # GGML type ids
+F32, F16, Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 6, 8, 12, 13, 14, 30  # GGML type ids
 # Q4_0 matrices with a multiple of 8 rows: llama.cpp repacks them 8 rows at a time and sums each
 # row block after block; the kernels follow that order for them (cpu_kernels.c, dot products)
 Q4_0_R = Q4_0 | 0x100
 # flag for an expert that llama.cpp computes as a plain 2-D matmul (the shared expert), which
 # changes its F32/F16 summation order for multi-token batches; other matrices need no flag
 MATMUL_2D = 0x200
-NATIVE_TYPES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q8_0: "Q8_0"}
-BLOCK = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q8_0: (32, 34), Q4_0_R: (32, 18)}  # (values, bytes)
+NATIVE_TYPES = {F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q5_0: "Q5_0", Q8_0: "Q8_0",
+                Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q5_0: (32, 22), Q8_0: (32, 34),
+         Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210), Q4_0_R: (32, 18)}  # (values, bytes)
 
 
 class KernelUnavailable(RuntimeError):
@@ -98,6 +100,7 @@ def library() -> ctypes.CDLL:
     lib.emo_attn_decode.argtypes = [p, i64, p, p, ctypes.c_float, p, p, i64, i64, i64, p, p, i64, i64,
                                     ctypes.c_float, p]
     lib.emo_rope_norm.argtypes = [p, i64, i64, i64, p, ctypes.c_float]
+    lib.emo_convert_rows.argtypes = [p, i64, i64, ctypes.c_int, p]
     return lib
 
 

@@ -10,7 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { TY_F32 = 0, TY_F16 = 1, TY_Q4_0 = 2, TY_Q8_0 = 8 }; /* GGML type ids */
+enum { TY_F32 = 0, TY_F16 = 1, TY_Q4_0 = 2, TY_Q5_0 = 6, TY_Q8_0 = 8, TY_Q4_K = 12, TY_Q5_K = 13, TY_Q6_K = 14,
+       TY_Q8_K = 15, TY_BF16 = 30, TY_COUNT = 31 }; /* GGML type ids */
 #define TY_Q4_0_R (TY_Q4_0 | 0x100) /* Q4_0 summed like llama.cpp's 8-row repacked kernels */
 #define TY_2D 0x200 /* flag: llama.cpp runs this matrix as a plain 2-D mul_mat (see dot products) */
 #define BASE(t) ((t) & ~TY_2D)
@@ -50,13 +51,25 @@ size_t emo_row_bytes(int type, int64_t k) {
     case TY_Q8_0: return (size_t)(k / 32) * sizeof(bq8);
     case TY_Q4_0:
     case TY_Q4_0_R: return (size_t)(k / 32) * sizeof(bq4);
+    case TY_BF16: return 2 * (size_t)k;
+    /* block sizes of cpu_kquants.h (checked there with static asserts) */
+    case TY_Q5_0: return (size_t)(k / 32) * 22;
+    case TY_Q4_K: return (size_t)(k / 256) * 144;
+    case TY_Q5_K: return (size_t)(k / 256) * 176;
+    case TY_Q6_K: return (size_t)(k / 256) * 210;
+    case TY_Q8_K: return (size_t)(k / 256) * 292;
     default: return 0;
     }
 }
 
+/* the type the activation is converted to for a weight type (llama.cpp's vec_dot_type) */
 static int act_type(int wtype) {
     const int b = wtype & 0xFF;
-    return (b == TY_Q8_0 || b == TY_Q4_0) ? TY_Q8_0 : b;
+    switch (b) {
+    case TY_Q8_0: case TY_Q4_0: case TY_Q5_0: return TY_Q8_0;
+    case TY_Q4_K: case TY_Q5_K: case TY_Q6_K: return TY_Q8_K;
+    default: return b;
+    }
 }
 
 /* ---- activation conversion ------------------------------------------------------------------- */
@@ -85,8 +98,15 @@ static void quantize_row_q8(const float *x, bq8 *y, int64_t k) {
     }
 }
 
+static void quantize_row_q8k(const float *x, void *y, int64_t k);
+static inline uint16_t f2bf(float f);
+
 static void convert_row(const float *x, void *out, int atype, int64_t k) {
-    if (atype == TY_Q8_0) {
+    if (atype == TY_Q8_K) {
+        quantize_row_q8k(x, out, k);
+    } else if (atype == TY_BF16) {
+        for (int64_t i = 0; i < k; i++) ((uint16_t *)out)[i] = f2bf(x[i]);
+    } else if (atype == TY_Q8_0) {
         quantize_row_q8(x, (bq8 *)out, k);
     } else if (atype == TY_F16) {
         uint16_t *h = (uint16_t *)out;
@@ -296,6 +316,8 @@ static float dot_f16_acc1(const uint16_t *w, const uint16_t *x, int64_t k) {
     return hsum8(acc);
 }
 
+#include "cpu_kquants.h"
+
 /* Which F32/F16 order llama.cpp uses for a matrix of `rows` rows applied to `ntok` tokens. */
 static int sgemm_order(int wtype, int64_t rows, int64_t k, int64_t ntok) {
     return (wtype & TY_2D) && ntok >= 2 && rows % 4 == 0 && k % 8 == 0;
@@ -308,6 +330,13 @@ static void dot_rows(int wtype, const void *w, const void *const *x, int nt, int
     case TY_Q8_0: dot_q8((const bq8 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
     case TY_Q4_0: dot_q4((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
     case TY_Q4_0_R: dot_q4_seq((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
+    case TY_Q5_0: dot_q5_0((const bq5 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
+    case TY_Q4_K: dot_q4k((const bq4k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
+    case TY_Q5_K: dot_q5k((const bq5k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
+    case TY_Q6_K: dot_q6k((const bq6k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
+    case TY_BF16:
+        for (int t = 0; t < nt; t++) out[t] = dot_bf16_one((const uint16_t *)w, (const uint16_t *)x[t], k);
+        break;
     case TY_F16:
         for (int t = 0; t < nt; t++)
             out[t] = acc1 ? dot_f16_acc1((const uint16_t *)w, (const uint16_t *)x[t], k)

@@ -1,8 +1,9 @@
 /* emo's CPU kernels: matmuls and the routed SwiGLU mixture computed straight from GGUF block bytes.
  *
- * Weights are never expanded: a weight row is read in its own type (F32, F16, Q8_0, Q4_0) and
- * dotted with the activation converted ONCE per call to the matching "activation type":
- *   F32 -> F32, F16 -> F16 (rounded to nearest even), Q8_0/Q4_0 -> Q8_0 blocks.
+ * Weights are never expanded: a weight row is read in its own type (F32, F16, BF16, Q8_0, Q4_0,
+ * Q5_0, Q4_K, Q5_K, Q6_K) and dotted with the activation converted ONCE per call to the matching
+ * "activation type": F32 -> F32, F16 -> F16 and BF16 -> BF16 (rounded to nearest even),
+ * Q8_0/Q4_0/Q5_0 -> Q8_0 blocks, the K-quants -> Q8_K super-blocks (cpu_kquants.h).
  * That is also how llama.cpp's CPU backend multiplies (its `vec_dot_type`), and doing the same
  * rounding is what makes emo's greedy decode agree with llama.cpp's on quantized files.
  * A Q8_0 activation block is 32 values x[i] ~ d*q[i]: amax = max|x|, d = amax/127 stored as fp16,
@@ -28,12 +29,12 @@ void emo_set_threads(int n) {
 
 /* Activation rows converted once per activation type; xs[a][t] points at row t in type a. */
 struct acts {
-    void *buf[16];
-    const void **xs[16];
+    void *buf[TY_COUNT];
+    const void **xs[TY_COUNT];
 };
 
 static void acts_free(struct acts *A) {
-    for (int a = 0; a < 16; a++) {
+    for (int a = 0; a < TY_COUNT; a++) {
         free(A->buf[a]);
         free(A->xs[a]);
     }
@@ -225,20 +226,25 @@ int emo_get_rows(const void *w, int wtype, int64_t n, int64_t k, const int64_t *
     for (int64_t r = 0; r < nrows; r++) {
         const uint8_t *src = (const uint8_t *)w + wb * (size_t)rows[r];
         float *o = out + r * k;
-        if (wtype == TY_F32) {
-            memcpy(o, src, 4 * (size_t)k);
-        } else if (wtype == TY_F16) {
-            for (int64_t i = 0; i < k; i++) o[i] = h2f(((const uint16_t *)src)[i]);
-        } else if (wtype == TY_Q8_0) {
-            const bq8 *b = (const bq8 *)src;
-            for (int64_t i = 0; i < k; i++) o[i] = h2f(b[i / 32].d) * b[i / 32].qs[i % 32];
-        } else {
-            const bq4 *b = (const bq4 *)src;
+        switch (wtype) {
+        case TY_F32: memcpy(o, src, 4 * (size_t)k); break;
+        case TY_F16: for (int64_t i = 0; i < k; i++) o[i] = h2f(((const uint16_t *)src)[i]); break;
+        case TY_BF16: for (int64_t i = 0; i < k; i++) o[i] = bf2f(((const uint16_t *)src)[i]); break;
+        case TY_Q8_0:
+            for (int64_t i = 0; i < k; i++) o[i] = h2f(((const bq8 *)src)[i / 32].d) * ((const bq8 *)src)[i / 32].qs[i % 32];
+            break;
+        case TY_Q4_0:
             for (int64_t i = 0; i < k; i++) {
+                const bq4 *b = (const bq4 *)src + i / 32;
                 const int j = (int)(i % 32);
-                const uint8_t byte = b[i / 32].qs[j % 16];
-                o[i] = h2f(b[i / 32].d) * ((j < 16 ? (byte & 0x0F) : (byte >> 4)) - 8);
+                o[i] = h2f(b->d) * ((j < 16 ? (b->qs[j % 16] & 0x0F) : (b->qs[j % 16] >> 4)) - 8);
             }
+            break;
+        case TY_Q5_0: dequant_q5_0((const bq5 *)src, o, k / 32); break;
+        case TY_Q4_K: dequant_q4k((const bq4k *)src, o, k / QK); break;
+        case TY_Q5_K: dequant_q5k((const bq5k *)src, o, k / QK); break;
+        case TY_Q6_K: dequant_q6k((const bq6k *)src, o, k / QK); break;
+        default: return -2;
         }
     }
     return 0;
@@ -353,7 +359,7 @@ int emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *expe
         slot_pos[p] = q;
     }
     int64_t nact = 0, *act = malloc(sizeof(int64_t) * (size_t)E);
-    int types[16], ntypes = 0, seen[16] = {0}; /* distinct activation types the experts need */
+    int types[TY_COUNT], ntypes = 0, seen[TY_COUNT] = {0}; /* distinct activation types the experts need */
     for (int64_t e = 0; e < E; e++)
         if (count[e]) {
             act[nact++] = e;
@@ -384,4 +390,12 @@ int emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *expe
     free(count); free(start); free(pos_tok); free(slot_pos); free(act);
     free(m.g); free(m.u); free(m.out); free(m.hc);
     return 0;
+}
+
+/* x [T, k] -> T rows in `atype`'s activation format (what the matmuls dot weights of that type
+ * with): exposed so tests can compare the roundings with llama.cpp's own quantize functions. */
+void emo_convert_rows(const float *x, int64_t T, int64_t k, int wtype, void *out) {
+    const int a = act_type(wtype);
+    const size_t st = emo_row_bytes(a, k);
+    for (int64_t t = 0; t < T; t++) convert_row(x + t * k, (uint8_t *)out + st * (size_t)t, a, k);
 }

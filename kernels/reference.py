@@ -36,6 +36,28 @@ def q8_0_activations(x: torch.Tensor) -> torch.Tensor:
     return (q.double() * (amax / 127).half().double()).reshape(x.shape)
 
 
+def q8_k_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as K-quant weights' matmuls see it (float64): Q8_K blocks of 256 values.
+
+    Per block: m = the value of largest magnitude (the first on ties), iscale = -127 / m and
+    q = min(127, round-half-even(iscale * x)) in fp32, scale d = 1 / iscale (fp32); value = q * d.
+    """
+    xb = x.float().reshape(*x.shape[:-1], -1, 256)
+    first = xb.abs().argmax(-1, keepdim=True)  # torch returns the first maximal index
+    m = torch.gather(xb, -1, first)
+    # tensor / tensor: a Python scalar divided by a tensor is computed as a reciprocal times the
+    # scalar, rounded twice, an ulp away from C's division
+    iscale = torch.where(m != 0, torch.full_like(m, -127.0) / m, torch.zeros_like(m))
+    q = torch.round(xb * iscale).clamp(max=127)
+    d = torch.where(m != 0, torch.ones_like(m) / iscale, torch.zeros_like(m))
+    return (q.double() * d.double()).reshape(x.shape)
+
+
+def bf16_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as BF16 weights' matmuls see it: rounded to bf16 (nearest even)."""
+    return x.bfloat16().double()
+
+
 def f16_activations(x: torch.Tensor) -> torch.Tensor:
     """x as F16 weights' matmuls see it: rounded to fp16 (nearest even)."""
     return x.half().double()

@@ -1,16 +1,19 @@
-"""emo's GGUF runtime equals emo's HF runtime (f32) and llama.cpp (f32, f16, q8_0, q4_0)."""
+"""emo's GGUF runtime equals emo's HF runtime (f32) and llama.cpp (f32, f16, q8_0, q4_0; K-quants,
+Q5_0 and BF16 within their roundings)."""
 
 import numpy as np
 import pytest
 import torch
 
 from emo_cli.errors import EmoError
+from emo_kernels import cpu
 from emo_cli.gguf_export import export_gguf
 from emo_cli.runtime import load_model
 from kernel_support import cpu_param, needs_cpu_kernels
 
 TEXT = "The patient was given a dose of aspirin for acute pain. def return 42! theorem proof"
 WIDE = dict(hidden_size=64, intermediate_size=64)  # rows of two quant blocks
+KWIDE = dict(hidden_size=256, intermediate_size=256)  # rows of one K-quant super-block
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +190,43 @@ def test_decode_steps_equal_llama_cpp(exported, quant):
     assert per_pos[0] < (1e-6 if quant == "f32" else 1e-9), per_pos
     assert per_pos.max() < (1e-5 if quant == "f32" else 5e-2), per_pos
     agree_modulo_ties(ours, ref)
+
+
+def weights_in_place(model) -> dict[str, int]:
+    """GGML type name -> how many of the layers' weight matrices the kernels read straight from the
+    file map; raises if one was copied (dequantized at load)."""
+    data = model.reader.data
+    seen: dict[str, int] = {}
+    for b in model.layers:
+        owners = [m.w for m in (b.wq, b.wk, b.wv, b.wo)]
+        for w in owners:
+            assert isinstance(w.owner, np.ndarray) and np.shares_memory(w.owner, data), (b.i, w.qtype)
+            name = cpu.NATIVE_TYPES[w.qtype & 0xFF]
+            seen[name] = seen.get(name, 0) + 1
+        assert all(isinstance(o, np.ndarray) and np.shares_memory(o, data) for o in b.moe.cpu_weights.owners)
+    return seen
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("quant", ["q4_k_m", "q6_k", "q5_0", "bf16"])
+def test_kquant_q5_0_bf16_run_in_place_and_agree_with_llama_cpp(exported, quant):
+    """K-quants, Q5_0 and BF16 are computed from the mapped file (no weight is dequantized at
+    load). Their logits agree with llama.cpp's within the activation roundings (its build sums
+    Q4_K 8 rows at a time, and AVX-512 here, so the order differs) and its greedy choices, and
+    they are far from the dequantized model with unrounded activations that emo used to run."""
+    _, path = exported("shared", quant, KWIDE)
+    gg = load_model(path, backend="cpu")
+    types = weights_in_place(gg.model)
+    want = {"q4_k_m": {"Q4_K", "Q6_K"}, "q6_k": {"Q6_K"}, "q5_0": {"Q5_0"}, "bf16": {"BF16"}}[quant]
+    assert want <= set(types), types
+    ids = gg.tokenizer.encode(TEXT)
+    ref = llama_logits(path, ids)
+    ours = gg.model(torch.tensor([ids]))[0].numpy()
+    per_pos = np.abs(ours - ref).max(-1) / np.abs(ref).max()
+    assert np.median(per_pos) < 2e-2 and per_pos.max() < 5e-2, per_pos
+    agree_modulo_ties(ours, ref)
+    dense = load_model(path, backend="torch").model(torch.tensor([ids]))[0].numpy()
+    assert np.median(np.abs(dense - ref).max(-1) / np.abs(ref).max()) > np.median(per_pos)
 
 
 TRITON_MODEL_SCRIPT = r"""

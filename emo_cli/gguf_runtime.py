@@ -1,8 +1,9 @@
 """Run an emo GGUF export (llama.cpp's `deepseek` layout, see gguf_format.py) with emo's kernels.
 
 The file is memory-mapped (emo_cli.gguf_reader: opening parses only the header and tables). On the
-`cpu` backend, F32/F16/Q8_0/Q4_0 weights are handed to the C kernels as pointers into the map and
-never copied; other types (K-quants, BF16, Q5_0...) are dequantized to fp32 tensor by tensor at load.
+`cpu` backend, F32/F16/BF16/Q8_0/Q4_0/Q5_0/Q4_K/Q5_K/Q6_K weights are handed to the C kernels as
+pointers into the map and never copied; the rarer Q4_1/Q5_1/Q2_K/Q3_K are dequantized to fp32
+tensor by tensor at load.
 The `torch`/`triton` backends dequantize everything (dense stacked experts for grouped_moe / triton_moe).
 
 The model mirrors llama.cpp's graph so greedy decoding agrees with it: q/k stay in the file's
@@ -14,7 +15,9 @@ row: in its own one-way softmax it gets weight exactly 1.0, as EMO's legacy-shar
 
 Decoding one token of one sequence on the CPU kernels takes a fast path: per layer one C call for
 the attention block (cpu.attn_decode) and one for the experts, with emo_cli.routing.route between
-them; everything else (prefill, batches, observers) goes through the general path below.
+them; everything else (prefill, batches, observers) goes through the general path below, whose
+attention (cpu.attention) computes each query with the decode step's arithmetic: a position gets
+the same logits whether it was decoded one token at a time or prefilled.
 
 Shape legend: B batch, S sequence, T = B*S, D hidden, H/Hkv heads, hd head dim, E experts (shared
 last), F expert width, V vocab.
@@ -245,6 +248,10 @@ class GGUFBlock:
         B, S, D = x.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
         q, k, v = matmul(self.backend, x.reshape(B * S, D), [self.wq, self.wk, self.wv])
+        if self.backend == "cpu" and hd % 8 == 0:
+            o = self.attention_c(rope(q).view(B, S, H, hd), rope(k), v, cache, start)
+            (out,) = matmul(self.backend, o.reshape(B * S, H * hd), [self.wo])
+            return out.view(B, S, D)
         q = rope(q).view(B, S, H, hd).transpose(1, 2)  # [B, H, S, hd]
         k = rope(k).view(B, S, Hkv, hd).transpose(1, 2)  # [B, Hkv, S, hd]
         v = v.view(B, S, Hkv, hd).transpose(1, 2)
@@ -253,6 +260,20 @@ class GGUFBlock:
         o = causal_attention(q, k, v, start)  # [B, H, S, hd]
         (out,) = matmul(self.backend, o.transpose(1, 2).reshape(B * S, H * hd), [self.wo])
         return out.view(B, S, D)
+
+    def attention_c(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
+                    start: int) -> torch.Tensor:
+        """Attention on the CPU kernels, query by query with the decode step's arithmetic, so a
+        prefill computes each position exactly as a one-token step would: q [B, S, H, hd], k/v
+        [B*S, Hkv*hd] (roped k) -> o [B, S, H, hd]."""
+        B, S, H, hd = q.shape
+        Hkv = self.cfg.kv_heads
+        k = k.view(B, S, Hkv, hd).transpose(1, 2)  # [B, Hkv, S, hd]
+        v = v.view(B, S, Hkv, hd).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.i, k, v, start)  # positions 0..start+S-1
+        k, v = k.contiguous(), v.contiguous()
+        return torch.stack([cpu.attention(q[b].contiguous(), k[b], v[b], start) for b in range(B)])
 
     def __call__(self, h, rope, cache, start, observer=None, allowed=None):
         h = h + self.attention(self.norm(h, self.attn_norm), rope, cache, start)

@@ -101,6 +101,7 @@ def library() -> ctypes.CDLL:
                                     ctypes.c_float, p]
     lib.emo_rope_norm.argtypes = [p, i64, i64, i64, p, ctypes.c_float]
     lib.emo_convert_rows.argtypes = [p, i64, i64, ctypes.c_int, p]
+    lib.emo_attention.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, p]
     return lib
 
 
@@ -262,6 +263,19 @@ class AttentionWeights:
         self.owners = [q.owner, k.owner, v.owner, o.owner]
         self.D, self.H, self.Hkv, self.hd = q.k, heads, kv_heads, head_dim
         self.eps, self.rope_base = eps, rope_base
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention with the decode step's arithmetic (so a prefill position and a one-token
+    step agree to the bit): q [T, H, hd] at positions start..start+T-1, caches [Hkv, cap, hd]
+    holding positions 0..start+T-1 (fp32, contiguous) -> o [T, H, hd]."""
+    T, H, hd = q.shape
+    assert q.is_contiguous() and q.dtype == torch.float32
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[1] >= start + T
+    out = torch.empty(T, H, hd, dtype=torch.float32)
+    library().emo_attention(_ptr(q), T, H, k_cache.shape[0], hd, _ptr(k_cache), _ptr(v_cache), k_cache.shape[1],
+                            start, _ptr(out))
+    return out
 
 
 def attn_decode(h: torch.Tensor, a: AttentionWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -139,25 +139,16 @@ void emo_rms_norm(const float *x, const float *w, int64_t T, int64_t D, float ep
     }
 }
 
-struct attn_ctx {
-    const float *q;           /* [H, hd] */
-    const float *kc, *vc;     /* caches [Hkv, cap, hd] */
-    int64_t H, Hkv, hd, cap, n;
-    float scale;
-    float *out;               /* [H, hd] */
-};
-
-/* One query head over n cached positions, in llama.cpp's decode order: scores by vec_dot over hd,
- * softmax with the exp sum in double, and out[d] = vec_dot over positions of v[:, d] and p — its
- * four-accumulator grouping (position j -> accumulator (j/8)%4, lane j%8) kept per d. */
-static void attn_head(void *p, int64_t h) {
-    const struct attn_ctx *a = p;
-    const int64_t kvh = h / (a->H / a->Hkv), n = a->n, hd = a->hd;
-    const float *q = a->q + h * hd, *K = a->kc + kvh * a->cap * hd, *V = a->vc + kvh * a->cap * hd;
+/* One query head over n cached positions: out [hd] = softmax(K q * scale) V, in llama.cpp's decode
+ * order: scores by vec_dot over hd, softmax with the exp sum in double, and out[d] = vec_dot over
+ * positions of v[:, d] and p — its four-accumulator grouping (position j -> accumulator (j/8)%4,
+ * lane j%8) kept per d. Prefill runs every query through here too, so that a one-token step
+ * computes exactly what the same position computed in a prefill. K, V: [n, hd] rows. */
+static void attend(const float *q, const float *K, const float *V, int64_t n, int64_t hd, float scale, float *out) {
     float *pr = malloc(sizeof(float) * (size_t)n), *part = calloc((size_t)(32 * hd), sizeof(float));
     float mx = -INFINITY;
     for (int64_t j = 0; j < n; j++) {
-        pr[j] = dot_f32_one(K + j * hd, q, hd) * a->scale;
+        pr[j] = dot_f32_one(K + j * hd, q, hd) * scale;
         mx = pr[j] > mx ? pr[j] : mx;
     }
     double sum = 0.0;
@@ -181,10 +172,35 @@ static void attn_head(void *p, int64_t h) {
             u[l] = s0 + s1;
         }
         const float t0 = u[0] + u[4], t1 = u[1] + u[5], t2 = u[2] + u[6], t3 = u[3] + u[7];
-        a->out[h * hd + d] = (t0 + t1) + (t2 + t3);
+        out[d] = (t0 + t1) + (t2 + t3);
     }
     free(pr);
     free(part);
+}
+
+struct attn_ctx {
+    const float *q;           /* [T, H, hd] */
+    const float *kc, *vc;     /* caches [Hkv, cap, hd] */
+    int64_t T, H, Hkv, hd, cap, start;
+    float scale;
+    float *out;               /* [T, H, hd] */
+};
+
+/* item = (query t, head h): query t sits at position start + t and sees positions 0..start+t */
+static void attn_item(void *p, int64_t i) {
+    const struct attn_ctx *a = p;
+    const int64_t t = i / a->H, h = i % a->H, kvh = h / (a->H / a->Hkv), hd = a->hd;
+    attend(a->q + (t * a->H + h) * hd, a->kc + kvh * a->cap * hd, a->vc + kvh * a->cap * hd, a->start + t + 1, hd,
+           a->scale, a->out + (t * a->H + h) * hd);
+}
+
+/* Causal attention of T queries q [T, H, hd] at positions start..start+T-1 over caches
+ * [Hkv, cap, hd] that already hold positions 0..start+T-1 -> out [T, H, hd]. */
+void emo_attention(const float *q, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float *kc, const float *vc,
+                   int64_t cap, int64_t start, float *out) {
+    struct attn_ctx a = {.q = q, .kc = kc, .vc = vc, .T = T, .H = H, .Hkv = Hkv, .hd = hd, .cap = cap,
+                         .start = start, .scale = 1.0f / sqrtf((float)hd), .out = out};
+    run(attn_item, &a, T * H);
 }
 
 /* One decode step of a layer's attention block for a single sequence, in place on h [D]:
@@ -206,9 +222,7 @@ void emo_attn_decode(float *h, int64_t D, const float *attn_norm, const float *f
         memcpy(kc + (g * cap + pos) * hd, y3[1] + g * hd, sizeof(float) * (size_t)hd);
         memcpy(vc + (g * cap + pos) * hd, y3[2] + g * hd, sizeof(float) * (size_t)hd);
     }
-    struct attn_ctx a = {.q = y3[0], .kc = kc, .vc = vc, .H = H, .Hkv = Hkv, .hd = hd, .cap = cap,
-                         .n = pos + 1, .scale = 1.0f / sqrtf((float)hd), .out = o};
-    run(attn_head, &a, H);
+    emo_attention(y3[0], 1, H, Hkv, hd, kc, vc, cap, pos, o);
     const int64_t nD = D;
     float *yo[1] = {ao};
     emo_matmul(1, w + 3, types + 3, &nD, H * hd, o, 1, yo);

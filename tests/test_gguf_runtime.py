@@ -229,6 +229,35 @@ def test_kquant_q5_0_bf16_run_in_place_and_agree_with_llama_cpp(exported, quant)
     assert np.median(np.abs(dense - ref).max(-1) / np.abs(ref).max()) > np.median(per_pos)
 
 
+@pytest.fixture(scope="module")
+def attention_sized(tmp_path_factory):
+    """A one-layer model with the released attention shapes (d 2048, 16 heads of 128) and small experts."""
+    from tiny_models import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("d2048") / "hf", "shared", 0, overrides=dict(
+        hidden_size=2048, num_attention_heads=16, intermediate_size=256, num_hidden_layers=1))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k_m", "q6_k", "q5_0", "bf16", "f16", "f32"])
+def test_decode_step_equals_prefill_at_released_attention_shapes(attention_sized, tmp_path, quant):
+    """A one-token step (the C decode path) gives the logits the same position got in a prefill:
+    to the bit for the quantized types and BF16, whose dot products do not depend on the number
+    of tokens; F32/F16 weights follow llama.cpp, which sums a multi-token 2-D matmul in another
+    order (tiled sgemm), so there they agree within the rounding of their activations."""
+    path = export_gguf(attention_sized, tmp_path / f"m-{quant}.gguf", quant)["output"]
+    gg = load_model(path, backend="cpu")
+    ids = np.random.default_rng(0).integers(0, 200, 24).tolist()
+    full = gg.model(torch.tensor([ids]))[0].numpy()
+    cache = gg.model.new_cache()
+    gg.model(torch.tensor([ids[:4]]), cache=cache)
+    steps = np.stack([gg.model(torch.tensor([[t]]), cache=cache)[0, -1].numpy() for t in ids[4:]])
+    if quant in ("f16", "f32"):  # an fp32 ulp may flip an fp16 activation rounding (2^-11)
+        assert rel(steps, full[4:]) < (1e-4 if quant == "f32" else 2e-3)
+    else:
+        np.testing.assert_array_equal(steps, full[4:])
+
+
 TRITON_MODEL_SCRIPT = r"""
 import json, sys, torch
 from emo_cli.runtime import load_model

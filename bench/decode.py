@@ -1,15 +1,16 @@
 """Decode and prefill speed and peak memory: emo's CPU kernels vs llama.cpp, same GGUF, same threads.
 
-    .venv/bin/python bench/decode.py                       # tiny (if embedded) + slim q8_0 + slim q4_0
+    .venv/bin/python bench/decode.py                       # tiny (if embedded) + slim q8_0/q4_0/q4_k_m/q6_k
     .venv/bin/python bench/decode.py --models slim-q4_0 --threads 2 --prompt 128 --decode 32 --json
 
 Models:
   tiny              the embedded tiny model (emo_cli/assets/tiny-emo) exported to q8_0, when it exists
   tiny-random-q8_0  the tiny model's shapes (recipes/tiny-emo.toml: 4 layers, d 128, 31+1 experts of
                     width 64, top-4, vocabulary 8192) with random weights
-  slim-q8_0         a synthetic EMO-shaped slim model: 16 layers, d 2048, 31 routed + 1 shared experts
-  slim-q4_0         of width 1024, top-8, vocabulary 100352, random weights written straight as quant
-                    blocks (a few GB; written once into --workdir, reused after)
+  slim-QUANT        a synthetic EMO-shaped slim model: 16 layers, d 2048, 31 routed + 1 shared experts
+                    of width 1024, top-8, vocabulary 100352, random weights written straight as quant
+                    blocks (a few GB; written once into --workdir, reused after); QUANT is q8_0, q4_0,
+                    q6_k, or q4_k_m (Q4_K with llama.cpp's Q6_K choices for attn_v, ffn_down, output)
   PATH.gguf         any GGUF file (e.g. `emo export --quant q4_k_m` or `q6_k` of a slim model)
 Each (model, engine) pair runs in its own subprocess, so the peak memory of one does not leak into
 the other. Both engines memory-map the file: touched weights count in their RSS (VmHWM) but are
@@ -40,22 +41,61 @@ SHAPES = {
     "slim": dict(layers=16, hidden=2048, heads=16, experts=32, shared=1, width=1024, top_k=8, vocab=100352),
     "tiny-random": dict(layers=4, hidden=128, heads=4, experts=32, shared=1, width=64, top_k=4, vocab=8192),
 }
+SYNTHETIC_QUANTS = ("q8_0", "q4_0", "q4_k_m", "q6_k")
 
 
 # ---- synthetic slim model ------------------------------------------------------------------------
 def _random_blocks(rng, rows: int, cols: int, qtype, std: float) -> np.ndarray:
-    """[rows, cols] weights as raw Q8_0/Q4_0 blocks: random quants, one fp16 scale giving `std`."""
+    """[rows, cols] weights as raw GGUF blocks of `qtype`: random bytes for the quants and sub-block
+    scales, with the fp16 super-scale(s) set so that the weights have standard deviation `std`
+    (measured on a sample through gguf-py's dequantizer)."""
+    from gguf.quants import dequantize
+
+    vals, nbytes = cpu_block(qtype)
+    nb = rows * cols // vals
+    raw = rng.integers(0, 256, size=(nb, nbytes), dtype=np.uint8)
+
+    def h(v):
+        return np.full((nb, 1), v, dtype=np.float16).view(np.uint8)
+
+    def put(d):  # write the super-scale d (and dmin, which centres unsigned quants) into every block
+        if qtype.name in ("Q4_K", "Q5_K"):
+            raw[:, 0:2], raw[:, 2:4] = h(d), h(d * (7.5 if qtype.name == "Q4_K" else 15.5))
+        elif qtype.name == "Q6_K":
+            raw[:, nbytes - 2:] = h(d)
+        else:  # Q8_0, Q4_0, Q5_0: d first
+            raw[:, 0:2] = h(d)
+
+    put(1.0)
+    sample = dequantize(raw[:min(nb, 256)].reshape(-1, nbytes), qtype)
+    put(std / float(sample.std()))
+    return raw.reshape(rows, -1)
+
+
+def cpu_block(qtype) -> tuple[int, int]:
+    """(values, bytes) of one block of a GGML type."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    return GGML_QUANT_SIZES[qtype]
+
+
+def tensor_type(quant: str, kind: str, layer: int, layers: int, cols: int):
+    """The GGML type of a weight in a synthetic file: one type for q8_0/q4_0/q6_k; for q4_k_m the
+    mix llama.cpp's quantizer writes (Q6_K for the output head, and for attn_v and ffn_down in the
+    first and last eighth of the layers and every third layer between; Q4_K elsewhere). Rows that
+    K-quant super-blocks do not tile fall back as llama.cpp's do: Q4_K -> Q5_0, Q6_K -> Q8_0."""
     from gguf import GGMLQuantizationType as QT
 
-    nb = cols // 32
-    if qtype == QT.Q8_0:
-        q = rng.integers(-127, 128, size=(rows, nb, 32), dtype=np.int8).view(np.uint8)
-        d = std / np.sqrt((127 * 128) / 3)  # std of uniform integers in [-127, 127]
+    if quant != "q4_k_m":
+        qt = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q6_k": QT.Q6_K}[quant]
+    elif kind == "output":
+        qt = QT.Q6_K
     else:
-        q = rng.integers(0, 256, size=(rows, nb, 16), dtype=np.uint8)  # two nibbles per byte
-        d = std / np.sqrt((16 * 16 - 1) / 12)  # std of uniform integers in [-8, 7]
-    scale = np.full((rows, nb, 1), d, dtype=np.float16).view(np.uint8).reshape(rows, nb, 2)
-    return np.concatenate([scale, q], axis=2).reshape(rows, -1)
+        more_bits = layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+        qt = QT.Q6_K if kind in ("attn_v", "ffn_down") and more_bits else QT.Q4_K
+    if cols % 256:
+        qt = {QT.Q4_K: QT.Q5_0, QT.Q6_K: QT.Q8_0}.get(qt, qt)
+    return qt
 
 
 def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0) -> Path:
@@ -71,7 +111,11 @@ def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0) -> P
     from emo_cli.gguf_export import add_tokenizer
 
     s = SHAPES[shape]
-    qtype = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0}[quant]
+    L = s["layers"]
+
+    def qt(kind, i=0):
+        return tensor_type(quant, kind, i, L, F if kind == "ffn_down" else D)
+
     D, F, E, V = s["hidden"], s["width"], s["experts"], s["vocab"]
     Er = E - s["shared"]
     rng = np.random.default_rng(seed)
@@ -103,38 +147,39 @@ def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0) -> P
         eos, pad = save_tokenizer(train_bpe(texts, vocab_size=400), Path(td), model_max_length=4096)
         cfg.eos_token_id, cfg.pad_token_id = eos, pad
         add_tokenizer(w, Path(td), V, cfg)
-    plan = [(gf.TOKEN_EMBD, (V, D), qtype, 0.02)]
-    for i in range(s["layers"]):
-        plan += [(gf.blk(i, gf.ATTN_NORM), (D,), QT.F32, None), (gf.blk(i, gf.ATTN_Q), (D, D), qtype, 0.02),
-                 (gf.blk(i, gf.ATTN_K), (D, D), qtype, 0.02), (gf.blk(i, gf.ATTN_V), (D, D), qtype, 0.02),
-                 (gf.blk(i, gf.ATTN_OUT), (D, D), qtype, 0.02), (gf.blk(i, gf.FFN_NORM), (D,), QT.F32, None),
+    plan = [(gf.TOKEN_EMBD, (V, D), qt("embd"), 0.02)]
+    for i in range(L):
+        plan += [(gf.blk(i, gf.ATTN_NORM), (D,), QT.F32, None), (gf.blk(i, gf.ATTN_Q), (D, D), qt("attn_q", i), 0.02),
+                 (gf.blk(i, gf.ATTN_K), (D, D), qt("attn_k", i), 0.02), (gf.blk(i, gf.ATTN_V), (D, D), qt("attn_v", i), 0.02),
+                 (gf.blk(i, gf.ATTN_OUT), (D, D), qt("attn_out", i), 0.02), (gf.blk(i, gf.FFN_NORM), (D,), QT.F32, None),
                  (gf.blk(i, gf.FFN_GATE_INP), (Er, D), QT.F32, 0.02),
-                 (gf.blk(i, gf.FFN_GATE_EXPS), (Er, F, D), qtype, 0.02),
-                 (gf.blk(i, gf.FFN_UP_EXPS), (Er, F, D), qtype, 0.02),
-                 (gf.blk(i, gf.FFN_DOWN_EXPS), (Er, D, F), qtype, 0.02),
-                 (gf.blk(i, gf.FFN_GATE_SHEXP), (F, D), qtype, 0.02), (gf.blk(i, gf.FFN_UP_SHEXP), (F, D), qtype, 0.02),
-                 (gf.blk(i, gf.FFN_DOWN_SHEXP), (D, F), qtype, 0.02)]
-    plan += [(gf.OUTPUT_NORM, (D,), QT.F32, None), (gf.OUTPUT, (V, D), qtype, 0.02)]
+                 (gf.blk(i, gf.FFN_GATE_EXPS), (Er, F, D), qt("ffn_gate", i), 0.02),
+                 (gf.blk(i, gf.FFN_UP_EXPS), (Er, F, D), qt("ffn_up", i), 0.02),
+                 (gf.blk(i, gf.FFN_DOWN_EXPS), (Er, D, F), qt("ffn_down", i), 0.02),
+                 (gf.blk(i, gf.FFN_GATE_SHEXP), (F, D), qt("ffn_gate", i), 0.02),
+                 (gf.blk(i, gf.FFN_UP_SHEXP), (F, D), qt("ffn_up", i), 0.02),
+                 (gf.blk(i, gf.FFN_DOWN_SHEXP), (D, F), qt("ffn_down", i), 0.02)]
+    plan += [(gf.OUTPUT_NORM, (D,), QT.F32, None), (gf.OUTPUT, (V, D), qt("output"), 0.02)]
 
-    def build(shape, qt, std):
-        if qt == QT.F32:
+    def build(shape, qtype, std):
+        if qtype == QT.F32:
             if std is None:
                 return np.ones(shape, np.float32)
             return (rng.standard_normal(shape, dtype=np.float32) * std)
         rows = int(np.prod(shape[:-1]))
-        return _random_blocks(rng, rows, shape[-1], qt, std).reshape(*shape[:-1], -1)
+        return _random_blocks(rng, rows, shape[-1], qtype, std).reshape(*shape[:-1], -1)
 
     from gguf.quants import quant_shape_to_byte_shape
 
-    for name, shape, qt, _ in plan:
-        eshape = shape if qt == QT.F32 else tuple(quant_shape_to_byte_shape(shape, qt))
-        dt = np.dtype(np.float32 if qt == QT.F32 else np.uint8)
-        w.add_tensor_info(name, eshape, dt, int(np.prod(eshape)) * dt.itemsize, raw_dtype=qt)
+    for name, shape, qtype, _ in plan:
+        eshape = shape if qtype == QT.F32 else tuple(quant_shape_to_byte_shape(shape, qtype))
+        dt = np.dtype(np.float32 if qtype == QT.F32 else np.uint8)
+        w.add_tensor_info(name, eshape, dt, int(np.prod(eshape)) * dt.itemsize, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for name, shape, qt, std in plan:
-        w.write_tensor_data(build(shape, qt, std))
+    for name, shape, qtype, std in plan:
+        w.write_tensor_data(build(shape, qtype, std))
     w.close()
     os.replace(tmp, path)
     return path
@@ -301,7 +346,7 @@ def best_of(path: Path, args) -> tuple[dict, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="tiny,tiny-random-q8_0,slim-q8_0,slim-q4_0")
+    ap.add_argument("--models", default="tiny,tiny-random-q8_0,slim-q8_0,slim-q4_0,slim-q4_k_m,slim-q6_k")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     ap.add_argument("--decode", type=int, default=32, help="timed decode steps")
@@ -331,8 +376,9 @@ def main() -> None:
                 continue
         else:
             shape, _, quant = name.rpartition("-")
-            if shape not in SHAPES or quant not in ("q8_0", "q4_0"):
-                raise SystemExit(f"unknown model {name!r} (tiny, tiny-random-q8_0, slim-q8_0, slim-q4_0, PATH.gguf)")
+            if shape not in SHAPES or quant not in SYNTHETIC_QUANTS:
+                raise SystemExit(f"unknown model {name!r} (tiny, tiny-random-QUANT, slim-QUANT with QUANT one of "
+                                 f"{', '.join(SYNTHETIC_QUANTS)}, or PATH.gguf)")
             path = args.workdir / f"{name}.gguf"
             if not path.exists():
                 print(f"writing {path} ...", file=sys.stderr)

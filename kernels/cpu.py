@@ -25,9 +25,17 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 HEADERS = [Path(__file__).with_name(n) for n in ("cpu_dot.h", "cpu_kquants.h", "cpu_pool.h")]
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-fPIC", "-shared",
+FLAGS = ["-O3", "-pthread", "-fPIC", "-shared",
          # keep mul and add separately rounded, as llama.cpp's graph does for the expert mixture
          "-ffp-contract=off"]
+# Instruction sets the library is built for, chosen at run time from what this CPU reports (never
+# from the machine that wrote the code). Both compute the same bits: the AVX-512 VNNI build turns
+# each int8 dot product (maddubs + madd) into one vpdpbusd (cpu_dot.h, udot4).
+VARIANTS = {
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+    "avx512vnni": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+                   ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]),
+}
 
 F32, F16, Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 6, 8, 12, 13, 14, 30  # GGML type ids
 # Q4_0 matrices with a multiple of 8 rows: llama.cpp repacks them 8 rows at a time and sums each
@@ -51,30 +59,52 @@ def cache_dir() -> Path:
     return Path(base) / "kernels"
 
 
-def _cpu_has_avx2() -> bool:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo); without it, what torch's own dispatch detected."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    return all(f in flags for f in (" avx2", " fma", " f16c"))
+        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+        return frozenset(line.split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        cap = torch.backends.cpu.get_cpu_capability()
+        return frozenset(VARIANTS["avx2"][0]) if cap in ("AVX2", "AVX512") else frozenset()
 
 
-def _build() -> Path:
+def supported_variants(flags: frozenset[str] | None = None) -> list[str]:
+    """The library variants this CPU can run, best last."""
+    flags = cpu_flags() if flags is None else flags
+    return [name for name, (need, _) in VARIANTS.items() if set(need) <= flags]
+
+
+def chosen_variant() -> str:
+    """The best variant this CPU runs, or EMO_CPU_KERNELS (e.g. `avx2`) when set and runnable."""
+    ok = supported_variants()
+    if not ok:
+        raise KernelUnavailable("emo's CPU kernels need AVX2, FMA and F16C")
+    want = os.environ.get("EMO_CPU_KERNELS")
+    if want:
+        if want not in ok:
+            raise KernelUnavailable(f"EMO_CPU_KERNELS={want}: this CPU runs {', '.join(ok)}")
+        return want
+    return ok[-1]
+
+
+def _build(variant: str) -> Path:
     cc = os.environ.get("CC", "gcc")
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         raise KernelUnavailable(f"C compiler {cc!r} not found (needed once to build emo's CPU kernels)") from None
+    flags = FLAGS + VARIANTS[variant][1]
     text = b"".join(f.read_bytes() for f in (SOURCE, *HEADERS))
-    key = hashlib.sha256(text + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    out = cache_dir() / f"emo_cpu_{key}.so"
+    key = hashlib.sha256(text + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    out = cache_dir() / f"emo_cpu_{variant}_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # compile to a private name and rename: concurrent builders never see a half-written library
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
     if r.returncode != 0:
         os.unlink(tmp)
         raise KernelUnavailable(f"building emo's CPU kernels failed: {r.stderr.strip().splitlines()[-1:]}")
@@ -82,12 +112,14 @@ def _build() -> Path:
     return out
 
 
-@lru_cache(maxsize=1)
-def library() -> ctypes.CDLL:
-    """Build (once) and load the kernels; raises KernelUnavailable when this CPU cannot run them."""
-    if not _cpu_has_avx2():
-        raise KernelUnavailable("emo's CPU kernels need AVX2, FMA and F16C")
-    lib = ctypes.CDLL(str(_build()))
+@lru_cache(maxsize=None)
+def library(variant: str | None = None) -> ctypes.CDLL:
+    """Build (once) and load the kernels, the best variant for this CPU unless `variant` is given;
+    raises KernelUnavailable when this CPU cannot run them."""
+    variant = variant or chosen_variant()
+    if variant not in supported_variants():
+        raise KernelUnavailable(f"this CPU cannot run the {variant} kernels")
+    lib = ctypes.CDLL(str(_build(variant)))
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.emo_set_threads.argtypes = [ctypes.c_int]
     lib.emo_row_bytes.argtypes, lib.emo_row_bytes.restype = [ctypes.c_int, i64], ctypes.c_size_t

@@ -29,10 +29,22 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* 8 int32 partial sums of 32 int8 products, as floats; |a| <= 127 keeps maddubs from saturating. */
+/* 8 int32 lanes, lane l = sum of a[i] * b[i] over bytes 4l..4l+3 (a unsigned, b signed). With
+ * AVX-512 VNNI (chosen at run time: cpu.py builds that variant only for a CPU that has it) this is
+ * one vpdpbusd; otherwise maddubs then madd. Both give the same integers: no int16 pair sum here
+ * can saturate (every a is <= 127 and no pair of products reaches 32767), so the variants agree
+ * to the bit, and with llama.cpp, which makes the same choice. */
+static inline __m256i udot4(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+
+/* 8 int32 partial sums of 32 int8 products, as floats (|a| <= 127: the sign trick is exact) */
 static inline __m256 i8dot(__m256i a, __m256i b) {
-    __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+    return _mm256_cvtepi32_ps(udot4(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)));
 }
 
 static inline __m256i nibbles(const uint8_t *qs) { /* 16 bytes -> 32 uint8 in [0, 15], element order */
@@ -176,8 +188,7 @@ static void dot_q4(const bq4 *w, const bq8 *const *x, int nt, int64_t nb, float 
 }
 
 static inline __m256i i8dot_i32(__m256i a, __m256i b) { /* 8 exact int32 partial sums */
-    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+    return udot4(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
 }
 
 /* lane r = sum of the 8 lanes of p[r] (exact integer adds) */
@@ -193,14 +204,14 @@ static inline __m256i transpose_sum8(const __m256i *p) {
  * maddubs per row and block; every sum is an exact integer, so the result is unchanged. */
 /* the decode case of dot_q4_rows8 (one activation row), kept in registers */
 static void dot_q4_rows8_t1(const bq4 *w, int64_t nb, const bq8 *x, float *out) {
-    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const __m256i ones8 = _mm256_set1_epi8(1);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         if ((b & 3) == 0) /* eight row streams defeat the hardware prefetcher: fetch 16 rows ahead */
             for (int r = 0; r < 8; r++) _mm_prefetch((const char *)&w[(r + 16) * nb + b], _MM_HINT_T0);
         const __m256i qx = _mm256_loadu_si256((const __m256i *)x[b].qs);
-        const __m256i sx = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, qx), ones16);
-#define ROWDOT(r) _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(w[(r) * nb + b].qs), qx), ones16)
+        const __m256i sx = udot4(ones8, qx);
+#define ROWDOT(r) udot4(nibbles(w[(r) * nb + b].qs), qx)
         const __m256i a0 = _mm256_hadd_epi32(ROWDOT(0), ROWDOT(1)), a1 = _mm256_hadd_epi32(ROWDOT(2), ROWDOT(3));
         const __m256i a2 = _mm256_hadd_epi32(ROWDOT(4), ROWDOT(5)), a3 = _mm256_hadd_epi32(ROWDOT(6), ROWDOT(7));
 #undef ROWDOT
@@ -227,7 +238,7 @@ static void dot_q4_rows8(const bq4 *w, int64_t nb, const bq8 *const *x, int nt, 
         return;
     }
     __m256 acc[MAXT];
-    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const __m256i ones8 = _mm256_set1_epi8(1);
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m256i qw[8];
@@ -240,8 +251,8 @@ static void dot_q4_rows8(const bq4 *w, int64_t nb, const bq8 *const *x, int nt, 
         for (int t = 0; t < nt; t++) {
             const __m256i qx = _mm256_loadu_si256((const __m256i *)x[t][b].qs);
             __m256i p[8];
-            for (int r = 0; r < 8; r++) p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(qw[r], qx), ones16);
-            const __m256i sx = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, qx), ones16);
+            for (int r = 0; r < 8; r++) p[r] = udot4(qw[r], qx);
+            const __m256i sx = udot4(ones8, qx);
             __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sx), _mm256_extracti128_si256(sx, 1));
             h = _mm_hadd_epi32(h, h);
             h = _mm_hadd_epi32(h, h);

@@ -175,3 +175,36 @@ def test_q8_k_oracle_is_llama_cpp_rounding(ggml):
     qs = raw[..., 4:260].view(np.int8).astype(np.float64)
     theirs = (qs * d.astype(np.float64)).reshape(4, 512)
     np.testing.assert_array_equal(reference.q8_k_activations(torch.from_numpy(x)).numpy(), theirs)
+
+
+def matmul_with(lib, x: torch.Tensor, w: cpu.QWeight) -> torch.Tensor:
+    y = torch.empty(x.shape[0], w.n)
+    lib.emo_matmul(1, (ctypes.c_void_p * 1)(w.ptr), (ctypes.c_int * 1)(w.qtype), (ctypes.c_int64 * 1)(w.n), w.k,
+                   x.data_ptr(), x.shape[0], (ctypes.c_void_p * 1)(y.data_ptr()))
+    return y
+
+
+@pytest.mark.parametrize("qt", [QT.Q8_0, QT.Q4_0, QT.F16] + KQUANTS + [QT.BF16], ids=lambda q: q.name)
+def test_every_instruction_set_variant_computes_the_same_bits(qt):
+    """The library is built for the best instruction set the CPU reports (cpu.chosen_variant);
+    every variant this CPU can run gives the AVX2 build's results exactly (one token, a batch,
+    and Q4_0 matrices of 8-row multiples, which take the repacked order)."""
+    variants = cpu.supported_variants()
+    if len(variants) < 2:
+        pytest.skip(f"this CPU runs only {variants}: nothing to compare")
+    rng = np.random.default_rng(5)
+    n, k = 40, 512
+    if qt in (QT.Q8_0, QT.Q4_0, QT.F16, QT.BF16):
+        from gguf.quants import quantize
+
+        w = quantize((rng.standard_normal((n, k)) * 0.1).astype(np.float32), qt)
+        w = np.ascontiguousarray(w.view(np.uint8).reshape(n, -1))
+    else:
+        w = random_blocks(rng, qt, n, k)
+    qw = cpu.QWeight.from_array(w, int(qt), n, k)
+    base = cpu.library("avx2")
+    for T in (1, 5):
+        x = torch.from_numpy(activations(rng, T, k))
+        want = matmul_with(base, x, qw)
+        for v in variants[1:]:
+            assert torch.equal(matmul_with(cpu.library(v), x, qw), want), (v, T)

@@ -66,9 +66,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from gguf import GGMLQuantizationType as QT
-
     from emo_kernels import cpu
+    from gguf import GGMLQuantizationType as QT
 
     variants = cpu.supported_variants()
     libs = {v: cpu.library(v) for v in variants}

@@ -17,7 +17,7 @@ import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +112,7 @@ def _build(variant: str) -> Path:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def library(variant: str | None = None) -> ctypes.CDLL:
     """Build (once) and load the kernels, the best variant for this CPU unless `variant` is given;
     raises KernelUnavailable when this CPU cannot run them."""

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from emo_kernels import cpu, reference
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
-
-from emo_kernels import cpu, reference
 from kernel_support import needs_cpu_kernels
 
 pytestmark = needs_cpu_kernels

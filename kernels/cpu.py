@@ -1,8 +1,9 @@
 """ctypes binding of cpu_kernels.c: quantized matmuls and the routed SwiGLU MoE on the CPU.
 
 The C file (with its headers) is compiled once with gcc (about a second, so a clean clone or CI pays nothing worth
-caching elsewhere) into ~/.cache/emo/kernels/<hash>.so, keyed by the source, flags and compiler,
-then loaded with ctypes. ctypes rather than a torch C++ extension: compiling against torch's
+caching elsewhere) into ~/.cache/emo/kernels/<variant>_<hash>.so, keyed by the source, flags and
+compiler, for the best instruction set this CPU reports (VARIANTS: AVX2, or AVX-512 with VNNI;
+EMO_CPU_KERNELS=avx2 forces the baseline), then loaded with ctypes. ctypes rather than a torch C++ extension: compiling against torch's
 headers takes ~a minute on two cores, and the kernels need nothing from torch but raw pointers.
 
 Weights are described by `QWeight` (a raw pointer into a memory-mapped GGUF or a tensor, its

@@ -14,8 +14,8 @@ Q8_0 (inside the kernels). The shared expert is re-attached as the last expert w
 row: in its own one-way softmax it gets weight exactly 1.0, as EMO's legacy-shared routing says.
 
 Decoding one token of one sequence on the CPU kernels takes a fast path: per layer one C call for
-the attention block (cpu.attn_decode) and one for the experts, with emo_cli.routing.route between
-them; everything else (prefill, batches, observers) goes through the general path below, whose
+the attention block and the router logits (cpu.attn_decode) and one for the experts, with
+emo_cli.routing.route between them; everything else (prefill, batches, observers) goes through the general path below, whose
 attention (cpu.attention) computes each query with the decode step's arithmetic: a position gets
 the same logits whether it was decoded one token at a time or prefilled.
 
@@ -141,7 +141,8 @@ class GGUFMoE:
         router = _dense(T[gf.blk(i, gf.FFN_GATE_INP)], device)  # [E_r, D]
         self.router = torch.cat([router, router.new_zeros(ns, router.shape[1])]) if ns else router
         # on the CPU kernels the routed logits get ggml's fp32 summation order (routing ties matter)
-        self.router_q = cpu.MatmulPlan([cpu.QWeight.from_tensor(router)]) if backend == "cpu" else None
+        self.router_w = cpu.QWeight.from_tensor(router) if backend == "cpu" else None
+        self.router_q = cpu.MatmulPlan([self.router_w]) if backend == "cpu" else None
         self.expert_ids = torch.as_tensor(expert_ids if expert_ids is not None else range(E))
         self.allowed: torch.Tensor | None = None
         names = (gf.FFN_GATE_EXPS, gf.FFN_UP_EXPS, gf.FFN_DOWN_EXPS)
@@ -180,10 +181,11 @@ class GGUFMoE:
         return logits
 
     def __call__(self, x: torch.Tensor, observer: Observer | None = None, residual: torch.Tensor | None = None,
-                 allowed: torch.Tensor | None = None) -> torch.Tensor:
+                 allowed: torch.Tensor | None = None, logits: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, D] -> mixture [T, D]; `residual` (CPU kernels) is added to it inside the kernel;
-        `allowed` ([E] or [T, E] bool) masks routing for this call, else the switched subset."""
-        logits = self.logits(x)
+        `allowed` ([E] or [T, E] bool) masks routing for this call, else the switched subset;
+        `logits` [T, E]: the router logits of x when already computed (the decode step's C call)."""
+        logits = self.logits(x) if logits is None else logits
         r = route(logits, self.spec, self.allowed if allowed is None else allowed)
         norms = None
         if self.backend == "cpu":
@@ -236,7 +238,8 @@ class GGUFBlock:
         if backend == "cpu":
             self.attn_c = cpu.AttentionWeights(self.attn_norm, self.ffn_norm, self.wq.w, self.wk.w, self.wv.w,
                                                self.wo.w, cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim,
-                                               cfg.rms_norm_eps, cfg.rope_theta)
+                                               cfg.rms_norm_eps, cfg.rope_theta,
+                                               self.moe.router_w if self.moe is not None else None)
 
     def norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.backend == "cpu":
@@ -287,21 +290,24 @@ class GGUFBlock:
         x = self.norm(h, self.ffn_norm).reshape(-1, h.shape[-1])
         return route(self.moe.logits(x), self.moe.spec).probs
 
-    def ffn(self, h: torch.Tensor, x: torch.Tensor, observer=None, allowed=None) -> torch.Tensor:
-        """h + FFN(x) for h, x [T, D] (x = the normed h)."""
+    def ffn(self, h: torch.Tensor, x: torch.Tensor, observer=None, allowed=None, logits=None) -> torch.Tensor:
+        """h + FFN(x) for h, x [T, D] (x = the normed h); `logits`: the router's, when already known."""
         if self.moe is not None:
-            return self.moe(x, observer, residual=h, allowed=allowed)
+            return self.moe(x, observer, residual=h, allowed=allowed, logits=logits)
         g, u = matmul(self.backend, x, self.dense[:2])
         (y,) = matmul(self.backend, F_.silu(g) * u, self.dense[2:])
         return h + y
 
     def decode_step(self, h: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        """One token of one sequence on the CPU kernels: h [1, D] -> [1, D]; the attention block
-        runs in one C call (cpu.attn_decode), routing stays emo_cli.routing.route."""
+        """One token of one sequence on the CPU kernels: h [1, D] -> [1, D]; the attention block and
+        the router logits are one C call (cpu.attn_decode), routing stays emo_cli.routing.route."""
         cfg = self.cfg
         k, v = reserve_cache(cache, self.i, pos + 1, cfg.kv_heads, cfg.head_dim)
-        x = cpu.attn_decode(h, self.attn_c, k, v, pos)  # h is this step's own tensor: updated in place
-        return self.ffn(h, x)
+        if self.moe is None:
+            return self.ffn(h, cpu.attn_decode(h, self.attn_c, k, v, pos))  # h: updated in place
+        logits = torch.zeros(1, self.moe.spec.num_experts)  # shared experts' columns stay 0
+        x = cpu.attn_decode(h, self.attn_c, k, v, pos, logits)
+        return self.ffn(h, x, logits=logits)
 
 
 def populate_in_background(data: np.ndarray) -> threading.Thread:

@@ -131,7 +131,7 @@ def library(variant: str | None = None) -> ctypes.CDLL:
     lib.emo_moe.restype = ctypes.c_int
     lib.emo_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
     lib.emo_attn_decode.argtypes = [p, i64, p, p, ctypes.c_float, p, p, i64, i64, i64, p, p, i64, i64,
-                                    ctypes.c_float, p]
+                                    ctypes.c_float, p, p, i64, p]
     lib.emo_rope_norm.argtypes = [p, i64, i64, i64, p, ctypes.c_float]
     lib.emo_convert_rows.argtypes = [p, i64, i64, ctypes.c_int, p]
     lib.emo_attention.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, p]
@@ -286,16 +286,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class AttentionWeights:
-    """A layer's attention block for `attn_decode`: norms [D] and q, k, v, o weights."""
+    """A layer's attention block for `attn_decode`: norms [D], q, k, v, o weights, and optionally the
+    MoE router [E_r, D] (F32), whose logits the same call then returns."""
 
     def __init__(self, attn_norm: torch.Tensor, ffn_norm: torch.Tensor, q: QWeight, k: QWeight,
-                 v: QWeight, o: QWeight, heads: int, kv_heads: int, head_dim: int, eps: float, rope_base: float):
+                 v: QWeight, o: QWeight, heads: int, kv_heads: int, head_dim: int, eps: float, rope_base: float,
+                 router: QWeight | None = None):
         self.attn_norm, self.ffn_norm = attn_norm.contiguous().float(), ffn_norm.contiguous().float()
         self.w = (ctypes.c_void_p * 4)(*[m.ptr for m in (q, k, v, o)])
         self.types = (ctypes.c_int * 4)(*[m.qtype for m in (q, k, v, o)])
         self.owners = [q.owner, k.owner, v.owner, o.owner]
         self.D, self.H, self.Hkv, self.hd = q.k, heads, kv_heads, head_dim
         self.eps, self.rope_base = eps, rope_base
+        assert router is None or (router.qtype == F32 and router.k == q.k)
+        self.router = router
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
@@ -312,13 +316,19 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sta
 
 
 def attn_decode(h: torch.Tensor, a: AttentionWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                pos: int) -> torch.Tensor:
+                pos: int, logits: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of the attention block, in place on h [1, D] (fp32, contiguous): the new
-    key/value go to position `pos` of the caches [1, Hkv, cap, hd]. Returns RMSNorm(h) * ffn_norm."""
+    key/value go to position `pos` of the caches [1, Hkv, cap, hd]. Returns RMSNorm(h) * ffn_norm;
+    with a router in `a`, its logits are written to the first E_r entries of `logits` [1, >= E_r]."""
     assert h.is_contiguous() and h.dtype == torch.float32 and h.shape == (1, a.D)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2] > pos
     x_ffn = torch.empty(1, a.D, dtype=torch.float32)
+    r = a.router
+    if r is not None:
+        assert logits is not None and logits.is_contiguous() and logits.dtype == torch.float32
+        assert logits.shape[0] == 1 and logits.shape[1] >= r.n
     library().emo_attn_decode(_ptr(h), a.D, _ptr(a.attn_norm), _ptr(a.ffn_norm), a.eps, a.w, a.types, a.H,
                               a.Hkv, a.hd, _ptr(k_cache), _ptr(v_cache), k_cache.shape[2], pos, a.rope_base,
-                              _ptr(x_ffn))
+                              _ptr(x_ffn), r.ptr if r is not None else None, r.n if r is not None else 0,
+                              _ptr(logits) if r is not None else None)
     return x_ffn

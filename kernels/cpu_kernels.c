@@ -206,10 +206,13 @@ void emo_attention(const float *q, int64_t T, int64_t H, int64_t Hkv, int64_t hd
 /* One decode step of a layer's attention block for a single sequence, in place on h [D]:
  *   xn = rms(h) * attn_norm; q, k, v = xn @ Wq/Wk/Wv; NORM RoPE at `pos`; k, v appended to the
  *   caches [Hkv, cap, hd] at `pos`; attention over positions 0..pos; h += o @ Wo;
- * then x_ffn = rms(h) * ffn_norm. w[4]/types[4]: q, k, v, o weights. */
+ * then x_ffn = rms(h) * ffn_norm, and (when router is not NULL) the router logits [n_router] =
+ * router [n_router, D] (F32) @ x_ffn, as emo_matmul computes them for one token: a decode step is
+ * one call before routing. w[4]/types[4]: q, k, v, o weights. */
 void emo_attn_decode(float *h, int64_t D, const float *attn_norm, const float *ffn_norm, float eps,
                      const void *const *w, const int *types, int64_t H, int64_t Hkv, int64_t hd,
-                     float *kc, float *vc, int64_t cap, int64_t pos, float rope_base, float *x_ffn) {
+                     float *kc, float *vc, int64_t cap, int64_t pos, float rope_base, float *x_ffn,
+                     const float *router, int64_t n_router, float *logits) {
     float *xn = malloc(sizeof(float) * (size_t)D), *qkv = malloc(sizeof(float) * (size_t)((H + 2 * Hkv) * hd));
     float *o = malloc(sizeof(float) * (size_t)(H * hd)), *ao = malloc(sizeof(float) * (size_t)D);
     emo_rms_norm(h, attn_norm, 1, D, eps, xn);
@@ -228,6 +231,12 @@ void emo_attn_decode(float *h, int64_t D, const float *attn_norm, const float *f
     emo_matmul(1, w + 3, types + 3, &nD, H * hd, o, 1, yo);
     for (int64_t i = 0; i < D; i++) h[i] = ao[i] + h[i];
     emo_rms_norm(h, ffn_norm, 1, D, eps, x_ffn);
+    if (router) {
+        const void *rw[1] = {router};
+        const int rt[1] = {TY_F32};
+        float *ry[1] = {logits};
+        emo_matmul(1, rw, rt, &n_router, D, x_ffn, 1, ry);
+    }
     free(xn); free(qkv); free(o); free(ao);
 }
 

@@ -270,31 +270,26 @@ static float dot_bf16_one(const uint16_t *w, const uint16_t *x, int64_t k) {
 }
 
 /* ---- dequantization (embedding rows) ---------------------------------------------------------- */
+/* one Q4_K (qh NULL) or Q5_K super-block: value = d * scale * q - dmin * min per sub-block */
+static void dequant_kblock(uint16_t dh, uint16_t dminh, const uint8_t *scales, const uint8_t *qs, const uint8_t *qh,
+                           float *o) {
+    uint8_t sc[8], mn[8];
+    kscales(scales, sc, mn);
+    const float d = h2f(dh), dm = h2f(dminh);
+    for (int j = 0; j < 8; j++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t byte = qs[32 * (j / 2) + l];
+            const int q = ((j & 1) ? byte >> 4 : byte & 0xF) | (qh ? ((qh[l] >> j) & 1) << 4 : 0);
+            o[32 * j + l] = d * sc[j] * q - dm * mn[j];
+        }
+}
+
 static void dequant_q4k(const bq4k *b, float *o, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, o += QK) {
-        uint8_t sc[8], mn[8];
-        kscales(b[i].scales, sc, mn);
-        const float d = h2f(b[i].d), dm = h2f(b[i].dmin);
-        for (int j = 0; j < 8; j++)
-            for (int l = 0; l < 32; l++) {
-                const uint8_t byte = b[i].qs[32 * (j / 2) + l];
-                o[32 * j + l] = d * sc[j] * ((j & 1) ? byte >> 4 : byte & 0xF) - dm * mn[j];
-            }
-    }
+    for (int64_t i = 0; i < nb; i++) dequant_kblock(b[i].d, b[i].dmin, b[i].scales, b[i].qs, NULL, o + QK * i);
 }
 
 static void dequant_q5k(const bq5k *b, float *o, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, o += QK) {
-        uint8_t sc[8], mn[8];
-        kscales(b[i].scales, sc, mn);
-        const float d = h2f(b[i].d), dm = h2f(b[i].dmin);
-        for (int j = 0; j < 8; j++)
-            for (int l = 0; l < 32; l++) {
-                const uint8_t byte = b[i].qs[32 * (j / 2) + l];
-                const int q = ((j & 1) ? byte >> 4 : byte & 0xF) | (((b[i].qh[l] >> j) & 1) << 4);
-                o[32 * j + l] = d * sc[j] * q - dm * mn[j];
-            }
-    }
+    for (int64_t i = 0; i < nb; i++) dequant_kblock(b[i].d, b[i].dmin, b[i].scales, b[i].qs, b[i].qh, o + QK * i);
 }
 
 static void dequant_q6k(const bq6k *b, float *o, int64_t nb) {

@@ -217,6 +217,10 @@ def stats_rows(session: ChatSession) -> list[list]:
             ["memory RSS MB", rss / 1e6], ["peak RSS MB", peak / 1e6]]
     if m.device.startswith("cuda"):
         rows.append(["peak CUDA MB", torch.cuda.max_memory_allocated() / 1e6])
+    if m.backend == "cpu":  # which build of the kernels this CPU got (chosen at run time)
+        from emo_kernels import cpu
+
+        rows.insert(1, ["CPU kernels", cpu.chosen_variant()])
     return rows
 
 

@@ -207,3 +207,17 @@ def test_every_instruction_set_variant_computes_the_same_bits(qt):
         want = matmul_with(base, x, qw)
         for v in variants[1:]:
             assert torch.equal(matmul_with(cpu.library(v), x, qw), want), (v, T)
+
+
+def test_variant_choice_follows_the_cpu_flags(monkeypatch):
+    """The build is picked from the flags the CPU reports, never assumed; EMO_CPU_KERNELS may only
+    pick a variant this CPU runs."""
+    assert cpu.supported_variants(frozenset({"avx2", "fma"})) == []  # no F16C: no kernels
+    assert cpu.supported_variants(frozenset({"avx2", "fma", "f16c", "avx512f"})) == ["avx2"]
+    full = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
+    assert cpu.supported_variants(full) == ["avx2", "avx512vnni"]
+    monkeypatch.setenv("EMO_CPU_KERNELS", "avx2")
+    assert cpu.chosen_variant() == "avx2"
+    monkeypatch.setenv("EMO_CPU_KERNELS", "sse9")
+    with pytest.raises(cpu.KernelUnavailable, match="EMO_CPU_KERNELS=sse9"):
+        cpu.chosen_variant()

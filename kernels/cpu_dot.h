@@ -143,7 +143,7 @@ static void convert_row(const float *x, void *out, int atype, int64_t k) {
  *                plain 2-D matmul of >= 2 tokens with rows % 4 == 0 and k % 8 == 0 goes through
  *                llama.cpp's tiled sgemm: one 8-lane accumulator, then the 8-lane horizontal sum
  * One weight row is dotted with up to MAXT activation rows, so it is read once per token group. */
-#define MAXT 4
+#define MAXT 8 /* measured: 8 tokens per weight pass is 10-16% faster than 4 on K-quants, neutral elsewhere */
 #define Q8_PF_ROWS 4 /* software prefetch distance of the Q8_0 row stream (measured 2.8 -> 2.3 ns/block) */
 
 static void dot_q8(const bq8 *w, const bq8 *const *x, int nt, int64_t nb, float *out) {

@@ -30,8 +30,10 @@ FLAGS = ["-O3", "-pthread", "-fPIC", "-shared",
          # keep mul and add separately rounded, as llama.cpp's graph does for the expert mixture
          "-ffp-contract=off"]
 # Instruction sets the library is built for, chosen at run time from what this CPU reports (never
-# from the machine that wrote the code). Both compute the same bits: the AVX-512 VNNI build turns
-# each int8 dot product (maddubs + madd) into one vpdpbusd (cpu_dot.h, udot4).
+# from the machine that wrote the code). Their matmuls compute the same bits: the AVX-512 VNNI build
+# turns each int8 dot product (maddubs + madd) into one vpdpbusd (cpu_dot.h, udot4). The attention's
+# fp32 sums follow the lane count of llama.cpp's build for the same instruction set (8 or 16 lanes,
+# cpu_kernels.c, vec_dot_f32), as llama.cpp's own results differ between those builds.
 VARIANTS = {
     "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
     "avx512vnni": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),

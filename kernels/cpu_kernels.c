@@ -139,16 +139,50 @@ void emo_rms_norm(const float *x, const float *w, int64_t T, int64_t D, float ep
     }
 }
 
+/* llama.cpp's F32 vec_dot as its build for this instruction set sums it: four accumulators of
+ * ALANES lanes over steps of 4*ALANES values, reduced (0+2, 1+3), (0+1), then across lanes; values
+ * past the last full step are added one by one in double (ggml_float). */
+#if defined(__AVX512F__)
+#define ALANES 16
+static float lanes_sum(const float *u) { /* _mm512_reduce_add_ps: halves 16 -> 8 -> 4 -> 2 -> 1 */
+    float t[8];
+    for (int l = 0; l < 8; l++) t[l] = u[l] + u[l + 8];
+    for (int l = 0; l < 4; l++) t[l] = t[l] + t[l + 4];
+    return (t[0] + t[2]) + (t[1] + t[3]);
+}
+#else
+#define ALANES 8
+static float lanes_sum(const float *u) { /* 128-bit halves, then two horizontal adds */
+    const float t0 = u[0] + u[4], t1 = u[1] + u[5], t2 = u[2] + u[6], t3 = u[3] + u[7];
+    return (t0 + t1) + (t2 + t3);
+}
+#endif
+#define ASTEP (4 * ALANES)
+
+static float vec_dot_f32(const float *x, const float *y, int64_t n) {
+    float acc[4][ALANES] = {{0}};
+    const int64_t np = n & ~(int64_t)(ASTEP - 1);
+    for (int64_t i = 0; i < np; i += ASTEP)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < ALANES; l++) acc[j][l] = fmaf(x[i + j * ALANES + l], y[i + j * ALANES + l], acc[j][l]);
+    float u[ALANES];
+    for (int l = 0; l < ALANES; l++) u[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    double sum = lanes_sum(u);
+    for (int64_t i = np; i < n; i++) sum += (double)(x[i] * y[i]);
+    return (float)sum;
+}
+
 /* One query head over n cached positions: out [hd] = softmax(K q * scale) V, in llama.cpp's decode
  * order: scores by vec_dot over hd, softmax with the exp sum in double, and out[d] = vec_dot over
- * positions of v[:, d] and p — its four-accumulator grouping (position j -> accumulator (j/8)%4,
- * lane j%8) kept per d. Prefill runs every query through here too, so that a one-token step
- * computes exactly what the same position computed in a prefill. K, V: [n, hd] rows. */
+ * positions of v[:, d] and p (llama.cpp's cache is padded to whole steps with zero weights, so
+ * every position goes through the accumulators: position j -> accumulator (j/ALANES)%4, lane
+ * j%ALANES). Prefill runs every query through here too, so that a one-token step computes exactly
+ * what the same position computed in a prefill. K, V: [n, hd] rows. */
 static void attend(const float *q, const float *K, const float *V, int64_t n, int64_t hd, float scale, float *out) {
-    float *pr = malloc(sizeof(float) * (size_t)n), *part = calloc((size_t)(32 * hd), sizeof(float));
+    float *pr = malloc(sizeof(float) * (size_t)n), *part = calloc((size_t)(ASTEP * hd), sizeof(float));
     float mx = -INFINITY;
     for (int64_t j = 0; j < n; j++) {
-        pr[j] = dot_f32_one(K + j * hd, q, hd) * scale;
+        pr[j] = vec_dot_f32(K + j * hd, q, hd) * scale;
         mx = pr[j] > mx ? pr[j] : mx;
     }
     double sum = 0.0;
@@ -159,20 +193,19 @@ static void attend(const float *q, const float *K, const float *V, int64_t n, in
     const float inv = (float)(1.0 / sum);
     for (int64_t j = 0; j < n; j++) {
         pr[j] *= inv;
-        float *acc = part + (j % 32) * hd; /* accumulator (j/8)%4, lane j%8 */
+        float *acc = part + (j % ASTEP) * hd;
         const __m256 pj = _mm256_set1_ps(pr[j]);
         for (int64_t d = 0; d < hd; d += 8)
             _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, _mm256_loadu_ps(V + j * hd + d), _mm256_loadu_ps(acc + d)));
     }
-    for (int64_t d = 0; d < hd; d++) { /* reduce like reduce4x8: (0+2) + (1+3), halves, two hadds */
-        float u[8];
-        for (int l = 0; l < 8; l++) {
-            const float s0 = part[l * hd + d] + part[(16 + l) * hd + d];
-            const float s1 = part[(8 + l) * hd + d] + part[(24 + l) * hd + d];
+    for (int64_t d = 0; d < hd; d++) {
+        float u[ALANES];
+        for (int l = 0; l < ALANES; l++) {
+            const float s0 = part[l * hd + d] + part[(2 * ALANES + l) * hd + d];
+            const float s1 = part[(ALANES + l) * hd + d] + part[(3 * ALANES + l) * hd + d];
             u[l] = s0 + s1;
         }
-        const float t0 = u[0] + u[4], t1 = u[1] + u[5], t2 = u[2] + u[6], t3 = u[3] + u[7];
-        out[d] = (t0 + t1) + (t2 + t3);
+        out[d] = lanes_sum(u);
     }
     free(pr);
     free(part);

@@ -11,6 +11,7 @@ Models:
                     of width 1024, top-8, vocabulary 100352, random weights written straight as quant
                     blocks (a few GB; written once into --workdir, reused after); QUANT is q8_0, q4_0,
                     q6_k, or q4_k_m (Q4_K with llama.cpp's Q6_K choices for attn_v, ffn_down, output)
+  full-QUANT        the same with the released model's 127 routed + 1 shared experts (q4_k_m: ~8 GB)
   PATH.gguf         any GGUF file (e.g. `emo export --quant q4_k_m` or `q6_k` of a slim model)
 Each (model, engine) pair runs in its own subprocess, so the peak memory of one does not leak into
 the other. Both engines memory-map the file: touched weights count in their RSS (VmHWM) but are
@@ -40,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {
     "slim": dict(layers=16, hidden=2048, heads=16, experts=32, shared=1, width=1024, top_k=8, vocab=100352),
     "tiny-random": dict(layers=4, hidden=128, heads=4, experts=32, shared=1, width=64, top_k=4, vocab=8192),
+    # the released model's shapes: 127 routed + 1 shared experts per layer
+    "full": dict(layers=16, hidden=2048, heads=16, experts=128, shared=1, width=1024, top_k=8, vocab=100352),
 }
 SYNTHETIC_QUANTS = ("q8_0", "q4_0", "q4_k_m", "q6_k")
 

@@ -13,7 +13,6 @@ output re-measure any cell.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import subprocess
@@ -26,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # not bench/: its scripts (bench/profile.py) would shadow stdlib modules
 
-from bench.results_md import replace_block  # noqa: E402
+from bench.results_md import replace_block, shown, tiny_pair_parser  # noqa: E402
 
 from emo_cli import ui  # noqa: E402
 from emo_cli.corpus import build_corpus, domain_files, read_texts  # noqa: E402
@@ -36,7 +35,6 @@ from emo_cli.loading import load_hf_model  # noqa: E402
 from emo_cli.pretrain_recipe import load_recipe  # noqa: E402
 from emo_cli.tokenizer import EmoTokenizer  # noqa: E402
 
-ASSETS = ROOT / "emo_cli" / "assets"
 KEEPS = ("25%", "12.5%")
 
 
@@ -149,15 +147,12 @@ def render(res: dict, args, seconds: float) -> str:
           f"emo finetune slim --data sel-medical.jsonl --lr {args.lr} --epochs {args.epochs} "
           "--eval medical.heldout.jsonl --eval code.heldout.jsonl -o slim-ft   # ... one --eval per domain",
           "```", f"(`sel-medical.jsonl`: the first {res['sel_docs']} documents of `corpus/medical.train.jsonl`.) "
-          f"Raw numbers: `{args.json_out.relative_to(ROOT) if args.json_out.is_relative_to(ROOT) else args.json_out}`.\n"]
+          f"Raw numbers: `{shown(args.json_out)}`.\n"]
     return "\n".join(L) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--emo", type=Path, default=ASSETS / "tiny-emo")
-    ap.add_argument("--std", type=Path, default=ASSETS / "tiny-stdmoe")
-    ap.add_argument("--corpus", type=Path, default=ROOT / "corpus")
+    ap = tiny_pair_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-finetune")
     ap.add_argument("--sel-docs", type=int, default=400, help="medical training documents for selection + finetuning")
     ap.add_argument("--other-docs", type=int, default=40, help="held-out documents scored per other domain")

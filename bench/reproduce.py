@@ -12,7 +12,6 @@ re-measured with the CLI (the commands are written into the results file).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -24,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # not bench/: its scripts (bench/profile.py) would shadow stdlib modules
 
-from bench.results_md import replace_block  # noqa: E402
+from bench.results_md import replace_block, shown, tiny_pair_parser  # noqa: E402
 
 from emo_cli import ui  # noqa: E402
 from emo_cli.corpus import build_corpus, domain_files  # noqa: E402
@@ -35,7 +34,6 @@ from emo_cli.pretrain_recipe import load_recipe  # noqa: E402
 from emo_cli.runtime import load_model  # noqa: E402
 from emo_cli.select import Budget  # noqa: E402
 
-ASSETS = ROOT / "emo_cli" / "assets"
 METHODS = ("frequency", "router", "reap", "easyep", "random")
 KEEPS = ("25%", "12.5%")
 
@@ -147,16 +145,12 @@ def render(res: dict, args, seconds: float) -> str:
              "--method frequency -o slim-med --no-gguf")
     L.append(f"emo eval emo_cli/assets/tiny-emo slim-med --data corpus/medical.heldout.jsonl --seq-len {args.seq_len}")
     L.append("```\n")
-    shown = args.json_out.relative_to(ROOT) if args.json_out.is_relative_to(ROOT) else args.json_out
-    L.append(f"Raw numbers (losses and kept expert ids per layer): `{shown}`.\n")
+    L.append(f"Raw numbers (losses and kept expert ids per layer): `{shown(args.json_out)}`.\n")
     return "\n".join(L) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--emo", type=Path, default=ASSETS / "tiny-emo")
-    ap.add_argument("--std", type=Path, default=ASSETS / "tiny-stdmoe")
-    ap.add_argument("--corpus", type=Path, default=ROOT / "corpus")
+    ap = tiny_pair_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--keeps", default=",".join(KEEPS))
     ap.add_argument("--domains", default=None, help="default: the EMO recipe's domains")

@@ -3,7 +3,24 @@ markers and replaces only that block, so regenerating one result keeps the other
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_pair_parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark of the embedded tiny pair shares: the two models and the corpus."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--emo", type=Path, default=ROOT / "emo_cli" / "assets" / "tiny-emo")
+    ap.add_argument("--std", type=Path, default=ROOT / "emo_cli" / "assets" / "tiny-stdmoe")
+    ap.add_argument("--corpus", type=Path, default=ROOT / "corpus")
+    return ap
+
+
+def shown(path: Path) -> Path:
+    """`path` as docs/results.md cites it: relative to the repository when inside it."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def replace_block(path: Path, name: str, text: str) -> None:

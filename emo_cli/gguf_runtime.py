@@ -15,9 +15,9 @@ row: in its own one-way softmax it gets weight exactly 1.0, as EMO's legacy-shar
 
 Decoding one token of one sequence on the CPU kernels takes a fast path: per layer one C call for
 the attention block and the router logits (cpu.attn_decode) and one for the experts, with
-emo_cli.routing.route between them; everything else (prefill, batches, observers) goes through the general path below, whose
-attention (cpu.attention) computes each query with the decode step's arithmetic: a position gets
-the same logits whether it was decoded one token at a time or prefilled.
+emo_cli.routing.route between them. Everything else (prefill, batches, observers) goes through
+the general path below, whose attention (cpu.attention) computes each query with the decode
+step's arithmetic: a position gets the same logits whether decoded one token at a time or prefilled.
 
 Shape legend: B batch, S sequence, T = B*S, D hidden, H/Hkv heads, hd head dim, E experts (shared
 last), F expert width, V vocab.

@@ -79,7 +79,8 @@ def supported_variants(flags: frozenset[str] | None = None) -> list[str]:
 
 
 def chosen_variant() -> str:
-    """The best variant this CPU runs, or EMO_CPU_KERNELS (e.g. `avx2`) when set and runnable."""
+    """The best variant this CPU runs and this compiler builds (an older gcc may not know the
+    AVX-512 VNNI flags: the next variant down is used), or EMO_CPU_KERNELS (e.g. `avx2`) when set."""
     ok = supported_variants()
     if not ok:
         raise KernelUnavailable("emo's CPU kernels need AVX2, FMA and F16C")
@@ -88,7 +89,16 @@ def chosen_variant() -> str:
         if want not in ok:
             raise KernelUnavailable(f"EMO_CPU_KERNELS={want}: this CPU runs {', '.join(ok)}")
         return want
-    return ok[-1]
+    for variant in reversed(ok[1:]):
+        try:
+            _build(variant)
+            return variant
+        except KernelUnavailable:
+            continue
+    return ok[0]
+
+
+_unbuildable: dict[tuple[str, str], str] = {}  # (compiler, variant) -> why it failed (tried once per process)
 
 
 def _build(variant: str) -> Path:
@@ -103,6 +113,8 @@ def _build(variant: str) -> Path:
     out = cache_dir() / f"emo_cpu_{variant}_{key}.so"
     if out.exists():
         return out
+    if (cc, variant) in _unbuildable:
+        raise KernelUnavailable(_unbuildable[cc, variant])
     out.parent.mkdir(parents=True, exist_ok=True)
     # compile to a private name and rename: concurrent builders never see a half-written library
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -110,7 +122,8 @@ def _build(variant: str) -> Path:
     r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
     if r.returncode != 0:
         os.unlink(tmp)
-        raise KernelUnavailable(f"building emo's CPU kernels failed: {r.stderr.strip().splitlines()[-1:]}")
+        _unbuildable[cc, variant] = f"building emo's CPU kernels failed: {r.stderr.strip().splitlines()[-1:]}"
+        raise KernelUnavailable(_unbuildable[cc, variant])
     os.replace(tmp, out)
     return out
 

@@ -221,3 +221,20 @@ def test_variant_choice_follows_the_cpu_flags(monkeypatch):
     monkeypatch.setenv("EMO_CPU_KERNELS", "sse9")
     with pytest.raises(cpu.KernelUnavailable, match="EMO_CPU_KERNELS=sse9"):
         cpu.chosen_variant()
+
+
+def test_a_compiler_without_the_avx512_flags_falls_back_to_avx2(tmp_path, monkeypatch):
+    """A CPU with AVX-512 VNNI but a compiler that rejects those flags still gets kernels: the
+    AVX2 build."""
+    if "avx512vnni" not in cpu.supported_variants():
+        pytest.skip("this CPU has no AVX-512 VNNI: only the AVX2 build applies")
+    cc = tmp_path / "old-gcc"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-mavx512vnni" ] && { echo "unknown flag" >&2; exit 1; }; done\n'
+                  'exec gcc "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("EMO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("EMO_CPU_KERNELS", raising=False)
+    assert cpu.chosen_variant() == "avx2"
+    assert "failed" in cpu._unbuildable[str(cc), "avx512vnni"]
+    assert not list((tmp_path / "cache" / "kernels").glob("emo_cpu_avx512vnni_*"))

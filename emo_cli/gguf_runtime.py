@@ -14,7 +14,7 @@ Q8_0 (inside the kernels). The shared expert is re-attached as the last expert w
 row: in its own one-way softmax it gets weight exactly 1.0, as EMO's legacy-shared routing says.
 
 Decoding one token of one sequence on the CPU kernels takes a fast path: per layer one C call for
-the attention block and the router logits (cpu.attn_decode) and one for the experts, with
+the attention block and the router logits and one for the experts (cpu.LayerDecoder), with
 emo_cli.routing.route between them. Everything else (prefill, batches, observers) goes through
 the general path below, whose attention (cpu.attention) computes each query with the decode
 step's arithmetic: a position gets the same logits whether decoded one token at a time or prefilled.
@@ -234,7 +234,7 @@ class GGUFBlock:
         else:
             self.moe = None
             self.dense = [mat(n) for n in (gf.FFN_GATE, gf.FFN_UP, gf.FFN_DOWN)]
-        self.attn_c = None
+        self.attn_c, self.decoder = None, None
         if backend == "cpu":
             self.attn_c = cpu.AttentionWeights(self.attn_norm, self.ffn_norm, self.wq.w, self.wk.w, self.wv.w,
                                                self.wo.w, cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim,
@@ -298,16 +298,24 @@ class GGUFBlock:
         (y,) = matmul(self.backend, F_.silu(g) * u, self.dense[2:])
         return h + y
 
-    def decode_step(self, h: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        """One token of one sequence on the CPU kernels: h [1, D] -> [1, D]; the attention block and
-        the router logits are one C call (cpu.attn_decode), routing stays emo_cli.routing.route."""
-        cfg = self.cfg
+    def bind_decoder(self, stream: torch.Tensor, x_ffn: torch.Tensor) -> None:
+        """Build this layer's C decode step over the model's residual stream and FFN input [1, D]."""
+        logits = torch.zeros(1, self.moe.spec.num_experts) if self.moe is not None else None
+        self.decoder = cpu.LayerDecoder(self.attn_c, self.moe.cpu_weights if self.moe is not None else None,
+                                        stream, x_ffn, logits)
+
+    def decode_step(self, cache: KVCache, pos: int) -> None:
+        """One token of one sequence on the CPU kernels, in place on the bound stream h [1, D]: the
+        attention block and the router logits are one C call, routing is emo_cli.routing.route,
+        the experts one more C call."""
+        cfg, dec = self.cfg, self.decoder
         k, v = reserve_cache(cache, self.i, pos + 1, cfg.kv_heads, cfg.head_dim)
+        dec.attention(k, v, pos)
         if self.moe is None:
-            return self.ffn(h, cpu.attn_decode(h, self.attn_c, k, v, pos))  # h: updated in place
-        logits = torch.zeros(1, self.moe.spec.num_experts)  # shared experts' columns stay 0
-        x = cpu.attn_decode(h, self.attn_c, k, v, pos, logits)
-        return self.ffn(h, x, logits=logits)
+            dec.h.copy_(self.ffn(dec.h, dec.x_ffn))
+            return
+        r = route(dec.logits, self.moe.spec, self.moe.allowed)
+        dec.mixture(r.experts, r.weights)
 
 
 def populate_in_background(data: np.ndarray) -> threading.Thread:
@@ -360,6 +368,7 @@ class GGUFModel:
         self.embed_matrix = Mat(embd, backend, device)
         self.lm_head = Mat(T[gf.OUTPUT], backend, device) if gf.OUTPUT in T else self.embed_matrix
         self.lm_plan = cpu.MatmulPlan([self.lm_head.w]) if backend == "cpu" else None
+        self._stream: torch.Tensor | None = None  # the C decode steps' residual stream
 
     def _check_tensors(self, T: dict, path: Path) -> None:
         """Every tensor the config implies is there with its shape and a type emo computes, so a
@@ -431,10 +440,11 @@ class GGUFModel:
                 and not masks and self.config.head_dim % 8 == 0)
         with torch.inference_mode():  # half the per-op cost of no_grad: decode is op-bound
             if fast:  # decode: one C call per attention block, one per MoE
-                x = h.reshape(1, -1).clone()  # the C attention updates it in place
+                stream = self._decode_stream()
+                stream.copy_(h.reshape(1, -1))
                 for i in range(start, stop):
-                    x = self.layers[i].decode_step(x, cache, pos)
-                h = x.view(1, 1, -1)
+                    self.layers[i].decode_step(cache, pos)
+                h = stream.clone().view(1, 1, -1)
             else:
                 rope = make_rope(self.backend, B, S, pos, self.config, self._device)
                 for i in range(start, stop):
@@ -442,6 +452,16 @@ class GGUFModel:
         if cache is not None and stop == len(self.layers):
             cache.length = pos + S
         return h
+
+    def _decode_stream(self) -> torch.Tensor:
+        """The residual stream [1, D] the layers' C decode steps update in place (bound on first use)."""
+        if self._stream is None:
+            D = self.config.hidden_size
+            self._stream = torch.zeros(1, D)
+            x_ffn = torch.zeros(1, D)
+            for b in self.layers:
+                b.bind_decoder(self._stream, x_ffn)
+        return self._stream
 
     def router_probs(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         B, S, _ = h.shape

@@ -301,7 +301,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class AttentionWeights:
-    """A layer's attention block for `attn_decode`: norms [D], q, k, v, o weights, and optionally the
+    """A layer's attention block for `LayerDecoder`: norms [D], q, k, v, o weights, and optionally the
     MoE router [E_r, D] (F32), whose logits the same call then returns."""
 
     def __init__(self, attn_norm: torch.Tensor, ffn_norm: torch.Tensor, q: QWeight, k: QWeight,
@@ -330,20 +330,44 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sta
     return out
 
 
-def attn_decode(h: torch.Tensor, a: AttentionWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                pos: int, logits: torch.Tensor | None = None) -> torch.Tensor:
-    """One decode step of the attention block, in place on h [1, D] (fp32, contiguous): the new
-    key/value go to position `pos` of the caches [1, Hkv, cap, hd]. Returns RMSNorm(h) * ffn_norm;
-    with a router in `a`, its logits are written to the first E_r entries of `logits` [1, >= E_r]."""
-    assert h.is_contiguous() and h.dtype == torch.float32 and h.shape == (1, a.D)
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2] > pos
-    x_ffn = torch.empty(1, a.D, dtype=torch.float32)
-    r = a.router
-    if r is not None:
-        assert logits is not None and logits.is_contiguous() and logits.dtype == torch.float32
-        assert logits.shape[0] == 1 and logits.shape[1] >= r.n
-    library().emo_attn_decode(_ptr(h), a.D, _ptr(a.attn_norm), _ptr(a.ffn_norm), a.eps, a.w, a.types, a.H,
-                              a.Hkv, a.hd, _ptr(k_cache), _ptr(v_cache), k_cache.shape[2], pos, a.rope_base,
-                              _ptr(x_ffn), r.ptr if r is not None else None, r.n if r is not None else 0,
-                              _ptr(logits) if r is not None else None)
-    return x_ffn
+class LayerDecoder:
+    """One layer's decode step for a single sequence, on fixed buffers, with its ctypes arguments
+    built once (a small model decodes at the speed of its per-call overhead): `attention` is the
+    attention block plus the router logits in one C call, `mixture` adds the routed experts to h in
+    place. h and x_ffn [1, D] are shared by the model's layers; logits [1, >= E_r] is the layer's
+    (its shared-expert columns stay 0)."""
+
+    def __init__(self, a: AttentionWeights, experts: MoEWeights | None, h: torch.Tensor, x_ffn: torch.Tensor,
+                 logits: torch.Tensor | None):
+        for t in (h, x_ffn) + ((logits,) if logits is not None else ()):
+            assert t.is_contiguous() and t.dtype == torch.float32 and t.shape[0] == 1
+        assert h.shape[1] == x_ffn.shape[1] == a.D
+        r = a.router
+        assert (r is None) == (logits is None) and (r is None or logits.shape[1] >= r.n)
+        lib = library()
+        self.h, self.x_ffn, self.logits = h, x_ffn, logits
+        self.keep = (a, experts)  # the pointers below point into these and the buffers
+        self._attn = lib.emo_attn_decode
+        self._attn_head = (_ptr(h), a.D, _ptr(a.attn_norm), _ptr(a.ffn_norm), a.eps, a.w, a.types, a.H, a.Hkv, a.hd)
+        self._attn_tail = (a.rope_base, _ptr(x_ffn), r.ptr if r else None, r.n if r else 0,
+                           _ptr(logits) if r else None)
+        if experts is not None:
+            self._moe, self.num_experts = lib.emo_moe, experts.E
+            self._moe_head = (_ptr(x_ffn), 1, a.D, experts.F)
+            # y and residual are both h: the mixture is added to the stream in place (the kernel
+            # reads each residual value before writing it)
+            self._moe_tail = (experts.E, experts.gate, experts.up, experts.down, experts.gtype, experts.utype,
+                              experts.dtype, _ptr(h), None, _ptr(h))
+
+    def attention(self, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> None:
+        """h += attention block at position `pos`; the new key/value go to the caches [1, Hkv, cap, hd];
+        x_ffn = RMSNorm(h) * ffn_norm; logits = router @ x_ffn."""
+        assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2] > pos
+        self._attn(*self._attn_head, _ptr(k_cache), _ptr(v_cache), k_cache.shape[2], pos, *self._attn_tail)
+
+    def mixture(self, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        """h += sum_s weights[0, s] * expert_{experts[0, s]}(x_ffn); experts int64, weights fp32 [1, S]."""
+        assert experts.dtype == torch.int64 and weights.dtype == torch.float32
+        assert experts.is_contiguous() and weights.is_contiguous() and experts.shape == weights.shape
+        if self._moe(*self._moe_head, _ptr(experts), _ptr(weights), experts.shape[1], *self._moe_tail):
+            raise IndexError(f"expert id out of range for {self.num_experts} experts")

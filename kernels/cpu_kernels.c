@@ -159,17 +159,68 @@ static float lanes_sum(const float *u) { /* 128-bit halves, then two horizontal 
 #endif
 #define ASTEP (4 * ALANES)
 
-static float vec_dot_f32(const float *x, const float *y, int64_t n) {
+/* the full steps of vec_dot_f32: x . y over the first np = n rounded down to ASTEP values */
+static float vec_dot_f32_steps(const float *x, const float *y, int64_t np) {
     float acc[4][ALANES] = {{0}};
-    const int64_t np = n & ~(int64_t)(ASTEP - 1);
     for (int64_t i = 0; i < np; i += ASTEP)
         for (int j = 0; j < 4; j++)
             for (int l = 0; l < ALANES; l++) acc[j][l] = fmaf(x[i + j * ALANES + l], y[i + j * ALANES + l], acc[j][l]);
     float u[ALANES];
     for (int l = 0; l < ALANES; l++) u[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
-    double sum = lanes_sum(u);
+    return lanes_sum(u);
+}
+
+static float vec_dot_f32(const float *x, const float *y, int64_t n) {
+    const int64_t np = n & ~(int64_t)(ASTEP - 1);
+    double sum = vec_dot_f32_steps(x, y, np);
     for (int64_t i = np; i < n; i++) sum += (double)(x[i] * y[i]);
     return (float)sum;
+}
+
+/* c[m] lane l = r[l] lane m */
+static inline void transpose8x8(const __m256 *r, __m256 *c) {
+    __m256 a[8], b[8];
+    for (int i = 0; i < 4; i++) {
+        a[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int h = 0; h < 2; h++) {
+            b[4 * i + 2 * h] = _mm256_shuffle_ps(a[4 * i + h], a[4 * i + 2 + h], _MM_SHUFFLE(1, 0, 1, 0));
+            b[4 * i + 2 * h + 1] = _mm256_shuffle_ps(a[4 * i + h], a[4 * i + 2 + h], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+    for (int m = 0; m < 4; m++) {
+        c[m] = _mm256_permute2f128_ps(b[m], b[4 + m], 0x20);
+        c[m + 4] = _mm256_permute2f128_ps(b[m], b[4 + m], 0x31);
+    }
+}
+
+/* pr[j] = vec_dot_f32(K row j, q, hd) * scale for j < n, the same operations per position. The
+ * tail past the last full step is a chain of dependent double adds (all of a head of 32 on an
+ * AVX-512 build, where a step is 64 values): eight positions run their chains side by side, one
+ * per double lane, their fp32 products transposed so that lanes are positions. hd % 8 == 0. */
+static void attn_scores(const float *q, const float *K, int64_t n, int64_t hd, float scale, float *pr) {
+    const int64_t np = hd & ~(int64_t)(ASTEP - 1);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        float head[8];
+        for (int l = 0; l < 8; l++) head[l] = np ? vec_dot_f32_steps(K + (j + l) * hd, q, np) : 0.f;
+        __m256d lo = _mm256_cvtps_pd(_mm_loadu_ps(head)), hi = _mm256_cvtps_pd(_mm_loadu_ps(head + 4));
+        for (int64_t i = np; i < hd; i += 8) {
+            __m256 r[8], c[8];
+            const __m256 qi = _mm256_loadu_ps(q + i);
+            for (int l = 0; l < 8; l++) r[l] = _mm256_mul_ps(_mm256_loadu_ps(K + (j + l) * hd + i), qi);
+            transpose8x8(r, c);
+            for (int m = 0; m < 8; m++) {
+                lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(c[m])));
+                hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(c[m], 1)));
+            }
+        }
+        const __m256 sc = _mm256_set1_ps(scale);
+        const __m256 s = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(lo)), _mm256_cvtpd_ps(hi), 1);
+        _mm256_storeu_ps(pr + j, _mm256_mul_ps(s, sc));
+    }
+    for (; j < n; j++) pr[j] = vec_dot_f32(K + j * hd, q, hd) * scale;
 }
 
 /* One query head over n cached positions: out [hd] = softmax(K q * scale) V, in llama.cpp's decode
@@ -181,10 +232,8 @@ static float vec_dot_f32(const float *x, const float *y, int64_t n) {
 static void attend(const float *q, const float *K, const float *V, int64_t n, int64_t hd, float scale, float *out) {
     float *pr = malloc(sizeof(float) * (size_t)n), *part = calloc((size_t)(ASTEP * hd), sizeof(float));
     float mx = -INFINITY;
-    for (int64_t j = 0; j < n; j++) {
-        pr[j] = vec_dot_f32(K + j * hd, q, hd) * scale;
-        mx = pr[j] > mx ? pr[j] : mx;
-    }
+    attn_scores(q, K, n, hd, scale, pr);
+    for (int64_t j = 0; j < n; j++) mx = pr[j] > mx ? pr[j] : mx;
     double sum = 0.0;
     for (int64_t j = 0; j < n; j++) {
         pr[j] = expf(pr[j] - mx);

@@ -224,3 +224,23 @@ def test_without_a_compiler_auto_falls_back_to_torch(tmp_path, tiny_model_factor
     backend, total = last.split()
     here = load_model(gguf, backend="torch").model.forward(torch.tensor([[1, 2, 3]])).double().abs().sum()
     assert backend == "torch" and float(total) == pytest.approx(float(here), rel=1e-6)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("hd", [16, 32, 64, 128])
+def test_cpu_attention_equals_float64_reference(hd):
+    """Causal attention on the CPU kernels (positions scored eight at a time, with a scalar tail)
+    against a float64 softmax attention, for grouped heads and every query of a 21-token prefill
+    that continues a 19-token cache."""
+    rng = np.random.default_rng(hd)
+    H, Hkv, start, T = 4, 2, 19, 21
+    q = torch.from_numpy(rng.standard_normal((T, H, hd)).astype(np.float32))
+    k = torch.from_numpy(rng.standard_normal((Hkv, start + T, hd)).astype(np.float32))
+    v = torch.from_numpy(rng.standard_normal((Hkv, start + T, hd)).astype(np.float32))
+    out = cpu.attention(q, k, v, start)
+    for t in range(T):
+        n = start + t + 1
+        for h in range(H):
+            kh, vh = k[h // (H // Hkv), :n].double(), v[h // (H // Hkv), :n].double()
+            p = torch.softmax(kh @ q[t, h].double() / hd ** 0.5, 0)
+            assert torch.allclose(out[t, h].double(), p @ vh, rtol=1e-5, atol=1e-5), (t, h)

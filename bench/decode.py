@@ -101,8 +101,9 @@ def tensor_type(quant: str, kind: str, layer: int, layers: int, cols: int):
     return qt
 
 
-def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0) -> Path:
-    """Write a random model of SHAPES[shape] in emo's GGUF layout (gguf_format names and keys)."""
+def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0, layers: int | None = None) -> Path:
+    """Write a random model of SHAPES[shape] (with `layers` layers when given) in emo's GGUF layout
+    (gguf_format names and keys)."""
     import tempfile
 
     from gguf import GGMLQuantizationType as QT
@@ -113,7 +114,7 @@ def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0) -> P
     from emo_cli.config import EmoConfig
     from emo_cli.gguf_export import add_tokenizer
 
-    s = SHAPES[shape]
+    s = dict(SHAPES[shape], **({"layers": layers} if layers else {}))
     L = s["layers"]
 
     def qt(kind, i=0):

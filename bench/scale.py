@@ -6,6 +6,7 @@
     .venv/bin/python bench/scale.py --full-modes auto,on       # 16 layers also forced to stream
     .venv/bin/python bench/scale.py --layers 2 --compare-layers 1 --json
     .venv/bin/python bench/scale.py --out-md /tmp/scale.md     # the table as markdown for docs/results.md
+    .venv/bin/python bench/scale.py --gguf q8_0 --compare-layers 0   # the pipeline from a full-model GGUF
     python bench/scale.py --layers 4 --compare-layers 0 --full-modes auto,on --steps profile,prune,eval --device cuda
 
 The checkpoint has the released config and tensor names (EMO_SPEC.md 1.4 and 2: 16 layers, d 2048,
@@ -22,6 +23,10 @@ Each step (profile, prune, chat, eval) is one `emo` subprocess in a fresh scratc
 files, which are shared page cache the kernel can drop, not memory the process needs.
 Tokens/s = tokens the step processed / its wall time, model loading included (profile: tokens
 profiled; eval: tokens scored by the three models; chat: the 16 new tokens; prune: none).
+With --gguf QUANT the source is a GGUF of the same shapes instead (bench/decode.py's synthetic
+writer: random quant blocks, llama.cpp's type mix for q4_k_m, a small BPE; 14.5 GB for 16 layers
+in q8_0): `emo profile --model X.gguf` runs on the quantized CPU kernels, `emo prune` cuts
+slim-med.gguf straight from the file, and eval compares the full and slim GGUFs.
 The --compare-layers variant runs with --streaming on and off: the ratio of their wall times is
 the cost of streaming layer by layer, and their memory shows what streaming saves.
 Disk: 27 GB (16 layers) + 7 GB (4 layers), plus ~12 GB while a 16-layer slim model and GGUF exist.
@@ -248,12 +253,13 @@ def run_emo(cmd: list[str], cwd: Path, timeout: float, log_name: str) -> dict:
 
 # ---- one variant x streaming mode --------------------------------------------------------------
 def step_command(step: str, emo: str, ckpt: Path, flags: list[str]) -> list[str]:
+    gguf = ckpt.suffix == ".gguf"  # a GGUF source: the slim model is a GGUF of its own quant types
     return {"profile": [emo, "profile", "data/med.jsonl", "--model", str(ckpt), "--seq-len", "256", "--json", *flags],
-            "prune": [emo, "prune", "--budget", "25%", "--quant", "q8_0", "--json", *flags],
+            "prune": [emo, "prune", "--budget", "25%", *([] if gguf else ["--quant", "q8_0"]), "--json", *flags],
             "chat": [emo, "chat", "--model", "slim-med.gguf", "--prompt", "The patient",
                      "--max-new-tokens", str(CHAT_TOKENS), "--temperature", "0"],
-            "eval": [emo, "eval", str(ckpt), "slim-med", "slim-med.gguf", "--data", "data/heldout.jsonl",
-                     "--seq-len", "256", "--json", *flags],
+            "eval": [emo, "eval", str(ckpt), *([] if gguf else ["slim-med"]), "slim-med.gguf", "--data",
+                     "data/heldout.jsonl", "--seq-len", "256", "--json", *flags],
             "greedy": [emo, "prune", "--budget", "25%", "--method", "greedy", "--max-evals", str(GREEDY_EVALS),
                        "--dry-run", "--json", *flags]}[step]
 
@@ -276,8 +282,9 @@ def summarize(step: str, out: str) -> tuple[int | None, str]:
         loss = f", held-out loss {ev['before']:.3f} -> {ev['after']:.3f}" if ev else ""
         return None, f"keep {kept[0]}/128, slim {r['bytes_after'] / 1e9:.2f} GB{loss}{chosen(r.get('memory'))}"
     plans = [chosen(m).removeprefix("; ") for m in (r.get("memory") or {}).values()]
+    names = "full / slim / gguf" if len(r["results"]) == 3 else "full / slim gguf"
     return sum(x.get("tokens", 0) for x in r["results"]), "loss " + " / ".join(
-        f"{x['loss']:.3f}" for x in r["results"] if "loss" in x) + " (full / slim / gguf)" + \
+        f"{x['loss']:.3f}" for x in r["results"] if "loss" in x) + f" ({names})" + \
         (f"; {' / '.join(plans)} (HF models)" if plans else "")
 
 
@@ -301,8 +308,9 @@ def warm_page_cache(ckpt: Path) -> None:
 
 
 def run_variant(args, ckpt: Path, layers: int, mode: str) -> list[dict]:
-    warm_page_cache(ckpt)
-    scratch = args.workdir / "runs" / f"{layers}L-{mode}"
+    if ckpt.is_dir():
+        warm_page_cache(ckpt)
+    scratch = args.workdir / "runs" / f"{layers}L{'-' + args.gguf if args.gguf else ''}-{mode}"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     (scratch / "data").symlink_to(args.workdir / "data")
@@ -313,7 +321,7 @@ def run_variant(args, ckpt: Path, layers: int, mode: str) -> list[dict]:
         flags += ["--device", args.device]
     rows, failed = [], set()
     for step in args.steps:
-        row = {"variant": f"{layers}L", "layers": layers, "step": step, "mode": mode if step != "chat" else "-",
+        row = {"variant": f"{layers}L" + (f" {args.gguf}" if args.gguf else ""), "layers": layers, "step": step, "mode": mode if step != "chat" else "-",
                "wall_s": None, "tokens": None, "tok_s": None, "peak_anon_gib": None}
         if DEPENDS.get(step) in failed or (DEPENDS.get(step) and DEPENDS[step] not in args.steps):
             row.update(ok=False, result=f"skipped (needs {DEPENDS[step]})")
@@ -406,6 +414,8 @@ def main():
     ap.add_argument("--device", default=None, help="e.g. cuda; passed to emo profile/prune/eval")
     ap.add_argument("--step-timeout", type=float, default=3600.0)
     ap.add_argument("--emo", default=str(Path(sys.executable).with_name("emo")), help="the emo executable")
+    ap.add_argument("--gguf", default=None, choices=("q8_0", "q4_0", "q4_k_m", "q6_k"),
+                    help="start from a synthetic full-model GGUF of this quant instead of the bf16 HF checkpoint")
     ap.add_argument("--write-only", action="store_true", help="write the checkpoints and data, run nothing")
     ap.add_argument("--keep-scratch", action="store_true", help="keep each run's slim model and GGUF")
     ap.add_argument("--json", action="store_true")
@@ -424,7 +434,12 @@ def main():
     ckpts = {}
     for layers in sorted({l for l, _ in plan}):
         log(f"checkpoint {layers}L: writing or reusing under {args.workdir}")
-        ckpts[layers] = write_checkpoint(args.workdir / f"emo-1b14b-{layers}L", layers, tok_dir, eos, pad)
+        if args.gguf:
+            from bench.decode import write_synthetic_gguf
+            path = args.workdir / f"emo-1b14b-{layers}L-{args.gguf}.gguf"
+            ckpts[layers] = path if path.exists() else write_synthetic_gguf(path, "full", args.gguf, layers=layers)
+        else:
+            ckpts[layers] = write_checkpoint(args.workdir / f"emo-1b14b-{layers}L", layers, tok_dir, eos, pad)
     if args.write_only:
         log("written: " + ", ".join(str(p) for p in ckpts.values()))
         return

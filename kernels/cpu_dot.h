@@ -372,6 +372,10 @@ static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1,
         for (int64_t n = n0; n < n1; n++) ys[0][n] = dot_q8_1((const bq8 *)(w + wb * (size_t)n), xs[0], k / 32);
         return;
     }
+    if (nx == 1 && BASE(wtype) == TY_Q6_K) {
+        for (int64_t n = n0; n < n1; n++) ys[0][n] = dot_q6k_1((const bq6k *)(w + wb * (size_t)n), xs[0], k / QK);
+        return;
+    }
     for (int64_t t0 = 0; t0 < nx; t0 += MAXT) {
         const int nt = (int)(nx - t0 < MAXT ? nx - t0 : MAXT);
         float r[8 * MAXT];

@@ -229,6 +229,47 @@ static void dot_q6k(const bq6k *w, const bq8k *const *x, int nt, int64_t nb, flo
     for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]);
 }
 
+/* dot_q6k for one activation row (decode), accumulator in a register and each 32-value chunk
+ * consumed as soon as it is unpacked. The two 16-value scales of a chunk come from one byte
+ * shuffle of the half's eight scales (int16, in both 128-bit lanes) instead of a 16-element set.
+ * Same integers, so the same bits as dot_q6k. */
+static inline float dot_q6k_1(const bq6k *w, const bq8k *x, int64_t nb) {
+    const __m256i low = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
+    /* chunk c takes int16 scale 2c (low lane) and 2c + 1 (high lane) */
+    const __m256i pick[4] = {
+        _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3),
+        _mm256_setr_epi8(4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7),
+        _mm256_setr_epi8(8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11,
+                         10, 11, 10, 11),
+        _mm256_setr_epi8(12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 14, 15, 14, 15, 14, 15, 14, 15,
+                         14, 15, 14, 15, 14, 15, 14, 15)};
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const bq6k *wb = &w[b];
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb->scales));
+        const __m256i off = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)x[b].bsums), sc16), 5);
+        __m256i s = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(wb->ql + 64 * h + 32));
+            const __m256i hi = _mm256_loadu_si256((const __m256i *)(wb->qh + 32 * h));
+            const __m256i sch = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(wb->scales + 8 * h))));
+            const __m256i lo4[4] = {_mm256_and_si256(l0, low), _mm256_and_si256(l1, low),
+                                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), low)};
+            for (int c = 0; c < 4; c++) {
+                const __m256i h2 = _mm256_and_si256(_mm256_srli_epi16(hi, 2 * c), three);
+                const __m256i q = _mm256_or_si256(lo4[c], _mm256_slli_epi16(h2, 4));
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x[b].qs + 128 * h + 32 * c));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_shuffle_epi8(sch, pick[c]), _mm256_maddubs_epi16(q, xv)));
+            }
+        }
+        s = _mm256_sub_epi32(s, off);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x[b].d * h2f(wb->d)), _mm256_cvtepi32_ps(s), acc);
+    }
+    return hsum8(acc);
+}
+
 /* 32 Q5_0 values as int8 in [-16, 15]: low nibbles are values 0..15, high ones 16..31; a clear
  * fifth bit means the value is nibble - 16 */
 static inline __m256i unpack_q5(const bq5 *b) {

@@ -29,6 +29,7 @@ import ctypes
 import dataclasses
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -318,6 +319,22 @@ class GGUFBlock:
         dec.mixture(r.experts, r.weights)
 
 
+@contextmanager
+def kernel_threads_only(backend: str):
+    """On the CPU kernels, torch itself runs on one thread: it only routes and copies there, and
+    an OpenMP thread of its own spins after each parallel region, taking a core from the kernels'
+    pool (which then waits on it) on a machine with as many cores as threads."""
+    n = torch.get_num_threads()
+    if backend != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def populate_in_background(data: np.ndarray) -> threading.Thread:
     """`populate` on a daemon thread: loading returns at once and the first token is not paid for
     reading the whole file; pages not read yet fault in on first use (ctypes releases the GIL
@@ -438,7 +455,8 @@ class GGUFModel:
         pos = cache.length if cache is not None else 0
         fast = (self.backend == "cpu" and B == 1 and S == 1 and cache is not None and observer is None
                 and not masks and self.config.head_dim % 8 == 0)
-        with torch.inference_mode():  # half the per-op cost of no_grad: decode is op-bound
+        # inference_mode: half the per-op cost of no_grad (decode is op-bound)
+        with torch.inference_mode(), kernel_threads_only(self.backend):
             if fast:  # decode: one C call per attention block, one per MoE
                 stream = self._decode_stream()
                 stream.copy_(h.reshape(1, -1))

@@ -387,10 +387,12 @@ def cell(v) -> str:
     return "" if v is None else str(v)
 
 
-def markdown(rows, lines, command, when) -> str:
-    out = ["## emo at the real model's scale (synthetic Emo_1b14b_1T checkpoint, bench/scale.py)", "",
-           "Every step of the pipeline on a checkpoint with the released 14B shapes (27.1 GB bf16) on a "
-           "machine with less memory than the model; peak **anonymous** memory (RssAnon of the process "
+def markdown(rows, lines, command, when, gguf: str | None = None) -> str:
+    source = (f"a {gguf} GGUF with the released 14B shapes (random quant blocks; profile on the quantized CPU "
+              "kernels, prune cut straight from the file)") if gguf else \
+        "a checkpoint with the released 14B shapes (27.1 GB bf16) on a machine with less memory than the model"
+    out = [f"## emo at the real model's scale (synthetic Emo_1b14b_1T {gguf or 'checkpoint'}, bench/scale.py)", "",
+           f"Every step of the pipeline on {source}; peak **anonymous** memory (RssAnon of the process "
            "tree), wall time with loading. How it is measured: `docs/scale.md`.", "",
            f"Command: `{command}`  ", f"Machine: {machine()}; {when}", "",
            "| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -446,9 +448,9 @@ def main():
     rows = [row for layers, mode in plan for row in run_variant(args, ckpts[layers], layers, mode)]
     lines = comparisons(rows, args.compare_layers, args.layers)
     if args.out_md:
-        args.out_md.write_text(markdown(rows, lines, command, when))
-    if args.results_md:
-        replace_block(args.results_md, "scale", markdown(rows, lines, command, when))
+        args.out_md.write_text(markdown(rows, lines, command, when, args.gguf))
+    if args.results_md:  # the GGUF-source run has a block of its own
+        replace_block(args.results_md, "scale-gguf" if args.gguf else "scale", markdown(rows, lines, command, when, args.gguf))
     if args.json:
         print(json.dumps({"command": command, "machine": machine(), "date": when, "rows": rows,
                           "comparisons": lines}, indent=2))

@@ -40,26 +40,40 @@ static void acts_free(struct acts *A) {
     }
 }
 
-/* rows[t] (token ids, or NULL for 0..R-1) of x [*, k], converted for every type in `types` */
-static void acts_build(struct acts *A, const float *x, int64_t k, const int64_t *rows, int64_t R,
-                       const int *types, int ntypes) {
+struct convert_ctx {
+    struct acts *A;
+    const float *x;
+    int64_t k;
+    int as[TY_COUNT], na; /* the activation types to build */
+};
+
+static void convert_item(void *p, int64_t t) {
+    const struct convert_ctx *c = p;
+    for (int j = 0; j < c->na; j++) {
+        const int a = c->as[j];
+        if (a == TY_F32) {
+            c->A->xs[a][t] = c->x + t * c->k;
+        } else {
+            uint8_t *dst = (uint8_t *)c->A->buf[a] + emo_row_bytes(a, c->k) * (size_t)t;
+            convert_row(c->x + t * c->k, dst, a, c->k);
+            c->A->xs[a][t] = dst;
+        }
+    }
+}
+
+/* the R rows of x [R, k], converted for every type in `types`, rows split over the threads (the
+ * K-quants' Q8_K rounding is scalar: a 128-token prefill converts ~1M values per matrix) */
+static void acts_build(struct acts *A, const float *x, int64_t k, int64_t R, const int *types, int ntypes) {
     memset(A, 0, sizeof *A);
+    struct convert_ctx c = {.A = A, .x = x, .k = k};
     for (int j = 0; j < ntypes; j++) {
         const int a = act_type(types[j]);
         if (A->xs[a]) continue;
         A->xs[a] = malloc(sizeof(void *) * (size_t)(R ? R : 1));
-        const size_t st = emo_row_bytes(a, k);
-        if (a != TY_F32) A->buf[a] = malloc(st * (size_t)(R ? R : 1));
-        for (int64_t t = 0; t < R; t++) {
-            const float *src = x + (rows ? rows[t] : t) * k;
-            if (a == TY_F32) {
-                A->xs[a][t] = src;
-            } else {
-                convert_row(src, (uint8_t *)A->buf[a] + st * t, a, k);
-                A->xs[a][t] = (uint8_t *)A->buf[a] + st * t;
-            }
-        }
+        if (a != TY_F32) A->buf[a] = malloc(emo_row_bytes(a, k) * (size_t)(R ? R : 1));
+        c.as[c.na++] = a;
     }
+    run(convert_item, &c, R);
 }
 
 struct mm_ctx {
@@ -87,7 +101,7 @@ void emo_matmul(int m, const void *const *w, const int *wtype, const int64_t *n,
                 int64_t T, float *const *y) {
     if (m > 16 || T <= 0) return; /* the Python side never passes more */
     struct mm_ctx c = {.w = w, .wtype = wtype, .n = n, .k = k, .T = T};
-    acts_build(&c.A, x, k, NULL, T, wtype, m);
+    acts_build(&c.A, x, k, T, wtype, m);
     c.ys = malloc(sizeof(float *) * (size_t)(T * m));
     for (int j = 0; j < m; j++)
         for (int64_t t = 0; t < T; t++) c.ys[j * T + t] = y[j] + t * n[j];
@@ -364,7 +378,8 @@ struct moe_ctx {
     const int *gtype, *utype, *dtype;
     const int64_t *act, *start, *count; /* active experts; per expert: first sorted position, count */
     int64_t nact, igu, idn;             /* items per expert: gate+up, down */
-    struct acts X;                      /* x rows by sorted position */
+    struct acts X;                      /* x rows, each token converted once */
+    const void **xq[TY_COUNT];          /* [P] per activation type: x row of each sorted position */
     float *g, *u, *out;                 /* [P, F], [P, F], [P, D] */
     uint8_t *hc;                        /* h rows converted for the down weights, stride hstride */
     size_t hstride;
@@ -386,7 +401,7 @@ static void moe_gate_up(void *p, int64_t c) {
     for (int64_t t0 = 0; t0 < cnt; t0 += MAXT) {
         const int64_t nt = cnt - t0 < MAXT ? cnt - t0 : MAXT;
         for (int64_t t = 0; t < nt; t++) ys[t] = (is_up ? m->u : m->g) + (q0 + t0 + t) * m->F;
-        gemv(ty, (const uint8_t *)(is_up ? m->up[e] : m->gate[e]), m->D, n0, n1, m->X.xs[act_type(ty)] + q0 + t0,
+        gemv(ty, (const uint8_t *)(is_up ? m->up[e] : m->gate[e]), m->D, n0, n1, m->xq[act_type(ty)] + q0 + t0,
              ys, nt, m->F, m->T);
     }
 }
@@ -481,7 +496,12 @@ int emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *expe
                         .y = y, .norms = norms, .residual = residual};
     m.igu = 2 * ((F + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM);
     m.idn = (D + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
-    acts_build(&m.X, x, D, pos_tok, P, types, ntypes);
+    acts_build(&m.X, x, D, T, types, ntypes);
+    for (int j = 0; j < ntypes; j++) {
+        const int a = types[j];
+        m.xq[a] = malloc(sizeof(void *) * (size_t)P);
+        for (int64_t q = 0; q < P; q++) m.xq[a][q] = m.X.xs[a][pos_tok[q]];
+    }
     m.g = malloc(sizeof(float) * (size_t)(P * F));
     m.u = malloc(sizeof(float) * (size_t)(P * F));
     m.out = malloc(sizeof(float) * (size_t)(P * D));
@@ -492,6 +512,7 @@ int emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *expe
     run(moe_down, &m, nact * m.idn);
     run(moe_combine, &m, T);
     acts_free(&m.X);
+    for (int j = 0; j < ntypes; j++) free(m.xq[types[j]]);
     free(count); free(start); free(pos_tok); free(slot_pos); free(act);
     free(m.g); free(m.u); free(m.out); free(m.hc);
     return 0;

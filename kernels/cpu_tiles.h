@@ -59,30 +59,32 @@ static ALWAYS_INLINE void q4r8_load(const uint8_t *p, size_t rs, __m256i q[4]) {
 }
 
 /* Nibbles of the transposed bytes: lo[j] = values 4j..4j+3, hi[j] = values 16+4j..16+4j+3.
- * VNNI keeps hi unshifted (16 * nibble: its sums are multiples of 16, shifted back exactly once
- * per block); maddubs would saturate on that, so the AVX2 build shifts every register. */
-static ALWAYS_INLINE void q4r8_nibbles(const __m256i q[4], __m256i lo[4], __m256i hi[4]) {
+ * With VNNI and one token, hi stays unshifted (16 * nibble: its sums are multiples of 16, shifted
+ * back exactly once per block instead of four shifts); maddubs would saturate on that, and with
+ * several tokens the one shift per token costs more than the four per block. */
+static ALWAYS_INLINE void q4r8_nibbles(const __m256i q[4], __m256i lo[4], __m256i hi[4], const int NT) {
     const __m256i low = _mm256_set1_epi8(0x0F);
     for (int j = 0; j < 4; j++) {
         lo[j] = _mm256_and_si256(q[j], low);
-#if TILE_VNNI
-        hi[j] = _mm256_andnot_si256(low, q[j]);
-#else
-        hi[j] = _mm256_and_si256(_mm256_srli_epi16(q[j], 4), low);
-#endif
+        if (TILE_VNNI && NT == 1)
+            hi[j] = _mm256_andnot_si256(low, q[j]);
+        else
+            hi[j] = _mm256_and_si256(_mm256_srli_epi16(q[j], 4), low);
     }
 }
 
 /* lane r = exact int32 sum over the block of (nibble - 8) * x for row r; xs8 = -8 * sum(x) */
-static ALWAYS_INLINE __m256i q4r8_isum(const __m256i lo[4], const __m256i hi[4], const int8_t *xq, int32_t xs8) {
+static ALWAYS_INLINE __m256i q4r8_isum(const __m256i lo[4], const __m256i hi[4], const int8_t *xq, int32_t xs8,
+                                       const int NT) {
 #if TILE_VNNI
     __m256i s0 = _mm256_set1_epi32(xs8), s1 = _mm256_setzero_si256(); /* two chains: half the latency */
     for (int j = 0; j < 4; j++) {
         s0 = _mm256_dpbusd_epi32(s0, lo[j], bcast4(xq + 4 * j));
         s1 = _mm256_dpbusd_epi32(s1, hi[j], bcast4(xq + 16 + 4 * j));
     }
-    return _mm256_add_epi32(s0, _mm256_srai_epi32(s1, 4));
+    return _mm256_add_epi32(s0, NT == 1 ? _mm256_srai_epi32(s1, 4) : s1);
 #else
+    (void)NT;
     /* int16 pair sums before widening: 16 products of |15 * 127| per lane stay below 32767 */
     __m256i s = _mm256_setzero_si256();
     for (int j = 0; j < 4; j++) {
@@ -120,10 +122,10 @@ static ALWAYS_INLINE void q4r8_tile(const bq4 *w, int64_t nb, const bq8 *const *
         _mm_prefetch(f + 128, _MM_HINT_T0);
         __m256i q[4], lo[4], hi[4];
         q4r8_load(p + 2, rs, q);
-        q4r8_nibbles(q, lo, hi);
+        q4r8_nibbles(q, lo, hi, NT);
         const __m256 vdw = q4r8_scales(p, rs);
         for (int t = 0; t < NT; t++) {
-            const __m256i isum = q4r8_isum(lo, hi, x[t][b].qs, xs8[b * MAXT + t]);
+            const __m256i isum = q4r8_isum(lo, hi, x[t][b].qs, xs8[b * MAXT + t], NT);
             const __m256 d = _mm256_mul_ps(vdw, _mm256_set1_ps(dx[b * MAXT + t]));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc[t]);
         }
@@ -153,6 +155,11 @@ static void q4r8_rows(const bq4 *w, int64_t nb, int64_t n0, int64_t n1, const bq
     float *dx = nb <= STACK_BLOCKS ? dx_s : malloc(sizeof(float) * MAXT * (size_t)nb);
     for (int t = 0; t < nt; t++) q4r8_prep(x[t], nb, xs8 + t, dx + t, MAXT);
     const q4r8_fn tile = q4r8_tiles[nt];
+    /* the first group has no pass before it to prefetch it: ask for all of it into L2 now (items
+     * are claimed by whichever thread is free, so the previous item's pass may have run elsewhere;
+     * measured 5-10% on a DRAM-bound decode) */
+    if (n0 + 8 <= n1)
+        for (size_t o = 0; o < (size_t)nb * 8 * sizeof(bq4); o += 64) _mm_prefetch((const char *)(w + n0 * nb) + o, _MM_HINT_T1);
     float r[8 * MAXT];
     for (int64_t n = n0; n + 8 <= n1; n += 8) {
         const bq4 *g = w + n * nb;

@@ -305,6 +305,12 @@ static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1,
             q8t_rows((const bq8 *)w, k / 32, n0, n1, (const bq8 *const *)(xs + t0), nt, ys + t0);
             continue;
         }
+#if TILE_VNNI
+        if (BASE(wtype) == TY_Q6_K && nt > 1) { /* unpacked once per pass (AVX2: no gain, dot_q6k) */
+            q6kt_rows((const bq6k *)w, k / QK, n0, n1, (const bq8k *const *)(xs + t0), nt, ys + t0);
+            continue;
+        }
+#endif
         float r[8 * MAXT];
         int64_t n = n0;
         if (BASE(wtype) == TY_Q4_0_R) { /* eight rows at a time, lanes = rows */

@@ -4,7 +4,8 @@ pass), row counts that leave tails, rows longer than the stack buffers, and ever
 
 - Q4_0 "R" (8 rows per pass): against emo's one-row path (dot_q4_seq: the same per-row order, no
   tiling) and against llama.cpp's 8x8 repacked gemv on the same weights repacked here.
-- Q8_0 with several tokens: against llama.cpp's ggml_vec_dot_q8_0_q8_0, row by row.
+- Q8_0 and Q6_K with several tokens: against llama.cpp's ggml_vec_dot_q8_0_q8_0 and
+  ggml_vec_dot_q6_K_q8_K, row by row.
 """
 
 from __future__ import annotations
@@ -128,4 +129,34 @@ def test_q8_0_tokens_equal_llama_cpp_vec_dot(ggml, n, k):
     for lib in libs():
         for T in list(range(1, MAXT + 2)) + [2 * MAXT + 1]:
             y = matmul_with(lib, torch.from_numpy(x[:T]), w.ctypes.data, cpu.Q8_0, n, k)
+            np.testing.assert_array_equal(y.numpy(), want[:T], err_msg=f"T={T}")
+
+
+@pytest.mark.parametrize("n,k", [(5, 256), (24, 2048), (2, 16640)])  # 16640: past the stack buffer
+def test_q6_k_tokens_equal_llama_cpp_vec_dot(ggml, n, k):
+    """Q6_K with several tokens (the VNNI build's tiled kernel; dot_q6k elsewhere): llama.cpp's
+    row-by-row dots for every token count of a pass, on random bytes (every scale and quant bit)."""
+    rng = np.random.default_rng(n + k)
+    nb = n * k // 256
+    w = rng.integers(0, 256, (nb, 210), dtype=np.uint8)
+    w[:, 208:210] = (rng.random(nb) * 2e-2 - 1e-2).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    w[0, 192:208] = np.array([127, 128] * 8, np.uint8)  # scales of both extremes (int8 127, -128)
+    w = w.reshape(n, -1)
+    x = (rng.standard_normal((2 * MAXT + 1, k)) * 10.0 ** rng.integers(-2, 2, (2 * MAXT + 1, 1))).astype(np.float32)
+    acts = np.zeros((len(x), k // 256 * 292), np.uint8)
+    ggml.quantize_row_q8_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    for t in range(len(x)):
+        ggml.quantize_row_q8_K(x[t].ctypes.data, acts[t].ctypes.data, k)
+    f = ggml.ggml_vec_dot_q6_K_q8_K
+    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                  ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    s = np.zeros(1, np.float32)
+    want = np.zeros((len(x), n), np.float32)
+    for t in range(len(x)):
+        for r in range(n):
+            f(k, s.ctypes.data, 0, w[r].ctypes.data, 0, acts[t].ctypes.data, 0, 1)
+            want[t, r] = s[0]
+    for lib in libs():
+        for T in list(range(1, MAXT + 2)) + [2 * MAXT + 1]:
+            y = matmul_with(lib, torch.from_numpy(x[:T]), w.ctypes.data, cpu.Q6_K, n, k)
             np.testing.assert_array_equal(y.numpy(), want[:T], err_msg=f"T={T}")

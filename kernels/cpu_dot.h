@@ -306,7 +306,7 @@ static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1,
             continue;
         }
 #if TILE_VNNI
-        if (BASE(wtype) == TY_Q6_K && nt > 1) { /* unpacked once per pass (AVX2: no gain, dot_q6k) */
+        if (BASE(wtype) == TY_Q6_K) { /* unpacked once per pass (AVX2: no gain, dot_q6k) */
             q6kt_rows((const bq6k *)w, k / QK, n0, n1, (const bq8k *const *)(xs + t0), nt, ys + t0);
             continue;
         }

@@ -27,8 +27,9 @@ static inline __m256i bcast4(const int8_t *p) { /* 4 activation bytes in every d
 #if TILE_VNNI
 /* acc + vpdpbusd(a, 4 bytes at p in every lane), the bytes an embedded {1to8} broadcast operand:
  * gcc emits a separate vpbroadcastd for the intrinsic form, which measured 7-14% slower */
+typedef int32_t __attribute__((may_alias, aligned(1))) i32_any; /* 4 bytes anywhere, any type */
 static ALWAYS_INLINE __m256i dpbusd_bcast(__m256i acc, __m256i a, const int8_t *p) {
-    __asm__("vpdpbusd %2%{1to8%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*(const int32_t *)p));
+    __asm__("vpdpbusd %2%{1to8%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*(const i32_any *)p));
     return acc;
 }
 #endif
@@ -114,7 +115,7 @@ static ALWAYS_INLINE __m256 q4r8_scales(const uint8_t *p, size_t rs) {
 }
 
 /* 8 rows (row stride nb blocks) against NT activation rows -> out[t*8 + r]; per row and token
- * acc = fma(float(isum), d_w * d_x, acc) block after block, like the row-wise dot_q4_rows8.
+ * acc = fma(float(isum), d_w * d_x, acc) block after block, like the one-row dot_q4_seq.
  * xs8/dx: q4r8_prep of the tokens, [block][MAXT]. pf: where the next pass reads (prefetched
  * linearly: eight row streams otherwise defeat the hardware prefetcher, measured 2.3x slower). */
 static ALWAYS_INLINE void q4r8_tile(const bq4 *w, int64_t nb, const bq8 *const *x, const int32_t *xs8,
@@ -169,7 +170,8 @@ static void q4r8_rows(const bq4 *w, int64_t nb, int64_t n0, int64_t n1, const bq
      * are claimed by whichever thread is free, so the previous item's pass may have run elsewhere;
      * measured 5-10% on a DRAM-bound decode) */
     if (n0 + 8 <= n1)
-        for (size_t o = 0; o < (size_t)nb * 8 * sizeof(bq4); o += 64) _mm_prefetch((const char *)(w + n0 * nb) + o, _MM_HINT_T1);
+        for (size_t o = 0; o < (size_t)nb * 8 * sizeof(bq4); o += 64)
+            _mm_prefetch((const char *)(w + n0 * nb) + o, _MM_HINT_T1);
     float r[8 * MAXT];
     for (int64_t n = n0; n + 8 <= n1; n += 8) {
         const bq4 *g = w + n * nb;
@@ -211,8 +213,8 @@ static ALWAYS_INLINE void q8t_row(const bq8 *w, int64_t nb, const uint8_t *xu, c
         const __m256i qw = _mm256_loadu_si256((const __m256i *)w[b].qs);
         const __m256 vdw = _mm256_set1_ps(h2f(w[b].d));
 #if TILE_VNNI
-        const __m256i init = _mm256_sub_epi32(_mm256_setzero_si256(),
-                                              _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8((char)0x80), qw));
+        const __m256i w128 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8((char)0x80), qw);
+        const __m256i init = _mm256_sub_epi32(_mm256_setzero_si256(), w128); /* -128 * lane sum of w */
 #else
         const __m256i aw = _mm256_sign_epi8(qw, qw);
 #endif
@@ -284,7 +286,8 @@ static ALWAYS_INLINE void q6k_unpack(const bq6k *w, __m256i q[8], __m256i scl[4]
                                 _mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
                                 _mm256_and_si256(_mm256_srli_epi16(l1, 4), low)};
         for (int c = 0; c < 4; c++)
-            q[4 * h + c] = _mm256_or_si256(lo4[c], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2 * c), three), 4));
+            q[4 * h + c] = _mm256_or_si256(
+                lo4[c], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2 * c), three), 4));
     }
     /* The scales as int16 words: each byte goes to the high half of a word (shuffle index 0x80 zeroes
      * the low one) and an arithmetic shift extends its sign. Chunk i uses scale 2i in the low 128
@@ -322,7 +325,8 @@ static ALWAYS_INLINE void q6kt_row(const bq6k *w, int64_t nb, const bq8k *const 
                                                        _mm256_loadu_si256((const __m256i *)(y->qs + 64 * p + 32)));
                 s = _mm256_dpwssd_epi32(s, _mm256_blend_epi16(d0, _mm256_slli_epi32(d1, 16), 0xAA), scl[p]);
             }
-            acc[t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(dall, _mm256_set1_epi32(t)), _mm256_cvtepi32_ps(s), acc[t]);
+            const __m256 d = _mm256_permutevar8x32_ps(dall, _mm256_set1_epi32(t));
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);
         }
     }
     for (int t = 0; t < NT; t++) out[t] = hsum8(acc[t]);

@@ -2,12 +2,15 @@
 
     .venv/bin/python bench/kernels.py                  # [8192, 2048] matrices, 1 and 4 tokens, 1 thread
     .venv/bin/python bench/kernels.py --rows 16384 --threads 2 --json
+    .venv/bin/python bench/kernels.py --against HEAD~3   # each variant also built from another commit
 
 emo builds its CPU library for the best instruction set the CPU reports (emo_kernels.cpu.VARIANTS,
 chosen at run time); every variant computes the same bits (tests/test_kquants.py). This prints the
 time of one matmul (x [T, K] against a [N, K] weight read in place, the activation conversion
 included) for every variant this CPU runs, alternated and best of --repeat, the weight bytes
-streamed per second, and the ratio of each variant's speed to the AVX2 build's.
+streamed per second, and the ratio of each variant's speed to the AVX2 build's. With --against REF,
+every variant is also built from the kernel sources of git commit REF (columns "VARIANT@REF") and
+alternated with the others: a before/after of a kernel change on one machine, in one process.
 """
 
 from __future__ import annotations
@@ -55,6 +58,24 @@ def one_matmul(lib, x: torch.Tensor, w) -> float:
     return time.perf_counter() - t0
 
 
+def kernels_at(ref: str, tmp: Path):
+    """emo_kernels.cpu as of git commit `ref` (its sources written to `tmp`), loaded as a module."""
+    import importlib.util
+    import subprocess
+
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", ref, "kernels/"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in names:
+        if name.endswith((".py", ".c", ".h")):
+            blob = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:{name}"], check=True, capture_output=True)
+            (tmp / Path(name).name).write_bytes(blob.stdout)
+    spec = importlib.util.spec_from_file_location(f"emo_kernels_at_{ref}", tmp / "cpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=8192)
@@ -64,13 +85,20 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--against", metavar="REF", help="also time every variant built from git commit REF")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from emo_kernels import cpu
     from gguf import GGMLQuantizationType as QT
 
-    variants = cpu.supported_variants()
+    variants = base = cpu.supported_variants()
     libs = {v: cpu.library(v) for v in variants}
+    if args.against:
+        import tempfile
+
+        old = kernels_at(args.against, Path(tempfile.mkdtemp(prefix="emo-kernels-")))
+        libs.update({f"{v}@{args.against}": old.library(v) for v in variants})
+        variants = list(libs)
     for lib in libs.values():
         lib.emo_set_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -87,7 +115,9 @@ def main() -> None:
             rows.append({"type": name, "tokens": T, "weight_bytes": int(data.nbytes),
                          "ms": {v: b * 1e3 for v, b in best.items()},
                          "gb_per_s": {v: data.nbytes / b / 1e9 for v, b in best.items()},
-                         "speed_vs_avx2": {v: best["avx2"] / b for v, b in best.items()}})
+                         "speed_vs_avx2": {v: best["avx2"] / b for v, b in best.items()},
+                         "speed_vs_ref": {v: best[f"{v}@{args.against}"] / best[v] for v in base} if args.against
+                         else {}})
     machine = {"simd": " ".join(sorted(f for f in cpu.cpu_flags() if f.startswith(("avx", "fma", "f16c")))),
                "variants": variants, "chosen": cpu.chosen_variant(), "threads": args.threads}
     if args.json:
@@ -96,9 +126,9 @@ def main() -> None:
     from emo_cli.ui import out, table
 
     cols = ["type", "tokens"] + [f"{v} ms" for v in variants] + [f"{v} GB/s" for v in variants] + \
-        [f"{v} / avx2" for v in variants[1:]]
+        [f"{v} / avx2" for v in variants[1:]] + [f"{v} / {v}@{args.against}" for v in base if args.against]
     body = [[r["type"], r["tokens"], *[r["ms"][v] for v in variants], *[r["gb_per_s"][v] for v in variants],
-             *[r["speed_vs_avx2"][v] for v in variants[1:]]] for r in rows]
+             *[r["speed_vs_avx2"][v] for v in variants[1:]], *r["speed_vs_ref"].values()] for r in rows]
     out.print(table(f"one [{args.rows}, {args.cols}] matmul, {args.threads} thread(s), best of {args.repeat}",
                     cols, body, justify_right_from=1))
     out.print(f"CPU: {machine['simd']}; emo uses {machine['chosen']}")

@@ -191,80 +191,6 @@ static inline __m256i i8dot_i32(__m256i a, __m256i b) { /* 8 exact int32 partial
     return udot4(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
 }
 
-/* lane r = sum of the 8 lanes of p[r] (exact integer adds) */
-static inline __m256i transpose_sum8(const __m256i *p) {
-    const __m256i a0 = _mm256_hadd_epi32(p[0], p[1]), a1 = _mm256_hadd_epi32(p[2], p[3]);
-    const __m256i a2 = _mm256_hadd_epi32(p[4], p[5]), a3 = _mm256_hadd_epi32(p[6], p[7]);
-    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
-    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
-}
-
-/* 8 consecutive Q4_0 rows (row stride nb blocks) against nt activation rows: out[t*8 + r].
- * Unsigned trick: sum (n - 8) x = sum n x - 8 sum x with n the raw nibble in [0, 15], so one
- * maddubs per row and block; every sum is an exact integer, so the result is unchanged. */
-/* the decode case of dot_q4_rows8 (one activation row), kept in registers */
-static void dot_q4_rows8_t1(const bq4 *w, int64_t nb, const bq8 *x, float *out) {
-    const __m256i ones8 = _mm256_set1_epi8(1);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        if ((b & 3) == 0) /* eight row streams defeat the hardware prefetcher: fetch 16 rows ahead */
-            for (int r = 0; r < 8; r++) _mm_prefetch((const char *)&w[(r + 16) * nb + b], _MM_HINT_T0);
-        const __m256i qx = _mm256_loadu_si256((const __m256i *)x[b].qs);
-        const __m256i sx = udot4(ones8, qx);
-#define ROWDOT(r) udot4(nibbles(w[(r) * nb + b].qs), qx)
-        const __m256i a0 = _mm256_hadd_epi32(ROWDOT(0), ROWDOT(1)), a1 = _mm256_hadd_epi32(ROWDOT(2), ROWDOT(3));
-        const __m256i a2 = _mm256_hadd_epi32(ROWDOT(4), ROWDOT(5)), a3 = _mm256_hadd_epi32(ROWDOT(6), ROWDOT(7));
-#undef ROWDOT
-        /* lane r of the last hadd pair = row r's sum; the x-sum correction rides along as a 9th "row" */
-        const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
-        const __m256i rows = _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20),
-                                              _mm256_permute2x128_si256(b0, b1, 0x31));
-        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sx), _mm256_extracti128_si256(sx, 1));
-        h = _mm_hadd_epi32(h, h);
-        h = _mm_hadd_epi32(h, h);
-        const __m256i isum = _mm256_sub_epi32(rows, _mm256_slli_epi32(_mm256_broadcastd_epi32(h), 3));
-        const __m128i dh = _mm_setr_epi16((short)w[b].d, (short)w[nb + b].d, (short)w[2 * nb + b].d,
-                                          (short)w[3 * nb + b].d, (short)w[4 * nb + b].d, (short)w[5 * nb + b].d,
-                                          (short)w[6 * nb + b].d, (short)w[7 * nb + b].d);
-        const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(dh), _mm256_set1_ps(h2f(x[b].d)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc);
-    }
-    _mm256_storeu_ps(out, acc);
-}
-
-static void dot_q4_rows8(const bq4 *w, int64_t nb, const bq8 *const *x, int nt, float *out) {
-    if (nt == 1) {
-        dot_q4_rows8_t1(w, nb, x[0], out);
-        return;
-    }
-    __m256 acc[MAXT];
-    const __m256i ones8 = _mm256_set1_epi8(1);
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i qw[8];
-        for (int r = 0; r < 8; r++) qw[r] = nibbles(w[r * nb + b].qs);
-        /* scales gathered in a register (eight 2-byte stores reloaded as one vector would stall) */
-        const __m128i dh = _mm_setr_epi16((short)w[b].d, (short)w[nb + b].d, (short)w[2 * nb + b].d,
-                                          (short)w[3 * nb + b].d, (short)w[4 * nb + b].d, (short)w[5 * nb + b].d,
-                                          (short)w[6 * nb + b].d, (short)w[7 * nb + b].d);
-        const __m256 vdw = _mm256_cvtph_ps(dh);
-        for (int t = 0; t < nt; t++) {
-            const __m256i qx = _mm256_loadu_si256((const __m256i *)x[t][b].qs);
-            __m256i p[8];
-            for (int r = 0; r < 8; r++) p[r] = udot4(qw[r], qx);
-            const __m256i sx = udot4(ones8, qx);
-            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sx), _mm256_extracti128_si256(sx, 1));
-            h = _mm_hadd_epi32(h, h);
-            h = _mm_hadd_epi32(h, h);
-            const __m256i corr = _mm256_set1_epi32(8 * _mm_cvtsi128_si32(h));
-            const __m256i rows = _mm256_sub_epi32(transpose_sum8(p), corr);
-            const __m256 d = _mm256_mul_ps(vdw, _mm256_set1_ps(h2f(x[t][b].d)));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows), d, acc[t]);
-        }
-    }
-    for (int t = 0; t < nt; t++) _mm256_storeu_ps(out + 8 * t, acc[t]);
-}
-
 static void dot_q4_seq(const bq4 *w, const bq8 *const *x, int nt, int64_t nb, float *out) {
     float acc[MAXT] = {0};
     for (int64_t b = 0; b < nb; b++) {
@@ -328,6 +254,7 @@ static float dot_f16_acc1(const uint16_t *w, const uint16_t *x, int64_t k) {
 }
 
 #include "cpu_kquants.h"
+#include "cpu_tiles.h" /* Q4_0 "R" 8 rows per pass (q4r8_rows) */
 
 /* Which F32/F16 order llama.cpp uses for a matrix of `rows` rows applied to `ntok` tokens. */
 static int sgemm_order(int wtype, int64_t rows, int64_t k, int64_t ntok) {
@@ -378,13 +305,22 @@ static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1,
     }
     for (int64_t t0 = 0; t0 < nx; t0 += MAXT) {
         const int nt = (int)(nx - t0 < MAXT ? nx - t0 : MAXT);
+        if (BASE(wtype) == TY_Q8_0) { /* several tokens: per-token work once per call (cpu_tiles.h) */
+            q8t_rows((const bq8 *)w, k / 32, n0, n1, (const bq8 *const *)(xs + t0), nt, ys + t0);
+            continue;
+        }
+#if TILE_VNNI
+        if (BASE(wtype) == TY_Q6_K) { /* unpacked once per pass (AVX2: no gain, dot_q6k) */
+            q6kt_rows((const bq6k *)w, k / QK, n0, n1, (const bq8k *const *)(xs + t0), nt, ys + t0);
+            continue;
+        }
+#endif
         float r[8 * MAXT];
         int64_t n = n0;
-        if (BASE(wtype) == TY_Q4_0_R) /* eight rows at a time, lanes = rows */
-            for (; n + 8 <= n1; n += 8) {
-                dot_q4_rows8((const bq4 *)(w + wb * (size_t)n), k / 32, (const bq8 *const *)(xs + t0), nt, r);
-                for (int t = 0; t < nt; t++) memcpy(ys[t0 + t] + n, r + 8 * t, 8 * sizeof(float));
-            }
+        if (BASE(wtype) == TY_Q4_0_R) { /* eight rows at a time, lanes = rows */
+            q4r8_rows((const bq4 *)w, k / 32, n0, n1, (const bq8 *const *)(xs + t0), nt, ys + t0);
+            n = n0 + (n1 - n0) / 8 * 8;
+        }
         for (; n < n1; n++) {
             dot_rows(wtype, w + wb * (size_t)n, xs + t0, nt, k, r, acc1);
             for (int t = 0; t < nt; t++) ys[t0 + t][n] = r[t];

@@ -1,0 +1,162 @@
+"""The register-tiled kernels (kernels/cpu_tiles.h) compute the bits of the row-wise kernels they
+replace, and of llama.cpp's own functions, for every token count of a pass (1..MAXT and a second
+pass), row counts that leave tails, rows longer than the stack buffers, and every build variant.
+
+- Q4_0 "R" (8 rows per pass): against emo's one-row path (dot_q4_seq: the same per-row order, no
+  tiling) and against llama.cpp's 8x8 repacked gemv on the same weights repacked here.
+- Q8_0 and Q6_K with several tokens: against llama.cpp's ggml_vec_dot_q8_0_q8_0 and
+  ggml_vec_dot_q6_K_q8_K, row by row.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from emo_kernels import cpu
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import quantize
+from kernel_support import needs_cpu_kernels
+
+pytestmark = needs_cpu_kernels
+
+MAXT = 8  # tokens per weight pass (cpu_dot.h)
+
+
+def q_weights(rng, qt: QT, n: int, k: int) -> np.ndarray:
+    w = quantize((rng.standard_normal((n, k)) * 0.1).astype(np.float32), qt)
+    return np.ascontiguousarray(w.view(np.uint8).reshape(n, -1))
+
+
+def matmul_with(lib, x: torch.Tensor, ptr: int, qtype: int, n: int, k: int) -> torch.Tensor:
+    y = torch.empty(x.shape[0], n)
+    lib.emo_matmul(1, (ctypes.c_void_p * 1)(ptr), (ctypes.c_int * 1)(qtype), (ctypes.c_int64 * 1)(n), k,
+                   x.data_ptr(), x.shape[0], (ctypes.c_void_p * 1)(y.data_ptr()))
+    return y
+
+
+def libs():
+    return [cpu.library(v) for v in cpu.supported_variants()]
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    lib.ggml_cpu_init()
+    return lib
+
+
+def their_q8_0(ggml, x: np.ndarray) -> np.ndarray:
+    out = np.zeros((x.shape[0], x.shape[1] // 32 * 34), np.uint8)
+    ggml.quantize_row_q8_0.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    for t in range(x.shape[0]):
+        ggml.quantize_row_q8_0(x[t].ctypes.data, out[t].ctypes.data, x.shape[1])
+    return out
+
+
+# rows: one 8-row group, a 64-row work item plus a group, and a tail of 4 rows past the groups;
+# k 8224: 257 blocks, more than the kernels' stack buffers hold
+@pytest.mark.parametrize("n,k", [(8, 64), (72, 256), (36, 96), (16, 8224)])
+def test_q4_0_r_equals_the_row_by_row_path(n, k):
+    rng = np.random.default_rng(n + k)
+    w = q_weights(rng, QT.Q4_0, n, k)
+    row_bytes = w.shape[1]
+    x = torch.from_numpy((rng.standard_normal((2 * MAXT + 1, k)) * 2).astype(np.float32))
+    for lib in libs():
+        for T in list(range(1, MAXT + 2)) + [2 * MAXT + 1]:
+            y = matmul_with(lib, x[:T], w.ctypes.data, cpu.Q4_0_R, n, k)
+            # one row per matrix never fills a group of 8: the untiled per-row loop, same order
+            want = torch.stack([matmul_with(lib, x[:T], w.ctypes.data + r * row_bytes, cpu.Q4_0_R, 1, k)[:, 0]
+                                for r in range(n)], 1)
+            assert torch.equal(y, want), (T, n, k)
+
+
+def repack_q4_0x8(w: np.ndarray, k: int) -> np.ndarray:
+    """Q4_0 rows [n, nb*18] -> llama.cpp's 8-row interleaved layout for its 8x8 kernels: per group
+    of 8 rows and block, the 8 fp16 scales, then 16 chunks of 8 quant bytes (chunk i: row i % 8,
+    bytes 8 * (i // 8)..), each byte XOR 0x88 (nibbles stored as signed)."""
+    n, nb = w.shape[0], k // 32
+    blocks = w.reshape(n // 8, 8, nb, 18)
+    d = blocks[..., :2]                                    # [g, 8 rows, nb, 2]
+    qs = blocks[..., 2:].reshape(n // 8, 8, nb, 2, 8)      # [g, row, nb, half, 8]
+    chunks = qs.transpose(0, 2, 3, 1, 4).reshape(n // 8, nb, 16, 8) ^ 0x88
+    out = np.concatenate([d.transpose(0, 2, 1, 3).reshape(n // 8, nb, 16), chunks.reshape(n // 8, nb, 128)], -1)
+    return np.ascontiguousarray(out.reshape(-1))
+
+
+@pytest.mark.parametrize("n,k", [(8, 64), (64, 2048)])
+def test_q4_0_r_decode_equals_llama_cpp_repacked_gemv(ggml, n, k):
+    """One token: the same bits as llama.cpp's gemv on its repacked copy of the weights."""
+    gemv = getattr(ggml, "_ZN4ggml3cpu6repack4gemvI10block_q4_0Ll8ELl8EL9ggml_type8EEEviPfmPKvS7_ii", None)
+    if gemv is None:
+        pytest.skip("this llama.cpp build exports no 8x8 Q4_0 gemv")
+    gemv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p,
+                     ctypes.c_int, ctypes.c_int]
+    rng = np.random.default_rng(k)
+    w = q_weights(rng, QT.Q4_0, n, k)
+    packed = repack_q4_0x8(w, k)
+    x = (rng.standard_normal((3, k)) * 3).astype(np.float32)
+    acts = their_q8_0(ggml, x)
+    for t in range(3):
+        want = np.zeros(n, np.float32)
+        gemv(k, want.ctypes.data, n, packed.ctypes.data, acts[t].ctypes.data, 1, n)
+        for lib in libs():
+            y = matmul_with(lib, torch.from_numpy(x[t:t + 1]), w.ctypes.data, cpu.Q4_0_R, n, k)
+            np.testing.assert_array_equal(y[0].numpy(), want)
+
+
+@pytest.mark.parametrize("n,k", [(5, 64), (24, 1024), (3, 4128)])
+def test_q8_0_tokens_equal_llama_cpp_vec_dot(ggml, n, k):
+    """Every token count of a pass (and more than one pass) gives llama.cpp's row-by-row dots."""
+    rng = np.random.default_rng(n * k)
+    w = q_weights(rng, QT.Q8_0, n, k)
+    w[0, 2:34] = np.uint8(0x80)  # int8 -128 everywhere in one block: the extreme of every lane sum
+    x = (rng.standard_normal((2 * MAXT + 1, k)) * 10.0 ** rng.integers(-2, 2, (2 * MAXT + 1, 1))).astype(np.float32)
+    acts = their_q8_0(ggml, x)
+    f = ggml.ggml_vec_dot_q8_0_q8_0
+    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                  ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    s = np.zeros(1, np.float32)
+    want = np.zeros((len(x), n), np.float32)
+    for t in range(len(x)):
+        for r in range(n):
+            f(k, s.ctypes.data, 0, w[r].ctypes.data, 0, acts[t].ctypes.data, 0, 1)
+            want[t, r] = s[0]
+    for lib in libs():
+        for T in list(range(1, MAXT + 2)) + [2 * MAXT + 1]:
+            y = matmul_with(lib, torch.from_numpy(x[:T]), w.ctypes.data, cpu.Q8_0, n, k)
+            np.testing.assert_array_equal(y.numpy(), want[:T], err_msg=f"T={T}")
+
+
+@pytest.mark.parametrize("n,k", [(5, 256), (24, 2048), (2, 16640)])  # 16640: past the stack buffer
+def test_q6_k_tokens_equal_llama_cpp_vec_dot(ggml, n, k):
+    """Q6_K with several tokens (the VNNI build's tiled kernel; dot_q6k elsewhere): llama.cpp's
+    row-by-row dots for every token count of a pass, on random bytes (every scale and quant bit)."""
+    rng = np.random.default_rng(n + k)
+    nb = n * k // 256
+    w = rng.integers(0, 256, (nb, 210), dtype=np.uint8)
+    w[:, 208:210] = (rng.random(nb) * 2e-2 - 1e-2).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    w[0, 192:208] = np.array([127, 128] * 8, np.uint8)  # scales of both extremes (int8 127, -128)
+    w = w.reshape(n, -1)
+    x = (rng.standard_normal((2 * MAXT + 1, k)) * 10.0 ** rng.integers(-2, 2, (2 * MAXT + 1, 1))).astype(np.float32)
+    acts = np.zeros((len(x), k // 256 * 292), np.uint8)
+    ggml.quantize_row_q8_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    for t in range(len(x)):
+        ggml.quantize_row_q8_K(x[t].ctypes.data, acts[t].ctypes.data, k)
+    f = ggml.ggml_vec_dot_q6_K_q8_K
+    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                  ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    s = np.zeros(1, np.float32)
+    want = np.zeros((len(x), n), np.float32)
+    for t in range(len(x)):
+        for r in range(n):
+            f(k, s.ctypes.data, 0, w[r].ctypes.data, 0, acts[t].ctypes.data, 0, 1)
+            want[t, r] = s[0]
+    for lib in libs():
+        for T in list(range(1, MAXT + 2)) + [2 * MAXT + 1]:
+            y = matmul_with(lib, torch.from_numpy(x[:T]), w.ctypes.data, cpu.Q6_K, n, k)
+            np.testing.assert_array_equal(y.numpy(), want[:T], err_msg=f"T={T}")

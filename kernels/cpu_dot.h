@@ -66,7 +66,8 @@ size_t emo_row_bytes(int type, int64_t k) {
     case TY_BF16: return 2 * (size_t)k;
     /* block sizes of cpu_kquants.h (checked there with static asserts) */
     case TY_Q5_0: return (size_t)(k / 32) * 22;
-    case TY_Q4_K: return (size_t)(k / 256) * 144;
+    case TY_Q4_K:
+    case TY_Q4_K | 0x100: return (size_t)(k / 256) * 144; /* TY_Q4_K_R (cpu_q4k_rows8.h) */
     case TY_Q5_K: return (size_t)(k / 256) * 176;
     case TY_Q6_K: return (size_t)(k / 256) * 210;
     case TY_Q8_K: return (size_t)(k / 256) * 292;
@@ -328,6 +329,7 @@ static float dot_f16_acc1(const uint16_t *w, const uint16_t *x, int64_t k) {
 }
 
 #include "cpu_kquants.h"
+#include "cpu_q4k_rows8.h"
 
 /* Which F32/F16 order llama.cpp uses for a matrix of `rows` rows applied to `ntok` tokens. */
 static int sgemm_order(int wtype, int64_t rows, int64_t k, int64_t ntok) {
@@ -342,7 +344,8 @@ static void dot_rows(int wtype, const void *w, const void *const *x, int nt, int
     case TY_Q4_0: dot_q4((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
     case TY_Q4_0_R: dot_q4_seq((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
     case TY_Q5_0: dot_q5_0((const bq5 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
-    case TY_Q4_K: dot_q4k((const bq4k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
+    case TY_Q4_K:
+    case TY_Q4_K_R: dot_q4k((const bq4k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
     case TY_Q5_K: dot_q5k((const bq5k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
     case TY_Q6_K: dot_q6k((const bq6k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
     case TY_BF16:
@@ -361,11 +364,41 @@ static void dot_rows(int wtype, const void *w, const void *const *x, int nt, int
     }
 }
 
+/* Q4_K "R" rows [n0, n1) (multiples of 8) against activation rows xs[0..nx), which are rows i0.. of
+ * an op of ntok tokens: a 2-D matmul sums its first ntok - ntok % 4 tokens in llama.cpp's gemm
+ * order, everything else in its gemv order (cpu_q4k_rows8.h) */
+static void gemv_q4k_r(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1, const void *const *xs,
+                       float *const *ys, int64_t nx, int64_t i0, int64_t ntok) {
+    const size_t wb = emo_row_bytes(wtype, k);
+    const int64_t ngemm = (wtype & TY_2D) ? ntok - ntok % 4 : 0;
+    for (int64_t t0 = 0; t0 < nx;) {
+        int64_t nt = nx - t0 < MAXT ? nx - t0 : MAXT;
+        const int pairs = i0 + t0 < ngemm;
+        if (pairs && i0 + t0 + nt > ngemm) nt = ngemm - (i0 + t0); /* a group takes one order */
+        float r[8 * MAXT];
+        int64_t n = n0;
+        for (; n + 8 <= n1; n += 8) {
+            dot_q4k_rows8((const bq4k *)(w + wb * (size_t)n), k / QK, (const bq8k *const *)(xs + t0), (int)nt, pairs, r);
+            for (int t = 0; t < nt; t++) memcpy(ys[t0 + t] + n, r + 8 * t, 8 * sizeof(float));
+        }
+        for (; n < n1; n++) { /* never for a matrix QWeight marks "R"; kept so no row is skipped */
+            dot_q4k((const bq4k *)(w + wb * (size_t)n), (const bq8k *const *)(xs + t0), (int)nt, k / QK, r);
+            for (int t = 0; t < nt; t++) ys[t0 + t][n] = r[t];
+        }
+        t0 += nt;
+    }
+}
+
 /* ys[i][n] = <row n of w, xs[i]> for n in [n0, n1) and i < nx: one weight matrix against a list of
  * converted activation rows. Tokens go MAXT at a time so a weight row is read once per group.
- * rows/ntok: the matrix's row count and the tokens of the whole op (they pick llama.cpp's order). */
+ * rows/ntok: the matrix's row count and the tokens of the whole op (they pick llama.cpp's order);
+ * i0: the op's index of xs[0]. */
 static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1, const void *const *xs,
-                 float *const *ys, int64_t nx, int64_t rows, int64_t ntok) {
+                 float *const *ys, int64_t nx, int64_t rows, int64_t ntok, int64_t i0) {
+    if (BASE(wtype) == TY_Q4_K_R) {
+        gemv_q4k_r(wtype, w, k, n0, n1, xs, ys, nx, i0, ntok);
+        return;
+    }
     const int acc1 = sgemm_order(wtype, rows, k, ntok);
     const size_t wb = emo_row_bytes(wtype, k);
     if (nx == 1 && BASE(wtype) == TY_Q8_0) { /* decode */

@@ -371,6 +371,11 @@ static void gemv_q4k_r(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64
                        float *const *ys, int64_t nx, int64_t i0, int64_t ntok) {
     const size_t wb = emo_row_bytes(wtype, k);
     const int64_t ngemm = (wtype & TY_2D) ? ntok - ntok % 4 : 0;
+    /* the kernel prefetches PF_GROUPS row groups ahead inside [n0, n1) (rows past it may be another
+     * thread's): fetch the first ones here */
+    const int64_t pf1 = n0 + 8 * PF_GROUPS < n1 ? n0 + 8 * PF_GROUPS : n1;
+    for (size_t o = 0; o < wb * (size_t)(pf1 - n0); o += 64)
+        _mm_prefetch((const char *)w + wb * (size_t)n0 + o, _MM_HINT_T0);
     for (int64_t t0 = 0; t0 < nx;) {
         int64_t nt = nx - t0 < MAXT ? nx - t0 : MAXT;
         const int pairs = i0 + t0 < ngemm;
@@ -378,7 +383,8 @@ static void gemv_q4k_r(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64
         float r[8 * MAXT];
         int64_t n = n0;
         for (; n + 8 <= n1; n += 8) {
-            dot_q4k_rows8((const bq4k *)(w + wb * (size_t)n), k / QK, (const bq8k *const *)(xs + t0), (int)nt, pairs, r);
+            dot_q4k_rows8((const bq4k *)(w + wb * (size_t)n), k / QK, (const bq8k *const *)(xs + t0), (int)nt, pairs, r,
+                          n + 8 * (PF_GROUPS + 1) <= n1);
             for (int t = 0; t < nt; t++) memcpy(ys[t0 + t] + n, r + 8 * t, 8 * sizeof(float));
         }
         for (; n < n1; n++) { /* never for a matrix QWeight marks "R"; kept so no row is skipped */

@@ -15,7 +15,8 @@
  * for the rest; expert stacks (MUL_MAT_ID) run every token in the gemv order. The activations are
  * Q8_K in both: the 4-token quantizer may pick the opposite sign for a block whose largest
  * magnitude appears with both signs, which negates q and d together and leaves every product
- * above unchanged, so one conversion serves both orders.
+ * above unchanged, so one conversion serves both orders. An AVX-512 build of llama.cpp runs its
+ * gemm 16 rows per 512-bit register and its gemv with the AVX2 code: the same per-row steps.
  * The rows stay where the memory map has them (no repacked copy): each super-block of 8 rows is
  * gathered from 8 row streams, its 8 packed scale sets decoded together with vector ops.
  * Shape legend: nb super-blocks per row (row stride), nt activation rows (<= MAXT), lanes = rows.
@@ -38,7 +39,8 @@ static inline __m256i q4k_scaled_acc(__m256i acc, __m256i q, const int8_t *x, __
 /* a shuffle_epi8 control turning bytes a and b of every dword into its two uint16 halves */
 static inline __m256i words_of_bytes(int a, int b) {
     const __m128i base = _mm_setr_epi32(0, 0x00040004, 0x00080008, 0x000C000C); /* 4d in both halves */
-    const __m128i ctl = _mm_or_si128(_mm_add_epi32(base, _mm_set1_epi32(a | (b << 16))), _mm_set1_epi32((int)0x80008000u));
+    const __m128i ab = _mm_add_epi32(base, _mm_set1_epi32(a | (b << 16)));
+    const __m128i ctl = _mm_or_si128(ab, _mm_set1_epi32((int)0x80008000u)); /* odd bytes: 0x80 selects a zero */
     return _mm256_broadcastsi128_si256(ctl);
 }
 
@@ -78,8 +80,8 @@ static inline void q4k_head8(const bq4k *w, int64_t nb, struct q4k_head *h) {
     h->mn[2] = _mm256_shuffle_epi8(mn_hi, pair0);
     h->mn[3] = _mm256_shuffle_epi8(mn_hi, pair1);
     /* fp16 d (low half of dword 0) and dmin (high half) of the 8 rows */
-    const __m256i split = _mm256_shuffle_epi8(dd, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
-                                                                   0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+    const __m128i pick = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15); /* d words, dmin words */
+    const __m256i split = _mm256_shuffle_epi8(dd, _mm256_broadcastsi128_si256(pick));
     const __m256i ord = _mm256_permute4x64_epi64(split, _MM_SHUFFLE(3, 1, 2, 0));
     h->d = _mm256_cvtph_ps(_mm256_castsi256_si128(ord));
     h->dmin = _mm256_cvtph_ps(_mm256_extracti128_si256(ord, 1));
@@ -97,22 +99,23 @@ static inline void q4k_bsum_pairs(const bq8k *y, __m256i *bp) {
     bp[3] = _mm256_shuffle_epi32(s2, 0xFF);
 }
 
-/* Eight strided row streams defeat the hardware prefetcher (slower than one row at a time from
- * DRAM, measured 2-3x): while super-block b of a group is read, fetch the b-th slice of the group PF_GROUPS ahead,
- * so the next groups arrive as one linear stream. w: the group's first row, at super-block 0. */
+/* Eight strided row streams defeat the hardware prefetcher (2-3x slower than one row at a time
+ * from DRAM, measured): while super-block b of a group is read, fetch the b-th slice of the group
+ * PF_GROUPS ahead, so the next groups arrive as one linear stream. w: the group's first row. */
 #define PF_GROUPS 2
 static inline void prefetch_group(const bq4k *w, int64_t nb, int64_t b) {
     const char *p = (const char *)(w + PF_GROUPS * 8 * nb) + b * 8 * sizeof(bq4k);
     for (int l = 0; l < 8 * (int)sizeof(bq4k); l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
 }
 
-/* the decode case: 8 rows against one activation row in the gemv order, kept in registers */
-static void dot_q4k_rows8_t1(const bq4k *w, int64_t nb, const bq8k *x, float *out) {
+/* the decode case: 8 rows against one activation row in the gemv order, kept in registers;
+ * pf: the rows PF_GROUPS groups ahead belong to the caller's range (prefetch them) */
+static void dot_q4k_rows8_t1(const bq4k *w, int64_t nb, const bq8k *x, float *out, int pf) {
     const __m256i low = _mm256_set1_epi8(0x0F);
     __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
     struct q4k_head h;
     for (int64_t b = 0; b < nb; b++) {
-        prefetch_group(w, nb, b);
+        if (pf) prefetch_group(w, nb, b);
         q4k_head8(w + b, nb, &h);
         __m256i s[8];
         for (int r = 0; r < 8; r++) {
@@ -138,10 +141,10 @@ static void dot_q4k_rows8_t1(const bq4k *w, int64_t nb, const bq8k *x, float *ou
 }
 
 /* 8 consecutive Q4_K rows (row stride nb super-blocks) against nt activation rows: out[t*8 + r];
- * `pairs`: the gemm order (one fma per pair of sub-blocks) instead of the gemv order */
-static void dot_q4k_rows8(const bq4k *w, int64_t nb, const bq8k *const *x, int nt, int pairs, float *out) {
+ * `pairs`: the gemm order (one fma per pair of sub-blocks) instead of the gemv order; pf as above */
+static void dot_q4k_rows8(const bq4k *w, int64_t nb, const bq8k *const *x, int nt, int pairs, float *out, int pf) {
     if (nt == 1 && !pairs) {
-        dot_q4k_rows8_t1(w, nb, x[0], out);
+        dot_q4k_rows8_t1(w, nb, x[0], out, pf);
         return;
     }
     const __m256i low = _mm256_set1_epi8(0x0F);
@@ -150,7 +153,7 @@ static void dot_q4k_rows8(const bq4k *w, int64_t nb, const bq8k *const *x, int n
     struct q4k_head h;
     __m256i part[MAXT][4][8]; /* [token][sub-block pair][row] 8 int32 lanes still to be summed */
     for (int64_t b = 0; b < nb; b++) {
-        prefetch_group(w, nb, b);
+        if (pf) prefetch_group(w, nb, b);
         q4k_head8(w + b, nb, &h);
         for (int r = 0; r < 8; r++) {
             const uint8_t *qs = w[r * nb + b].qs;

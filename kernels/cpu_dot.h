@@ -139,6 +139,8 @@ static void convert_row(const float *x, void *out, int atype, int64_t k) {
  *                accumulator (FMA), horizontal sum at the end
  *   Q4_0 "R"     matrices whose row count is a multiple of 8, which llama.cpp repacks 8 rows at a
  *                time: per row, acc = fma(float(block int sum), d_w*d_x, acc) block after block
+ *   Q4_K "R"     Q4_K matrices of 8-row multiples, repacked likewise: cpu_q4k_rows8.h (its gemv
+ *                and gemm orders differ, so a 2-D matmul's token count matters there)
  *   F32, F16     four 8-lane FMA accumulators over 32-value steps, reduced (0+2, 1+3), (0+1), then
  *                128-bit halves and two horizontal adds; the tail (k % 32) added one by one; but a
  *                plain 2-D matmul of >= 2 tokens with rows % 4 == 0 and k % 8 == 0 goes through

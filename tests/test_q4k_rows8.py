@@ -169,3 +169,19 @@ def test_only_8_row_multiples_take_the_repacked_order():
     assert cpu.QWeight.from_array(w, int(QT.Q4_K), 24, 256).qtype == cpu.Q4_K_R
     assert cpu.QWeight.from_array(w, int(QT.Q4_K), 24, 256, matrix_rows=12).qtype == cpu.Q4_K
     assert cpu.QWeight.from_array(w[:12], int(QT.Q4_K), 12, 256).qtype == cpu.Q4_K
+
+
+def test_a_2d_expert_takes_the_gemm_order_for_whole_4_token_groups_only():
+    """A shared expert (flagged as a plain 2-D matmul) of 11 tokens runs tokens 0-7 in the gemm
+    order and 8-10 in the gemv order, as llama.cpp's 2-D matmul does, even though the MoE hands
+    it to the kernels 8 tokens at a time; routed experts run every token in the gemv order."""
+    rng = np.random.default_rng(6)
+    T, D, F = 11, 256, 512
+    ws = [cpu.QWeight.from_array(random_blocks(rng, QT.Q4_K, r, c), int(QT.Q4_K), r, c) for r, c in ((F, D), (F, D), (D, F))]
+    x = torch.from_numpy(activations(rng, T, D))
+    experts, weights = torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1)
+    routed = cpu.moe(x, experts, weights, cpu.MoEWeights(*[[w] for w in ws]))
+    flagged = [[cpu.QWeight(w.ptr, w.qtype | cpu.MATMUL_2D, w.n, w.k, w.owner)] for w in ws]
+    shared = cpu.moe(x, experts, weights, cpu.MoEWeights(*flagged))
+    assert torch.equal(shared[8:], routed[8:])
+    assert not torch.equal(shared[:8], routed[:8])

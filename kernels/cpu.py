@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-HEADERS = [Path(__file__).with_name(n) for n in ("cpu_dot.h", "cpu_kquants.h", "cpu_tiles.h", "cpu_pool.h")]
+HEADERS = [Path(__file__).with_name(n) for n in ("cpu_dot.h", "cpu_kquants.h", "cpu_tiles.h", "cpu_q4k_rows8.h",
+                                                   "cpu_pool.h")]
 FLAGS = ["-O3", "-pthread", "-fPIC", "-shared",
          # keep mul and add separately rounded, as llama.cpp's graph does for the expert mixture
          "-ffp-contract=off"]
@@ -44,13 +45,16 @@ F32, F16, Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 6, 8, 12, 13, 14, 
 # Q4_0 matrices with a multiple of 8 rows: llama.cpp repacks them 8 rows at a time and sums each
 # row block after block; the kernels follow that order for them (cpu_kernels.c, dot products)
 Q4_0_R = Q4_0 | 0x100
+# Q4_K matrices with a multiple of 8 rows, likewise repacked by llama.cpp: 8 rows summed together in
+# its gemv order (one token, experts) or gemm order (4-token groups of a 2-D matmul), cpu_q4k_rows8.h
+Q4_K_R = Q4_K | 0x100
 # flag for an expert that llama.cpp computes as a plain 2-D matmul (the shared expert), which
 # changes its F32/F16 summation order for multi-token batches; other matrices need no flag
 MATMUL_2D = 0x200
 NATIVE_TYPES = {F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q5_0: "Q5_0", Q8_0: "Q8_0",
                 Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
 BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q5_0: (32, 22), Q8_0: (32, 34),
-         Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210), Q4_0_R: (32, 18)}  # (values, bytes)
+         Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210), Q4_0_R: (32, 18), Q4_K_R: (256, 144)}  # (values, bytes)
 
 
 class KernelUnavailable(RuntimeError):
@@ -184,8 +188,8 @@ class QWeight:
         vals, nbytes = BLOCK[qtype]
         if k % vals or data.nbytes != n * k // vals * nbytes or not data.flags.c_contiguous:
             raise ValueError(f"weight bytes do not match a [{n}, {k}] {NATIVE_TYPES[qtype]} matrix")
-        if qtype == Q4_0 and (matrix_rows or n) % 8 == 0:
-            qtype = Q4_0_R
+        if qtype in (Q4_0, Q4_K) and (matrix_rows or n) % 8 == 0:
+            qtype |= 0x100  # Q4_0_R, Q4_K_R
         return cls(data.ctypes.data, qtype, n, k, data)
 
     @classmethod

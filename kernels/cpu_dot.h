@@ -66,7 +66,8 @@ size_t emo_row_bytes(int type, int64_t k) {
     case TY_BF16: return 2 * (size_t)k;
     /* block sizes of cpu_kquants.h (checked there with static asserts) */
     case TY_Q5_0: return (size_t)(k / 32) * 22;
-    case TY_Q4_K: return (size_t)(k / 256) * 144;
+    case TY_Q4_K:
+    case TY_Q4_K | 0x100: return (size_t)(k / 256) * 144; /* TY_Q4_K_R (cpu_q4k_rows8.h) */
     case TY_Q5_K: return (size_t)(k / 256) * 176;
     case TY_Q6_K: return (size_t)(k / 256) * 210;
     case TY_Q8_K: return (size_t)(k / 256) * 292;
@@ -138,6 +139,8 @@ static void convert_row(const float *x, void *out, int atype, int64_t k) {
  *                accumulator (FMA), horizontal sum at the end
  *   Q4_0 "R"     matrices whose row count is a multiple of 8, which llama.cpp repacks 8 rows at a
  *                time: per row, acc = fma(float(block int sum), d_w*d_x, acc) block after block
+ *   Q4_K "R"     Q4_K matrices of 8-row multiples, repacked likewise: cpu_q4k_rows8.h (its gemv
+ *                and gemm orders differ, so a 2-D matmul's token count matters there)
  *   F32, F16     four 8-lane FMA accumulators over 32-value steps, reduced (0+2, 1+3), (0+1), then
  *                128-bit halves and two horizontal adds; the tail (k % 32) added one by one; but a
  *                plain 2-D matmul of >= 2 tokens with rows % 4 == 0 and k % 8 == 0 goes through
@@ -254,8 +257,8 @@ static float dot_f16_acc1(const uint16_t *w, const uint16_t *x, int64_t k) {
 }
 
 #include "cpu_kquants.h"
-#include "cpu_tiles.h" /* Q4_0 "R" 8 rows per pass (q4r8_rows) */
-
+#include "cpu_tiles.h"     /* Q4_0 "R" 8 rows per pass, Q8_0 and Q6_K token tiles */
+#include "cpu_q4k_rows8.h" /* Q4_K "R": llama.cpp's repacked gemv/gemm orders */
 /* Which F32/F16 order llama.cpp uses for a matrix of `rows` rows applied to `ntok` tokens. */
 static int sgemm_order(int wtype, int64_t rows, int64_t k, int64_t ntok) {
     return (wtype & TY_2D) && ntok >= 2 && rows % 4 == 0 && k % 8 == 0;
@@ -269,7 +272,8 @@ static void dot_rows(int wtype, const void *w, const void *const *x, int nt, int
     case TY_Q4_0: dot_q4((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
     case TY_Q4_0_R: dot_q4_seq((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
     case TY_Q5_0: dot_q5_0((const bq5 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
-    case TY_Q4_K: dot_q4k((const bq4k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
+    case TY_Q4_K:
+    case TY_Q4_K_R: dot_q4k((const bq4k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
     case TY_Q5_K: dot_q5k((const bq5k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
     case TY_Q6_K: dot_q6k((const bq6k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
     case TY_BF16:
@@ -288,11 +292,47 @@ static void dot_rows(int wtype, const void *w, const void *const *x, int nt, int
     }
 }
 
+/* Q4_K "R" rows [n0, n1) (multiples of 8) against activation rows xs[0..nx), which are rows i0.. of
+ * an op of ntok tokens: a 2-D matmul sums its first ntok - ntok % 4 tokens in llama.cpp's gemm
+ * order, everything else in its gemv order (cpu_q4k_rows8.h) */
+static void gemv_q4k_r(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1, const void *const *xs,
+                       float *const *ys, int64_t nx, int64_t i0, int64_t ntok) {
+    const size_t wb = emo_row_bytes(wtype, k);
+    const int64_t ngemm = (wtype & TY_2D) ? ntok - ntok % 4 : 0;
+    /* the kernel prefetches PF_GROUPS row groups ahead inside [n0, n1) (rows past it may be another
+     * thread's): fetch the first ones here */
+    const int64_t pf1 = n0 + 8 * PF_GROUPS < n1 ? n0 + 8 * PF_GROUPS : n1;
+    for (size_t o = 0; o < wb * (size_t)(pf1 - n0); o += 64)
+        _mm_prefetch((const char *)w + wb * (size_t)n0 + o, _MM_HINT_T0);
+    for (int64_t t0 = 0; t0 < nx;) {
+        int64_t nt = nx - t0 < MAXT ? nx - t0 : MAXT;
+        const int pairs = i0 + t0 < ngemm;
+        if (pairs && i0 + t0 + nt > ngemm) nt = ngemm - (i0 + t0); /* a group takes one order */
+        float r[8 * MAXT];
+        int64_t n = n0;
+        for (; n + 8 <= n1; n += 8) {
+            dot_q4k_rows8((const bq4k *)(w + wb * (size_t)n), k / QK, (const bq8k *const *)(xs + t0), (int)nt, pairs, r,
+                          n + 8 * (PF_GROUPS + 1) <= n1);
+            for (int t = 0; t < nt; t++) memcpy(ys[t0 + t] + n, r + 8 * t, 8 * sizeof(float));
+        }
+        for (; n < n1; n++) { /* never for a matrix QWeight marks "R"; kept so no row is skipped */
+            dot_q4k((const bq4k *)(w + wb * (size_t)n), (const bq8k *const *)(xs + t0), (int)nt, k / QK, r);
+            for (int t = 0; t < nt; t++) ys[t0 + t][n] = r[t];
+        }
+        t0 += nt;
+    }
+}
+
 /* ys[i][n] = <row n of w, xs[i]> for n in [n0, n1) and i < nx: one weight matrix against a list of
  * converted activation rows. Tokens go MAXT at a time so a weight row is read once per group.
- * rows/ntok: the matrix's row count and the tokens of the whole op (they pick llama.cpp's order). */
+ * rows/ntok: the matrix's row count and the tokens of the whole op (they pick llama.cpp's order);
+ * i0: the op's index of xs[0]. */
 static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1, const void *const *xs,
-                 float *const *ys, int64_t nx, int64_t rows, int64_t ntok) {
+                 float *const *ys, int64_t nx, int64_t rows, int64_t ntok, int64_t i0) {
+    if (BASE(wtype) == TY_Q4_K_R) {
+        gemv_q4k_r(wtype, w, k, n0, n1, xs, ys, nx, i0, ntok);
+        return;
+    }
     const int acc1 = sgemm_order(wtype, rows, k, ntok);
     const size_t wb = emo_row_bytes(wtype, k);
     if (nx == 1 && BASE(wtype) == TY_Q8_0) { /* decode */

@@ -19,7 +19,7 @@
 #include "cpu_pool.h"
 
 /* ---- public: threads and dense matmuls -------------------------------------------------------- */
-#define ROWS_PER_ITEM 64 /* rows of one matrix per work item (a multiple of 8, for Q4_0 "R") */
+#define ROWS_PER_ITEM 64 /* rows of one matrix per work item (a multiple of 8, for Q4_0/Q4_K "R") */
 
 void emo_set_threads(int n) {
     pthread_mutex_lock(&pool.run_mu);
@@ -91,7 +91,7 @@ static void mm_item(void *p, int64_t c) {
     while (c >= m->starts[j + 1]) j++;
     const int64_t n0 = (c - m->starts[j]) * ROWS_PER_ITEM, n1 = n0 + ROWS_PER_ITEM < m->n[j] ? n0 + ROWS_PER_ITEM : m->n[j];
     gemv(m->wtype[j] | TY_2D, (const uint8_t *)m->w[j], m->k, n0, n1, m->A.xs[act_type(m->wtype[j])],
-         m->ys + j * m->T, m->T, m->n[j], m->T);
+         m->ys + j * m->T, m->T, m->n[j], m->T, 0);
 }
 
 /* m weight matrices w[j] [n[j], k] (all sharing the input) times x [T, k] -> y[j] [T, n[j]].
@@ -402,7 +402,7 @@ static void moe_gate_up(void *p, int64_t c) {
         const int64_t nt = cnt - t0 < MAXT ? cnt - t0 : MAXT;
         for (int64_t t = 0; t < nt; t++) ys[t] = (is_up ? m->u : m->g) + (q0 + t0 + t) * m->F;
         gemv(ty, (const uint8_t *)(is_up ? m->up[e] : m->gate[e]), m->D, n0, n1, m->xq[act_type(ty)] + q0 + t0,
-             ys, nt, m->F, m->T);
+             ys, nt, m->F, m->T, t0);
     }
 }
 
@@ -431,7 +431,7 @@ static void moe_down(void *p, int64_t c) {
             xs[t] = m->hc + m->hstride * (q0 + t0 + t);
             ys[t] = m->out + (q0 + t0 + t) * m->D;
         }
-        gemv(m->dtype[e], (const uint8_t *)m->down[e], m->F, n0, n1, xs, ys, nt, m->D, m->T);
+        gemv(m->dtype[e], (const uint8_t *)m->down[e], m->F, n0, n1, xs, ys, nt, m->D, m->T, t0);
     }
 }
 

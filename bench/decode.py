@@ -253,9 +253,9 @@ def run_emo(path: Path, prompt: list[int], n_decode: int, threads: int) -> dict:
     m = load_gguf_model(path, backend="cpu").model
     load_s = time.perf_counter() - t0
 
-    def step(ids, cache):
+    def step(ids, cache):  # argmax in numpy, as for llama.cpp's logits below
         h = m.hidden_states(torch.tensor([ids]), cache=cache)
-        return int(m.logits(h[:, -1:])[0, -1].argmax())
+        return int(m.logits(h[:, -1:])[0, -1].numpy().argmax())
 
     return _timed(step, m.new_cache, prompt, n_decode, load_s, anon)
 

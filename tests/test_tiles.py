@@ -109,6 +109,30 @@ def test_q4_0_r_decode_equals_llama_cpp_repacked_gemv(ggml, n, k):
             np.testing.assert_array_equal(y[0].numpy(), want)
 
 
+def their_vec_dots(ggml, name: str, w: np.ndarray, acts: np.ndarray, k: int) -> np.ndarray:
+    """[tokens, rows]: llama.cpp's ggml_vec_dot_<name> of every weight row with every activation row."""
+    f = getattr(ggml, f"ggml_vec_dot_{name}")
+    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                  ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    s = np.zeros(1, np.float32)
+    want = np.zeros((len(acts), len(w)), np.float32)
+    for t in range(len(acts)):
+        for r in range(len(w)):
+            f(k, s.ctypes.data, 0, w[r].ctypes.data, 0, acts[t].ctypes.data, 0, 1)
+            want[t, r] = s[0]
+    return want
+
+
+def every_token_count_equals(x: np.ndarray, w: np.ndarray, qtype: int, want: np.ndarray) -> None:
+    """Every build's matmul of the first T activation rows equals `want` to the bit, for every token
+    count of a pass and for more than one pass."""
+    n, k = w.shape[0], x.shape[1]
+    for lib in libs():
+        for T in list(range(1, MAXT + 2)) + [2 * MAXT + 1]:
+            y = matmul_with(lib, torch.from_numpy(x[:T]), w.ctypes.data, qtype, n, k)
+            np.testing.assert_array_equal(y.numpy(), want[:T], err_msg=f"T={T}")
+
+
 @pytest.mark.parametrize("n,k", [(5, 64), (24, 1024), (3, 4128)])
 def test_q8_0_tokens_equal_llama_cpp_vec_dot(ggml, n, k):
     """Every token count of a pass (and more than one pass) gives llama.cpp's row-by-row dots."""
@@ -117,19 +141,7 @@ def test_q8_0_tokens_equal_llama_cpp_vec_dot(ggml, n, k):
     w[0, 2:34] = np.uint8(0x80)  # int8 -128 everywhere in one block: the extreme of every lane sum
     x = (rng.standard_normal((2 * MAXT + 1, k)) * 10.0 ** rng.integers(-2, 2, (2 * MAXT + 1, 1))).astype(np.float32)
     acts = their_q8_0(ggml, x)
-    f = ggml.ggml_vec_dot_q8_0_q8_0
-    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
-                  ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    s = np.zeros(1, np.float32)
-    want = np.zeros((len(x), n), np.float32)
-    for t in range(len(x)):
-        for r in range(n):
-            f(k, s.ctypes.data, 0, w[r].ctypes.data, 0, acts[t].ctypes.data, 0, 1)
-            want[t, r] = s[0]
-    for lib in libs():
-        for T in list(range(1, MAXT + 2)) + [2 * MAXT + 1]:
-            y = matmul_with(lib, torch.from_numpy(x[:T]), w.ctypes.data, cpu.Q8_0, n, k)
-            np.testing.assert_array_equal(y.numpy(), want[:T], err_msg=f"T={T}")
+    every_token_count_equals(x, w, cpu.Q8_0, their_vec_dots(ggml, "q8_0_q8_0", w, acts, k))
 
 
 @pytest.mark.parametrize("n,k", [(5, 256), (24, 2048), (2, 16640)])  # 16640: past the stack buffer
@@ -147,16 +159,4 @@ def test_q6_k_tokens_equal_llama_cpp_vec_dot(ggml, n, k):
     ggml.quantize_row_q8_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     for t in range(len(x)):
         ggml.quantize_row_q8_K(x[t].ctypes.data, acts[t].ctypes.data, k)
-    f = ggml.ggml_vec_dot_q6_K_q8_K
-    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
-                  ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    s = np.zeros(1, np.float32)
-    want = np.zeros((len(x), n), np.float32)
-    for t in range(len(x)):
-        for r in range(n):
-            f(k, s.ctypes.data, 0, w[r].ctypes.data, 0, acts[t].ctypes.data, 0, 1)
-            want[t, r] = s[0]
-    for lib in libs():
-        for T in list(range(1, MAXT + 2)) + [2 * MAXT + 1]:
-            y = matmul_with(lib, torch.from_numpy(x[:T]), w.ctypes.data, cpu.Q6_K, n, k)
-            np.testing.assert_array_equal(y.numpy(), want[:T], err_msg=f"T={T}")
+    every_token_count_equals(x, w, cpu.Q6_K, their_vec_dots(ggml, "q6_K_q8_K", w, acts, k))

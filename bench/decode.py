@@ -203,6 +203,30 @@ def tiny_gguf(workdir: Path) -> Path | None:
     return out
 
 
+def resolve_model(name: str, workdir: Path) -> Path | None:
+    """The GGUF file of a model name (see the module docstring), written first for a synthetic one;
+    None (with a line on stderr) for `tiny` before the embedded model exists."""
+    if name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise SystemExit(f"{name}: no such GGUF file")
+        return Path(name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if name == "tiny":
+        path = tiny_gguf(workdir)
+        if path is None:
+            print("tiny: emo_cli/assets/tiny-emo does not exist yet; skipped", file=sys.stderr)
+        return path
+    shape, _, quant = name.rpartition("-")
+    if shape not in SHAPES or quant not in SYNTHETIC_QUANTS:
+        raise SystemExit(f"unknown model {name!r} (tiny, tiny-random-QUANT, slim-QUANT with QUANT one of "
+                         f"{', '.join(SYNTHETIC_QUANTS)}, or PATH.gguf)")
+    path = workdir / f"{name}.gguf"
+    if not path.exists():
+        print(f"writing {path} ...", file=sys.stderr)
+        write_synthetic_gguf(path, shape, quant)
+    return path
+
+
 # ---- workers (one process per engine and model) --------------------------------------------------
 def status_bytes(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -365,28 +389,12 @@ def main() -> None:
     if args.worker:
         return worker(args)
     sys.path.insert(0, str(ROOT))
-    args.workdir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     rows = []
     for name in args.models.split(","):
-        if name.endswith(".gguf"):
-            path = Path(name)
-            if not path.is_file():
-                raise SystemExit(f"{name}: no such GGUF file")
-        elif name == "tiny":
-            path = tiny_gguf(args.workdir)
-            if path is None:
-                print("tiny: emo_cli/assets/tiny-emo does not exist yet; skipped", file=sys.stderr)
-                continue
-        else:
-            shape, _, quant = name.rpartition("-")
-            if shape not in SHAPES or quant not in SYNTHETIC_QUANTS:
-                raise SystemExit(f"unknown model {name!r} (tiny, tiny-random-QUANT, slim-QUANT with QUANT one of "
-                                 f"{', '.join(SYNTHETIC_QUANTS)}, or PATH.gguf)")
-            path = args.workdir / f"{name}.gguf"
-            if not path.exists():
-                print(f"writing {path} ...", file=sys.stderr)
-                write_synthetic_gguf(path, shape, quant)
+        path = resolve_model(name, args.workdir)
+        if path is None:
+            continue
         emo, ref = best_of(path, args)
         size = path.stat().st_size
         rows.append({"model": name, "file_bytes": size, "threads": args.threads, "emo": emo, "llama.cpp": ref,

@@ -144,6 +144,8 @@ class GGUFMoE:
         # on the CPU kernels the routed logits get ggml's fp32 summation order (routing ties matter)
         self.router_w = cpu.QWeight.from_tensor(router) if backend == "cpu" else None
         self.router_q = cpu.MatmulPlan([self.router_w]) if backend == "cpu" else None
+        # ... and llama.cpp's softmax, so that routing weights match to the bit as well
+        self.softmax = cpu.softmax if backend == "cpu" else None
         self.expert_ids = torch.as_tensor(expert_ids if expert_ids is not None else range(E))
         self.allowed: torch.Tensor | None = None
         names = (gf.FFN_GATE_EXPS, gf.FFN_UP_EXPS, gf.FFN_DOWN_EXPS)
@@ -187,7 +189,7 @@ class GGUFMoE:
         `allowed` ([E] or [T, E] bool) masks routing for this call, else the switched subset;
         `logits` [T, E]: the router logits of x when already computed (the decode step's C call)."""
         logits = self.logits(x) if logits is None else logits
-        r = route(logits, self.spec, self.allowed if allowed is None else allowed)
+        r = route(logits, self.spec, self.allowed if allowed is None else allowed, self.softmax)
         norms = None
         if self.backend == "cpu":
             res = cpu.moe(x, r.experts, r.weights, self.cpu_weights, return_norms=observer is not None,
@@ -289,7 +291,7 @@ class GGUFBlock:
         """Unmasked routing probabilities [T, E] for the layer input h [B, S, D]."""
         h = h + self.attention(self.norm(h, self.attn_norm), rope, None, 0)
         x = self.norm(h, self.ffn_norm).reshape(-1, h.shape[-1])
-        return route(self.moe.logits(x), self.moe.spec).probs
+        return route(self.moe.logits(x), self.moe.spec, softmax=self.moe.softmax).probs
 
     def ffn(self, h: torch.Tensor, x: torch.Tensor, observer=None, allowed=None, logits=None) -> torch.Tensor:
         """h + FFN(x) for h, x [T, D] (x = the normed h); `logits`: the router's, when already known."""
@@ -315,7 +317,7 @@ class GGUFBlock:
         if self.moe is None:
             dec.h.copy_(self.ffn(dec.h, dec.x_ffn))
             return
-        r = route(dec.logits, self.moe.spec, self.moe.allowed)
+        r = route(dec.logits, self.moe.spec, self.moe.allowed, self.moe.softmax)
         dec.mixture(r.experts, r.weights)
 
 

@@ -18,6 +18,7 @@ slicing it, and how the EMO document pool is imposed during pretraining.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,16 +48,20 @@ class Routing:
     experts: torch.Tensor  # [T, K] int64 local expert indices
 
 
-def route(logits: torch.Tensor, spec: RoutingSpec, allowed: torch.Tensor | None = None) -> Routing:
+def route(logits: torch.Tensor, spec: RoutingSpec, allowed: torch.Tensor | None = None,
+          softmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Routing:
     """Route tokens given raw router logits [T, E]; `allowed` is an optional bool mask, [E] for
-    one subset or [T, E] per token (the EMO document pool in pretraining)."""
+    one subset or [T, E] per token (the EMO document pool in pretraining). `softmax` (over the last
+    dimension) replaces torch's where an engine must round as llama.cpp does (the CPU kernels)."""
     logits = logits.float()
+    if softmax is None:
+        softmax = _softmax_last
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     E, k = spec.num_experts, spec.top_k
     if spec.always_active:
         aa = torch.tensor(spec.always_active, device=logits.device)
-        probs = F.softmax(logits, dim=-1)  # [T, E]
+        probs = softmax(logits)  # [T, E]
         chooser = probs.index_fill(1, aa, float("-inf"))
         w_r, e_r = torch.topk(chooser, k - len(aa), dim=-1)
         w_r = probs.gather(1, e_r)
@@ -65,15 +70,15 @@ def route(logits: torch.Tensor, spec: RoutingSpec, allowed: torch.Tensor | None 
         experts = torch.cat([e_aa, e_r], dim=1)
     elif spec.num_shared > 0:
         ns, er = spec.num_shared, E - spec.num_shared
-        p_r = F.softmax(logits[:, :er], dim=-1)  # [T, E-ns]
-        p_s = F.softmax(logits[:, er:], dim=-1)  # [T, ns]
+        p_r = softmax(logits[:, :er])  # [T, E-ns]
+        p_s = softmax(logits[:, er:])  # [T, ns]
         w_r, e_r = torch.topk(p_r, k - ns, dim=-1)
         w_s, e_s = torch.topk(p_s, ns, dim=-1)
         probs = torch.cat([p_r, p_s], dim=1)
         weights = torch.cat([w_r, w_s], dim=1)
         experts = torch.cat([e_r, e_s + er], dim=1)
     else:
-        probs = F.softmax(logits, dim=-1)
+        probs = softmax(logits)
         weights, experts = torch.topk(probs, k, dim=-1)
         if spec.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -88,3 +93,7 @@ def routed_mask(spec: RoutingSpec, device=None) -> torch.Tensor:
     elif spec.num_shared:
         m[spec.num_experts - spec.num_shared :] = False
     return m
+
+
+def _softmax_last(x: torch.Tensor) -> torch.Tensor:
+    return F.softmax(x, dim=-1)

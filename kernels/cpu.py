@@ -37,8 +37,9 @@ FLAGS = ["-O3", "-pthread", "-fPIC", "-shared",
 # cpu_kernels.c, vec_dot_f32), as llama.cpp's own results differ between those builds.
 VARIANTS = {
     "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
-    "avx512vnni": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
-                   ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]),
+    "avx512vnni": (("avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni"),
+                   ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl",
+                    "-mavx512vnni"]),
 }
 
 F32, F16, Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 6, 8, 12, 13, 14, 30  # GGML type ids
@@ -149,6 +150,7 @@ def library(variant: str | None = None) -> ctypes.CDLL:
     lib.emo_moe.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, p, p]
     lib.emo_moe.restype = ctypes.c_int
     lib.emo_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
+    lib.emo_softmax_rows.argtypes = [p, i64, i64]
     lib.emo_attn_decode.argtypes = [p, i64, p, p, ctypes.c_float, p, p, i64, i64, i64, p, p, i64, i64,
                                     ctypes.c_float, p, p, i64, p]
     lib.emo_rope_norm.argtypes = [p, i64, i64, i64, p, ctypes.c_float]
@@ -301,6 +303,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     w = weight.contiguous().float()
     out = torch.empty_like(x)
     library().emo_rms_norm(_ptr(x), _ptr(w), x.numel() // D, D, eps, _ptr(out))
+    return out
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension of fp32 x [T, n], as llama.cpp computes its MoE routing
+    probabilities (its vectorized exp, sums in double): routing fed from these kernels' logits then
+    picks and weighs experts exactly as llama.cpp does. -inf entries get probability 0."""
+    out = x.float().contiguous().clone()
+    library().emo_softmax_rows(_ptr(out), out.numel() // max(out.shape[-1], 1), out.shape[-1])
     return out
 
 

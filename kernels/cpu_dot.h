@@ -234,7 +234,37 @@ static void dot_q4_seq(const bq4 *w, const bq8 *const *x, int nt, int64_t nb, fl
     for (int t = 0; t < nt; t++) out[t] = acc[t];
 }
 
-static inline float reduce4x8(__m256 *s) { /* llama.cpp's F32x8 reduction of four accumulators */
+/* F32/F16 dot products follow the vector width of llama.cpp's build for the same instruction set
+ * (its AVX-512 build sums them in 16 lanes, its AVX2 build in 8): FP_LANES lanes per accumulator,
+ * four accumulators over FP_STEP-value steps, reduced (0+2, 1+3), (0+1), then across lanes. */
+#if defined(__AVX512F__)
+#define FP_LANES 16
+typedef __m512 fvec;
+static inline fvec fv_zero(void) { return _mm512_setzero_ps(); }
+static inline fvec fv_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline fvec fv_load_h(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline fvec fv_fma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline fvec fv_add(fvec a, fvec b) { return _mm512_add_ps(a, b); }
+static inline float fv_sum(fvec v) { return _mm512_reduce_add_ps(v); }
+static inline float fv_sum_sgemm(fvec v) { return _mm512_reduce_add_ps(v); }
+#else
+#define FP_LANES 8
+typedef __m256 fvec;
+static inline fvec fv_zero(void) { return _mm256_setzero_ps(); }
+static inline fvec fv_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline fvec fv_load_h(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline fvec fv_fma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline fvec fv_add(fvec a, fvec b) { return _mm256_add_ps(a, b); }
+static inline float fv_sum(fvec v) { /* 128-bit halves, then two horizontal adds */
+    const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t1 = _mm_hadd_ps(t0, t0);
+    return _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
+}
+static inline float fv_sum_sgemm(fvec v) { return hsum8(v); } /* the sgemm's own: halves, movehl, movehdup */
+#endif
+#define FP_STEP (4 * FP_LANES)
+
+static inline float reduce4x8(__m256 *s) { /* the AVX2 build's reduction (BF16 keeps it on every build) */
     s[0] = _mm256_add_ps(s[0], s[2]);
     s[1] = _mm256_add_ps(s[1], s[3]);
     s[0] = _mm256_add_ps(s[0], s[1]);
@@ -243,63 +273,73 @@ static inline float reduce4x8(__m256 *s) { /* llama.cpp's F32x8 reduction of fou
     return _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
 }
 
+static inline float reduce4(fvec *s) { /* llama.cpp's F32 reduction of four accumulators */
+    return fv_sum(fv_add(fv_add(s[0], s[2]), fv_add(s[1], s[3])));
+}
+
 static float dot_f32_one(const float *w, const float *x, int64_t k) {
-    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const int64_t np = k & ~(int64_t)31;
-    for (int64_t i = 0; i < np; i += 32)
-        for (int j = 0; j < 4; j++)
-            s[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8 * j), _mm256_loadu_ps(x + i + 8 * j), s[j]);
-    float sum = reduce4x8(s);
+    fvec s[4] = {fv_zero(), fv_zero(), fv_zero(), fv_zero()};
+    const int64_t np = k & ~(int64_t)(FP_STEP - 1);
+    for (int64_t i = 0; i < np; i += FP_STEP)
+        for (int j = 0; j < 4; j++) s[j] = fv_fma(fv_load(w + i + FP_LANES * j), fv_load(x + i + FP_LANES * j), s[j]);
+    float sum = reduce4(s);
     for (int64_t i = np; i < k; i++) sum += w[i] * x[i];
     return sum;
 }
 
 static float dot_f16_one(const uint16_t *w, const uint16_t *x, int64_t k) {
-    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const int64_t np = k & ~(int64_t)31;
-    for (int64_t i = 0; i < np; i += 32)
+    fvec s[4] = {fv_zero(), fv_zero(), fv_zero(), fv_zero()};
+    const int64_t np = k & ~(int64_t)(FP_STEP - 1);
+    for (int64_t i = 0; i < np; i += FP_STEP)
         for (int j = 0; j < 4; j++)
-            s[j] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8 * j))),
-                                   _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i + 8 * j))), s[j]);
-    double sum = reduce4x8(s);  /* llama.cpp keeps this one in double for the tail */
+            s[j] = fv_fma(fv_load_h(w + i + FP_LANES * j), fv_load_h(x + i + FP_LANES * j), s[j]);
+    double sum = reduce4(s);  /* llama.cpp keeps this one in double for the tail */
     for (int64_t i = np; i < k; i++) sum += (double)(h2f(w[i]) * h2f(x[i]));
     return (float)sum;
 }
 
+/* llama.cpp's tiled sgemm (2-D matmuls of several tokens): one accumulator per (row, token) */
 static float dot_f32_acc1(const float *w, const float *x, int64_t k) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < k; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc);
-    return hsum8(acc);
+    fvec acc = fv_zero();
+    for (int64_t i = 0; i < k; i += FP_LANES) acc = fv_fma(fv_load(w + i), fv_load(x + i), acc);
+    return fv_sum_sgemm(acc);
 }
 
 static float dot_f16_acc1(const uint16_t *w, const uint16_t *x, int64_t k) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < k; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i))),
-                              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))), acc);
-    return hsum8(acc);
+    fvec acc = fv_zero();
+    for (int64_t i = 0; i < k; i += FP_LANES) acc = fv_fma(fv_load_h(w + i), fv_load_h(x + i), acc);
+    return fv_sum_sgemm(acc);
 }
 
 #include "cpu_kquants.h"
 #include "cpu_tiles.h"     /* Q4_0 "R" 8 rows per pass, Q8_0 and Q6_K token tiles */
 #include "cpu_q4k_rows8.h" /* Q4_K "R": llama.cpp's repacked gemv/gemm orders */
-/* Which F32/F16 order llama.cpp uses for a matrix of `rows` rows applied to `ntok` tokens. */
-static int sgemm_order(int wtype, int64_t rows, int64_t k, int64_t ntok) {
-    return (wtype & TY_2D) && ntok >= 2 && rows % 4 == 0 && k % 8 == 0;
+/* The summation order llama.cpp uses for a matrix of `rows` rows in an op of `ntok` tokens (an
+ * expert: the tokens that chose it): its row-by-row vec_dot, its tiled sgemm for F32/F16 2-D
+ * matmuls of several tokens (one accumulator), or its tiled K-quant kernel for 8 or more tokens
+ * on matrices it did not repack (cpu_kquants.h). */
+enum { ORDER_VEC_DOT, ORDER_SGEMM, ORDER_TILED };
+static int llama_order(int wtype, int64_t rows, int64_t k, int64_t ntok) {
+    const int base = BASE(wtype);
+    if ((base == TY_Q4_K || base == TY_Q5_K || base == TY_Q6_K) && ntok >= 8) return ORDER_TILED;
+    if ((base == TY_F32 || base == TY_F16) && (wtype & TY_2D) && ntok >= 2 && rows % 4 == 0 && k % FP_LANES == 0)
+        return ORDER_SGEMM;
+    return ORDER_VEC_DOT;
 }
 
-/* out[t] = <weight row, activation row t> for t < nt (nt <= MAXT), rows given in their own types;
- * `acc1`: the single-accumulator F32/F16 order (sgemm_order) */
-static void dot_rows(int wtype, const void *w, const void *const *x, int nt, int64_t k, float *out, int acc1) {
+/* out[t] = <weight row, activation row t> for t < nt (nt <= MAXT), rows given in their own types,
+ * summed in `order` (llama_order) */
+static void dot_rows(int wtype, const void *w, const void *const *x, int nt, int64_t k, float *out, int order) {
+    const int acc1 = order == ORDER_SGEMM, tiled = order == ORDER_TILED;
     switch (BASE(wtype)) {
     case TY_Q8_0: dot_q8((const bq8 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
     case TY_Q4_0: dot_q4((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
     case TY_Q4_0_R: dot_q4_seq((const bq4 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
     case TY_Q5_0: dot_q5_0((const bq5 *)w, (const bq8 *const *)x, nt, k / 32, out); break;
     case TY_Q4_K:
-    case TY_Q4_K_R: dot_q4k((const bq4k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
-    case TY_Q5_K: dot_q5k((const bq5k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
-    case TY_Q6_K: dot_q6k((const bq6k *)w, (const bq8k *const *)x, nt, k / QK, out); break;
+    case TY_Q4_K_R: dot_q4k((const bq4k *)w, (const bq8k *const *)x, nt, k / QK, out, tiled); break;
+    case TY_Q5_K: dot_q5k((const bq5k *)w, (const bq8k *const *)x, nt, k / QK, out, tiled); break;
+    case TY_Q6_K: dot_q6k((const bq6k *)w, (const bq8k *const *)x, nt, k / QK, out, tiled); break;
     case TY_BF16:
         for (int t = 0; t < nt; t++) out[t] = dot_bf16_one((const uint16_t *)w, (const uint16_t *)x[t], k);
         break;
@@ -340,7 +380,7 @@ static void gemv_q4k_r(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64
             for (int t = 0; t < nt; t++) memcpy(ys[t0 + t] + n, r + 8 * t, 8 * sizeof(float));
         }
         for (; n < n1; n++) { /* never for a matrix QWeight marks "R"; kept so no row is skipped */
-            dot_q4k((const bq4k *)(w + wb * (size_t)n), (const bq8k *const *)(xs + t0), (int)nt, k / QK, r);
+            dot_q4k((const bq4k *)(w + wb * (size_t)n), (const bq8k *const *)(xs + t0), (int)nt, k / QK, r, 0);
             for (int t = 0; t < nt; t++) ys[t0 + t][n] = r[t];
         }
         t0 += nt;
@@ -357,7 +397,7 @@ static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1,
         gemv_q4k_r(wtype, w, k, n0, n1, xs, ys, nx, i0, ntok);
         return;
     }
-    const int acc1 = sgemm_order(wtype, rows, k, ntok);
+    const int order = llama_order(wtype, rows, k, ntok);
     const size_t wb = emo_row_bytes(wtype, k);
     if (nx == 1 && BASE(wtype) == TY_Q8_0) { /* decode */
         int64_t n = n0;
@@ -366,7 +406,7 @@ static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1,
         for (; n < n1; n++) ys[0][n] = dot_q8_1((const bq8 *)(w + wb * (size_t)n), xs[0], k / 32);
         return;
     }
-    if (nx == 1 && BASE(wtype) == TY_Q6_K) {
+    if (nx == 1 && BASE(wtype) == TY_Q6_K && order == ORDER_VEC_DOT) {
         for (int64_t n = n0; n < n1; n++) ys[0][n] = dot_q6k_1((const bq6k *)(w + wb * (size_t)n), xs[0], k / QK);
         return;
     }
@@ -378,7 +418,8 @@ static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1,
         }
 #if TILE_VNNI
         if (BASE(wtype) == TY_Q6_K) { /* unpacked once per pass (AVX2: no gain, dot_q6k) */
-            q6kt_rows((const bq6k *)w, k / QK, n0, n1, (const bq8k *const *)(xs + t0), nt, ys + t0);
+            q6kt_rows((const bq6k *)w, k / QK, n0, n1, (const bq8k *const *)(xs + t0), nt, ys + t0,
+                      order == ORDER_TILED);
             continue;
         }
 #endif
@@ -389,7 +430,7 @@ static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1,
             n = n0 + (n1 - n0) / 8 * 8;
         }
         for (; n < n1; n++) {
-            dot_rows(wtype, w + wb * (size_t)n, xs + t0, nt, k, r, acc1);
+            dot_rows(wtype, w + wb * (size_t)n, xs + t0, nt, k, r, order);
             for (int t = 0; t < nt; t++) ys[t0 + t][n] = r[t];
         }
     }

@@ -173,6 +173,83 @@ static float lanes_sum(const float *u) { /* 128-bit halves, then two horizontal 
 #endif
 #define ASTEP (4 * ALANES)
 
+/* e^x as llama.cpp's vectorized expf gives it, value by value (its softmax and SiLU use that
+ * function on every full vector; a correctly rounded expf differs by an ulp now and then, which a
+ * later Q8_0/Q8_K rounding can turn into a different token). The algorithm: n = x log2(e) rounded
+ * by the 1.5*2^23 shift, b = x - n ln2 with ln2 split in two, e^b by a degree-5 polynomial, times
+ * 2^n. How 2^n is applied differs between llama.cpp's AVX-512 and AVX2 builds, and so does the
+ * polynomial's last term, so each build of this file follows the build of llama.cpp for the same
+ * instruction set. */
+static inline float exp_as_ggml(float x) {
+    const float shift = 0x1.8p23f, z = fmaf(x, 0x1.715476p+0f, shift), n = z - shift;
+    const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x)), u = b * b;
+    const float p45 = fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), p23 = fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f);
+#if defined(__AVX512F__)
+    if (fabsf(n) > 192.f) return n <= 0.f ? 0.f : INFINITY;
+    return ldexpf(fmaf(fmaf(p45, u, p23), u, fmaf(0x1.ffffecp-1f, b, 1.0f)), (int)n); /* vscalefps */
+#else
+    const float j = fmaf(fmaf(p45, u, p23), u, 0x1.ffffecp-1f * b);
+    uint32_t zb, e, g;
+    memcpy(&zb, &z, 4);
+    e = zb << 23; /* 2^n's exponent field, straight from the shifted sum's low bits */
+    if (!(fabsf(n) > 126.f)) {
+        const uint32_t kb = e + 0x3f800000u;
+        float k;
+        memcpy(&k, &kb, 4);
+        return fmaf(j, k, k);
+    }
+    /* out of the normal range: 2^n as a product of two powers that are each representable */
+    g = n <= 0.f ? 0x82000000u : 0u;
+    const uint32_t s1b = g + 0x7f000000u, s2b = e - g;
+    float s1, s2;
+    memcpy(&s1, &s1b, 4);
+    memcpy(&s2, &s2b, 4);
+    if (fabsf(n) > 192.f) return s1 * s1;
+    return fmaf(s2, j, s2) * s1;
+#endif
+}
+
+/* the lane sum of llama.cpp's softmax vectors and of its tiled sgemm: its AVX-512 build reduces
+ * with _mm512_reduce_add_ps, its AVX2 build adds the 128-bit halves, then (0+2, 1+3), then the two */
+static inline float softmax_lanes_sum(const float *u) {
+#if defined(__AVX512F__)
+    return lanes_sum(u);
+#else
+    const float t0 = u[0] + u[4], t1 = u[1] + u[5], t2 = u[2] + u[6], t3 = u[3] + u[7];
+    return (t0 + t2) + (t1 + t3);
+#endif
+}
+
+/* y[j] = e^(x[j] - max) for j < n and their sum in double, in llama.cpp's order: whole vectors of
+ * ALANES values through exp_as_ggml, each summed across its lanes first; positions past the last
+ * whole vector with a correctly rounded expf, one by one. `pad` > n counts the masked positions
+ * llama.cpp's padded cache adds (exactly zero each), which only fill the last vector. */
+static double softmax_exps(const float *x, int64_t n, int64_t pad, float mx, float *y) {
+    double sum = 0.0;
+    int64_t j = 0;
+    for (; j + ALANES <= pad; j += ALANES) {
+        float u[ALANES];
+        for (int l = 0; l < ALANES; l++) u[l] = j + l < n ? exp_as_ggml(x[j + l] - mx) : 0.f;
+        for (int l = 0; l < ALANES && j + l < n; l++) y[j + l] = u[l];
+        sum += (double)softmax_lanes_sum(u);
+    }
+    for (; j < n; j++) {
+        y[j] = expf(x[j] - mx);
+        sum += (double)y[j];
+    }
+    return sum;
+}
+
+/* Rows of a softmax [T, n] as llama.cpp computes ffn_moe_probs (no mask, scale 1), in place */
+void emo_softmax_rows(float *x, int64_t T, int64_t n) {
+    for (int64_t t = 0; t < T; t++) {
+        float *r = x + t * n, mx = -INFINITY;
+        for (int64_t j = 0; j < n; j++) mx = r[j] > mx ? r[j] : mx;
+        const float inv = (float)(1.0 / softmax_exps(r, n, n, mx, r));
+        for (int64_t j = 0; j < n; j++) r[j] *= inv;
+    }
+}
+
 /* the full steps of vec_dot_f32: x . y over the first np = n rounded down to ASTEP values */
 static float vec_dot_f32_steps(const float *x, const float *y, int64_t np) {
     float acc[4][ALANES] = {{0}};
@@ -237,32 +314,36 @@ static void attn_scores(const float *q, const float *K, int64_t n, int64_t hd, f
     for (; j < n; j++) pr[j] = vec_dot_f32(K + j * hd, q, hd) * scale;
 }
 
-/* One query head over n cached positions: out [hd] = softmax(K q * scale) V, in llama.cpp's decode
- * order: scores by vec_dot over hd, softmax with the exp sum in double, and out[d] = vec_dot over
- * positions of v[:, d] and p (llama.cpp's cache is padded to whole steps with zero weights, so
- * every position goes through the accumulators: position j -> accumulator (j/ALANES)%4, lane
- * j%ALANES). Prefill runs every query through here too, so that a one-token step computes exactly
- * what the same position computed in a prefill. K, V: [n, hd] rows. */
-static void attend(const float *q, const float *K, const float *V, int64_t n, int64_t hd, float scale, float *out) {
+/* One query head over n cached positions: out [hd] = softmax(K q * scale) V, in llama.cpp's
+ * order: scores by vec_dot over hd, softmax with the exp sum in double (softmax_exps), then out[d]
+ * = the dot over positions of v[:, d] and p. llama.cpp's cache is padded with zero weights, so
+ * every position goes through its accumulators. That last dot is its vec_dot in a one-token step
+ * (position j -> accumulator (j/ALANES)%4, lane j%ALANES) but its tiled sgemm when the batch has
+ * several queries (`sgemm`: one accumulator, position j -> lane j%ALANES, fused, then the sgemm's
+ * lane sum). K, V: [n, hd] rows. */
+static void attend(const float *q, const float *K, const float *V, int64_t n, int64_t hd, float scale, int sgemm,
+                   float *out) {
     float *pr = malloc(sizeof(float) * (size_t)n), *part = calloc((size_t)(ASTEP * hd), sizeof(float));
     float mx = -INFINITY;
     attn_scores(q, K, n, hd, scale, pr);
     for (int64_t j = 0; j < n; j++) mx = pr[j] > mx ? pr[j] : mx;
-    double sum = 0.0;
-    for (int64_t j = 0; j < n; j++) {
-        pr[j] = expf(pr[j] - mx);
-        sum += (double)pr[j];
-    }
-    const float inv = (float)(1.0 / sum);
+    /* llama.cpp's cache is padded to a multiple of 256 positions (a multiple of every vector) */
+    const float inv = (float)(1.0 / softmax_exps(pr, n, (n + 255) / 256 * 256, mx, pr));
+    const int64_t accs = sgemm ? ALANES : ASTEP;
     for (int64_t j = 0; j < n; j++) {
         pr[j] *= inv;
-        float *acc = part + (j % ASTEP) * hd;
+        float *acc = part + (j % accs) * hd;
         const __m256 pj = _mm256_set1_ps(pr[j]);
         for (int64_t d = 0; d < hd; d += 8)
             _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, _mm256_loadu_ps(V + j * hd + d), _mm256_loadu_ps(acc + d)));
     }
     for (int64_t d = 0; d < hd; d++) {
         float u[ALANES];
+        if (sgemm) {
+            for (int l = 0; l < ALANES; l++) u[l] = part[l * hd + d];
+            out[d] = softmax_lanes_sum(u);
+            continue;
+        }
         for (int l = 0; l < ALANES; l++) {
             const float s0 = part[l * hd + d] + part[(2 * ALANES + l) * hd + d];
             const float s1 = part[(ALANES + l) * hd + d] + part[(3 * ALANES + l) * hd + d];
@@ -287,7 +368,7 @@ static void attn_item(void *p, int64_t i) {
     const struct attn_ctx *a = p;
     const int64_t t = i / a->H, h = i % a->H, kvh = h / (a->H / a->Hkv), hd = a->hd;
     attend(a->q + (t * a->H + h) * hd, a->kc + kvh * a->cap * hd, a->vc + kvh * a->cap * hd, a->start + t + 1, hd,
-           a->scale, a->out + (t * a->H + h) * hd);
+           a->scale, a->T >= 2, a->out + (t * a->H + h) * hd);
 }
 
 /* Causal attention of T queries q [T, H, hd] at positions start..start+T-1 over caches
@@ -370,7 +451,9 @@ int emo_get_rows(const void *w, int wtype, int64_t n, int64_t k, const int64_t *
 }
 
 /* ---- public: the routed SwiGLU mixture --------------------------------------------------------- */
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+/* llama.cpp's SiLU: exp_as_ggml on whole vectors, a correctly rounded expf past the last one */
+static inline float silu_vec(float v) { return v / (1.0f + exp_as_ggml(-v)); }
+static inline float silu_tail(float v) { return v / (1.0f + expf(-v)); }
 
 struct moe_ctx {
     int64_t T, D, F, S, P;
@@ -402,7 +485,7 @@ static void moe_gate_up(void *p, int64_t c) {
         const int64_t nt = cnt - t0 < MAXT ? cnt - t0 : MAXT;
         for (int64_t t = 0; t < nt; t++) ys[t] = (is_up ? m->u : m->g) + (q0 + t0 + t) * m->F;
         gemv(ty, (const uint8_t *)(is_up ? m->up[e] : m->gate[e]), m->D, n0, n1, m->xq[act_type(ty)] + q0 + t0,
-             ys, nt, m->F, m->T, t0);
+             ys, nt, m->F, cnt, t0);
     }
 }
 
@@ -413,7 +496,9 @@ static void moe_swiglu(void *p, int64_t i) {
     for (int64_t q = m->start[e]; q < m->start[e] + m->count[e]; q++) {
         float *gq = m->g + q * m->F;
         const float *uq = m->u + q * m->F;
-        for (int64_t f = 0; f < m->F; f++) gq[f] = silu(gq[f]) * uq[f];
+        const int64_t whole = m->F - m->F % ALANES;
+        for (int64_t f = 0; f < whole; f++) gq[f] = silu_vec(gq[f]) * uq[f];
+        for (int64_t f = whole; f < m->F; f++) gq[f] = silu_tail(gq[f]) * uq[f];
         convert_row(gq, m->hc + m->hstride * q, act_type(m->dtype[e]), m->F);
     }
 }
@@ -431,7 +516,7 @@ static void moe_down(void *p, int64_t c) {
             xs[t] = m->hc + m->hstride * (q0 + t0 + t);
             ys[t] = m->out + (q0 + t0 + t) * m->D;
         }
-        gemv(m->dtype[e], (const uint8_t *)m->down[e], m->F, n0, n1, xs, ys, nt, m->D, m->T, t0);
+        gemv(m->dtype[e], (const uint8_t *)m->down[e], m->F, n0, n1, xs, ys, nt, m->D, cnt, t0);
     }
 }
 

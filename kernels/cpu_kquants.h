@@ -15,6 +15,12 @@
  *          then acc8 = fma(d_x*d_w, lanes, acc8)
  *   Q5_0   as Q4_0 with the fifth bit: per block an exact int32 sum in 8 lanes, fma into acc8
  *   BF16   products of two bf16 values are exact in fp32; summed as F32 (four 8-lane accumulators)
+ * llama.cpp (0.3.36 on) sends a K-quant matmul of 8 or more tokens that it has not repacked (and
+ * each expert that 8 or more tokens chose) through its tiled kernel instead, which sums each
+ * super-block exactly in integers: res = float(sum_j sc_j * q_j.x_j) * d_w [- d_min *
+ * float(sum_j m_j * bsum_j), one fma], then acc = fma(res, d_x, acc), super-block after
+ * super-block (its AVX-512 build writes a multiply and an add, which the compiler fuses). The
+ * `tiled` flag of the dot products below takes that order (same integers, other fp32 steps).
  * Shape legend: k in-features (a multiple of 256 for K-quants, 32 for Q5_0), nt activation rows.
  * Included by cpu_dot.h, whose helpers (h2f, hsum8, i8dot, reduce4x8, MAXT) it uses.
  */
@@ -122,16 +128,24 @@ static inline int hsum_i4(__m128i v) {
 }
 
 /* ---- dot products: one weight row against nt activation rows (nt <= MAXT) ------------------------ */
+static inline int hsum_i8(__m256i v) {
+    return hsum_i4(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+}
+
+/* one super-block's exact result res into llama.cpp's tiled accumulator (see the header) */
+static inline float tiled_add(float acc, float res, float dx) { return fmaf(res, dx, acc); }
+
 /* 8 int32 lanes of sc * (u8 q . i8 x) over 32 values: maddubs pairs, then madd with the scale */
 static inline __m256i scaled_dot(__m256i q, const int8_t *x, int16_t sc) {
     return _mm256_madd_epi16(_mm256_set1_epi16(sc), _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)x)));
 }
 
-static void dot_q4k(const bq4k *w, const bq8k *const *x, int nt, int64_t nb, float *out) {
+static void dot_q4k(const bq4k *w, const bq8k *const *x, int nt, int64_t nb, float *out, int tiled) {
     const __m256i low = _mm256_set1_epi8(0x0F);
     __m256 acc[MAXT];
     __m128 accm[MAXT];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm_setzero_ps();
+    float tacc[MAXT];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm_setzero_ps(), tacc[t] = 0.f;
     for (int64_t b = 0; b < nb; b++) {
         uint8_t sc[8], mn[8];
         kscales(w[b].scales, sc, mn);
@@ -144,21 +158,26 @@ static void dot_q4k(const bq4k *w, const bq8k *const *x, int nt, int64_t nb, flo
         const float dw = h2f(w[b].d), mw = h2f(w[b].dmin);
         for (int t = 0; t < nt; t++) {
             const bq8k *y = &x[t][b];
-            accm[t] = _mm_fmadd_ps(_mm_set1_ps(-y->d * mw), _mm_cvtepi32_ps(kmins(mn, y->bsums)), accm[t]);
+            const __m128i m = kmins(mn, y->bsums);
             __m256i s = _mm256_setzero_si256();
             for (int j = 0; j < 4; j++)
                 s = _mm256_add_epi32(s, _mm256_add_epi32(scaled_dot(q[2 * j], y->qs + 64 * j, sc[2 * j]),
                                                          scaled_dot(q[2 * j + 1], y->qs + 64 * j + 32, sc[2 * j + 1])));
+            if (tiled) {
+                tacc[t] = tiled_add(tacc[t], fmaf(-mw, (float)hsum_i4(m), (float)hsum_i8(s) * dw), y->d);
+                continue;
+            }
+            accm[t] = _mm_fmadd_ps(_mm_set1_ps(-y->d * mw), _mm_cvtepi32_ps(m), accm[t]);
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(y->d * dw), _mm256_cvtepi32_ps(s), acc[t]);
         }
     }
-    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]) + hsum4(accm[t]);
+    for (int t = 0; t < nt; t++) out[t] = tiled ? tacc[t] : hsum8(acc[t]) + hsum4(accm[t]);
 }
 
-static void dot_q5k(const bq5k *w, const bq8k *const *x, int nt, int64_t nb, float *out) {
+static void dot_q5k(const bq5k *w, const bq8k *const *x, int nt, int64_t nb, float *out, int tiled) {
     const __m256i low = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
     __m256 acc[MAXT];
-    float summ[MAXT] = {0};
+    float summ[MAXT] = {0}, tacc[MAXT] = {0};
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         uint8_t sc[8], mn[8];
@@ -175,21 +194,27 @@ static void dot_q5k(const bq5k *w, const bq8k *const *x, int nt, int64_t nb, flo
         const float dw = h2f(w[b].d), mw = h2f(w[b].dmin);
         for (int t = 0; t < nt; t++) {
             const bq8k *y = &x[t][b];
-            /* llama.cpp's compiler contracts this multiply-add into one fma */
-            summ[t] = fmaf(-y->d * mw, (float)hsum_i4(kmins(mn, y->bsums)), summ[t]);
+            const int m = hsum_i4(kmins(mn, y->bsums));
             __m256i s = _mm256_setzero_si256();
             for (int j = 0; j < 4; j++)
                 s = _mm256_add_epi32(s, _mm256_add_epi32(scaled_dot(q[2 * j], y->qs + 64 * j, sc[2 * j]),
                                                          scaled_dot(q[2 * j + 1], y->qs + 64 * j + 32, sc[2 * j + 1])));
+            if (tiled) {
+                tacc[t] = tiled_add(tacc[t], fmaf(-mw, (float)m, (float)hsum_i8(s) * dw), y->d);
+                continue;
+            }
+            /* llama.cpp's compiler contracts this multiply-add into one fma */
+            summ[t] = fmaf(-y->d * mw, (float)m, summ[t]);
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(y->d * dw), _mm256_cvtepi32_ps(s), acc[t]);
         }
     }
-    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]) + summ[t];
+    for (int t = 0; t < nt; t++) out[t] = tiled ? tacc[t] : hsum8(acc[t]) + summ[t];
 }
 
-static void dot_q6k(const bq6k *w, const bq8k *const *x, int nt, int64_t nb, float *out) {
+static void dot_q6k(const bq6k *w, const bq8k *const *x, int nt, int64_t nb, float *out, int tiled) {
     const __m256i low = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
     __m256 acc[MAXT];
+    float tacc[MAXT] = {0};
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m256i q[8], scl[8]; /* 32-value chunks, unsigned [0, 63]; their two 16-value scales */
@@ -223,10 +248,14 @@ static void dot_q6k(const bq6k *w, const bq8k *const *x, int nt, int64_t nb, flo
                 s = _mm256_add_epi32(s, _mm256_add_epi32(p[0], p[1]));
             }
             s = _mm256_sub_epi32(s, off);
+            if (tiled) {
+                tacc[t] = tiled_add(tacc[t], (float)hsum_i8(s) * dw, y->d);
+                continue;
+            }
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(y->d * dw), _mm256_cvtepi32_ps(s), acc[t]);
         }
     }
-    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]);
+    for (int t = 0; t < nt; t++) out[t] = tiled ? tacc[t] : hsum8(acc[t]);
 }
 
 /* dot_q6k for one activation row (decode), accumulator in a register and each 32-value chunk

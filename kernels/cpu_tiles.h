@@ -304,11 +304,13 @@ static ALWAYS_INLINE void q6k_unpack(const bq6k *w, __m256i q[8], __m256i scl[4]
     *off16 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(s8), _mm256_set1_epi16(-32)); /* |scale * 32| <= 4096 */
 }
 
-/* xd [block][MAXT]: the Q8_K scales of the tokens, lanes past nt zero */
+/* xd [block][MAXT]: the Q8_K scales of the tokens, lanes past nt zero; TILED: llama.cpp's tiled
+ * order (cpu_kquants.h) instead of its vec_dot's */
 static ALWAYS_INLINE void q6kt_row(const bq6k *w, int64_t nb, const bq8k *const *x, const float *xd, const int NT,
-                                   float *out) {
+                                   const int TILED, float *out) {
     __m256 acc[MAXT];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    float tacc[MAXT];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), tacc[t] = 0.f;
     for (int64_t b = 0; b < nb; b++) {
         __m256i q[8], scl[4], off16;
         q6k_unpack(&w[b], q, scl, &off16);
@@ -325,31 +327,39 @@ static ALWAYS_INLINE void q6kt_row(const bq6k *w, int64_t nb, const bq8k *const 
                                                        _mm256_loadu_si256((const __m256i *)(y->qs + 64 * p + 32)));
                 s = _mm256_dpwssd_epi32(s, _mm256_blend_epi16(d0, _mm256_slli_epi32(d1, 16), 0xAA), scl[p]);
             }
+            if (TILED) {
+                tacc[t] = tiled_add(tacc[t], (float)hsum_i8(s) * h2f(w[b].d), xd[b * MAXT + t]);
+                continue;
+            }
             const __m256 d = _mm256_permutevar8x32_ps(dall, _mm256_set1_epi32(t));
             acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) out[t] = hsum8(acc[t]);
+    for (int t = 0; t < NT; t++) out[t] = TILED ? tacc[t] : hsum8(acc[t]);
 }
 
 #define Q6KT_NT(n) \
     static void q6kt_row_##n(const bq6k *w, int64_t nb, const bq8k *const *x, const float *xd, float *out) { \
-        q6kt_row(w, nb, x, xd, n, out); }
+        q6kt_row(w, nb, x, xd, n, 0, out); } \
+    static void q6kt_tiled_##n(const bq6k *w, int64_t nb, const bq8k *const *x, const float *xd, float *out) { \
+        q6kt_row(w, nb, x, xd, n, 1, out); }
 Q6KT_NT(1) Q6KT_NT(2) Q6KT_NT(3) Q6KT_NT(4) Q6KT_NT(5) Q6KT_NT(6) Q6KT_NT(7) Q6KT_NT(8)
 #undef Q6KT_NT
 typedef void (*q6kt_fn)(const bq6k *, int64_t, const bq8k *const *, const float *, float *);
-static const q6kt_fn q6kt_rows_fn[MAXT + 1] = {NULL, q6kt_row_1, q6kt_row_2, q6kt_row_3, q6kt_row_4,
-                                               q6kt_row_5, q6kt_row_6, q6kt_row_7, q6kt_row_8};
+static const q6kt_fn q6kt_rows_fn[2][MAXT + 1] = {
+    {NULL, q6kt_row_1, q6kt_row_2, q6kt_row_3, q6kt_row_4, q6kt_row_5, q6kt_row_6, q6kt_row_7, q6kt_row_8},
+    {NULL, q6kt_tiled_1, q6kt_tiled_2, q6kt_tiled_3, q6kt_tiled_4, q6kt_tiled_5, q6kt_tiled_6, q6kt_tiled_7,
+     q6kt_tiled_8}};
 
 /* ys[t][n] for rows n in [n0, n1) of a Q6_K matrix and nt tokens */
 static void q6kt_rows(const bq6k *w, int64_t nb, int64_t n0, int64_t n1, const bq8k *const *x, int nt,
-                      float *const *ys) {
+                      float *const *ys, int tiled) {
     enum { STACK_BLOCKS = 64 }; /* k <= 16384 needs no heap */
     float xd_s[STACK_BLOCKS * MAXT];
     float *xd = nb <= STACK_BLOCKS ? xd_s : malloc(sizeof(float) * MAXT * (size_t)nb);
     for (int64_t b = 0; b < nb; b++)
         for (int t = 0; t < MAXT; t++) xd[b * MAXT + t] = t < nt ? x[t][b].d : 0.f;
-    const q6kt_fn row = q6kt_rows_fn[nt];
+    const q6kt_fn row = q6kt_rows_fn[tiled][nt];
     float r[MAXT];
     for (int64_t n = n0; n < n1; n++) {
         row(w + n * nb, nb, x, xd, r);

@@ -123,14 +123,50 @@ def their_vec_dots(ggml, name: str, w: np.ndarray, acts: np.ndarray, k: int) -> 
     return want
 
 
-def every_token_count_equals(x: np.ndarray, w: np.ndarray, qtype: int, want: np.ndarray) -> None:
+def their_mul_mat(ggml, qtype: int, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """[T, n]: llama.cpp's own CPU matmul op (ggml_mul_mat in a one-node graph) of weight rows w
+    [n, row bytes] in `qtype` with the fp32 activations x [T, k]: whatever path its build takes for
+    that shape (vec_dot, its tiled K-quant kernel from 8 tokens, its sgemm)."""
+    import llama_cpp
+
+    base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+
+    class InitParams(ctypes.Structure):
+        _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+    vp = ctypes.c_void_p
+    base.ggml_init.restype, base.ggml_init.argtypes = vp, [InitParams]
+    base.ggml_new_tensor_2d.restype, base.ggml_new_tensor_2d.argtypes = vp, [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    base.ggml_mul_mat.restype, base.ggml_mul_mat.argtypes = vp, [vp, vp, vp]
+    base.ggml_new_graph.restype, base.ggml_new_graph.argtypes = vp, [vp]
+    base.ggml_build_forward_expand.argtypes = [vp, vp]
+    base.ggml_get_data.restype, base.ggml_get_data.argtypes = vp, [vp]
+    base.ggml_free.argtypes = [vp]
+    ggml.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
+    (n, k), T = (w.shape[0], x.shape[1]), x.shape[0]
+    ctx = base.ggml_init(InitParams(w.nbytes + x.nbytes * 2 + n * T * 4 + (64 << 20), None, False))
+    try:
+        a, b = base.ggml_new_tensor_2d(ctx, qtype, k, n), base.ggml_new_tensor_2d(ctx, 0, k, T)
+        ctypes.memmove(base.ggml_get_data(a), np.ascontiguousarray(w).ctypes.data, w.nbytes)
+        ctypes.memmove(base.ggml_get_data(b), np.ascontiguousarray(x, np.float32).ctypes.data, x.nbytes)
+        c = base.ggml_mul_mat(ctx, a, b)
+        graph = base.ggml_new_graph(ctx)
+        base.ggml_build_forward_expand(graph, c)
+        assert ggml.ggml_graph_compute_with_ctx(ctx, graph, 1) == 0
+        return np.ctypeslib.as_array(ctypes.cast(base.ggml_get_data(c), ctypes.POINTER(ctypes.c_float)), (T, n)).copy()
+    finally:
+        base.ggml_free(ctx)
+
+
+def every_token_count_equals(x: np.ndarray, w: np.ndarray, qtype: int, want) -> None:
     """Every build's matmul of the first T activation rows equals `want` to the bit, for every token
-    count of a pass and for more than one pass."""
+    count of a pass and for more than one pass; `want`: [T, n] rows, or a function of T for an op
+    whose order depends on its token count."""
     n, k = w.shape[0], x.shape[1]
     for lib in libs():
         for T in list(range(1, MAXT + 2)) + [2 * MAXT + 1]:
             y = matmul_with(lib, torch.from_numpy(x[:T]), w.ctypes.data, qtype, n, k)
-            np.testing.assert_array_equal(y.numpy(), want[:T], err_msg=f"T={T}")
+            np.testing.assert_array_equal(y.numpy(), want(T) if callable(want) else want[:T], err_msg=f"T={T}")
 
 
 @pytest.mark.parametrize("n,k", [(5, 64), (24, 1024), (3, 4128)])
@@ -145,9 +181,10 @@ def test_q8_0_tokens_equal_llama_cpp_vec_dot(ggml, n, k):
 
 
 @pytest.mark.parametrize("n,k", [(5, 256), (24, 2048), (2, 16640)])  # 16640: past the stack buffer
-def test_q6_k_tokens_equal_llama_cpp_vec_dot(ggml, n, k):
-    """Q6_K with several tokens (the VNNI build's tiled kernel; dot_q6k elsewhere): llama.cpp's
-    row-by-row dots for every token count of a pass, on random bytes (every scale and quant bit)."""
+def test_q6_k_tokens_equal_llama_cpp(ggml, n, k):
+    """Q6_K with several tokens (the VNNI build's token tiles; dot_q6k elsewhere): llama.cpp's
+    row-by-row dots for every token count of a pass below 8, its own matmul op (its tiled K-quant
+    kernel) from 8, on random bytes (every scale and quant bit)."""
     rng = np.random.default_rng(n + k)
     nb = n * k // 256
     w = rng.integers(0, 256, (nb, 210), dtype=np.uint8)
@@ -159,4 +196,5 @@ def test_q6_k_tokens_equal_llama_cpp_vec_dot(ggml, n, k):
     ggml.quantize_row_q8_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     for t in range(len(x)):
         ggml.quantize_row_q8_K(x[t].ctypes.data, acts[t].ctypes.data, k)
-    every_token_count_equals(x, w, cpu.Q6_K, their_vec_dots(ggml, "q6_K_q8_K", w, acts, k))
+    dots = their_vec_dots(ggml, "q6_K_q8_K", w, acts, k)
+    every_token_count_equals(x, w, cpu.Q6_K, lambda T: dots[:T] if T < 8 else their_mul_mat(ggml, cpu.Q6_K, w, x[:T]))

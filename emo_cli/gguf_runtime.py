@@ -140,7 +140,9 @@ class GGUFMoE:
         self.layer, self.backend = i, backend
         self.spec = RoutingSpec(num_experts=E, top_k=min(cfg.num_experts_per_tok, E), num_shared=ns)
         router = _dense(T[gf.blk(i, gf.FFN_GATE_INP)], device)  # [E_r, D]
-        self.router = torch.cat([router, router.new_zeros(ns, router.shape[1])]) if ns else router
+        # torch's router [E, D] (zero rows for the shared experts); the CPU kernels read the file's
+        self.router = None if backend == "cpu" else torch.cat([router, router.new_zeros(ns, router.shape[1])]) \
+            if ns else router
         # on the CPU kernels the routed logits get ggml's fp32 summation order (routing ties matter)
         self.router_w = cpu.QWeight.from_tensor(router) if backend == "cpu" else None
         self.router_q = cpu.MatmulPlan([self.router_w]) if backend == "cpu" else None

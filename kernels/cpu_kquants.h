@@ -128,6 +128,14 @@ static inline int hsum_i4(__m128i v) {
 }
 
 /* ---- dot products: one weight row against nt activation rows (nt <= MAXT) ------------------------ */
+/* lane r = sum of the 8 lanes of p[r] (exact integer adds) */
+static inline __m256i transpose_sum8(const __m256i *p) {
+    const __m256i a0 = _mm256_hadd_epi32(p[0], p[1]), a1 = _mm256_hadd_epi32(p[2], p[3]);
+    const __m256i a2 = _mm256_hadd_epi32(p[4], p[5]), a3 = _mm256_hadd_epi32(p[6], p[7]);
+    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
+}
+
 static inline int hsum_i8(__m256i v) {
     return hsum_i4(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
 }

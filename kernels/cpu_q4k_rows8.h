@@ -28,14 +28,6 @@
 
 #define TY_Q4_K_R (TY_Q4_K | 0x100) /* Q4_K summed like llama.cpp's 8-row repacked kernels */
 
-/* lane r = sum of the 8 lanes of p[r] (exact integer adds) */
-static inline __m256i transpose_sum8(const __m256i *p) {
-    const __m256i a0 = _mm256_hadd_epi32(p[0], p[1]), a1 = _mm256_hadd_epi32(p[2], p[3]);
-    const __m256i a2 = _mm256_hadd_epi32(p[4], p[5]), a3 = _mm256_hadd_epi32(p[6], p[7]);
-    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
-    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
-}
-
 /* acc + 8 int32 lanes of scale * <q, x> over 32 values (q unsigned nibbles, x int8; exact: every
  * int16 pair sum of maddubs stays below 2 * 15 * 127). A VNNI vpdpwssd in place of madd + add
  * measured no faster, so both builds run this. */

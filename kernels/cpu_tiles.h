@@ -308,11 +308,10 @@ static ALWAYS_INLINE void q6k_unpack(const bq6k *w, __m256i q[8], __m256i scl[4]
  * order (cpu_kquants.h) instead of its vec_dot's */
 static ALWAYS_INLINE void q6kt_row(const bq6k *w, int64_t nb, const bq8k *const *x, const float *xd, const int NT,
                                    const int TILED, float *out) {
-    __m256 acc[MAXT];
-    float tacc[MAXT];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), tacc[t] = 0.f;
+    __m256 acc[MAXT], tacc = _mm256_setzero_ps(); /* tacc: lane t = token t's tiled-order sum */
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        __m256i q[8], scl[4], off16;
+        __m256i q[8], scl[4], off16, sv[MAXT];
         q6k_unpack(&w[b], q, scl, &off16);
         const __m256 dall = _mm256_mul_ps(_mm256_set1_ps(h2f(w[b].d)), _mm256_loadu_ps(xd + b * MAXT));
 #pragma GCC unroll 8 /* measured 6%: the accumulators stay in registers */
@@ -328,14 +327,25 @@ static ALWAYS_INLINE void q6kt_row(const bq6k *w, int64_t nb, const bq8k *const 
                 s = _mm256_dpwssd_epi32(s, _mm256_blend_epi16(d0, _mm256_slli_epi32(d1, 16), 0xAA), scl[p]);
             }
             if (TILED) {
-                tacc[t] = tiled_add(tacc[t], (float)hsum_i8(s) * h2f(w[b].d), xd[b * MAXT + t]);
+                sv[t] = s;
                 continue;
             }
             const __m256 d = _mm256_permutevar8x32_ps(dall, _mm256_set1_epi32(t));
             acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);
         }
+        if (TILED) { /* the tokens' exact sums side by side, lane t = token t (lanes past NT: xd is 0) */
+            for (int t = NT; t < MAXT; t++) sv[t] = _mm256_setzero_si256();
+            const __m256 res = _mm256_mul_ps(_mm256_cvtepi32_ps(transpose_sum8(sv)), _mm256_set1_ps(h2f(w[b].d)));
+            tacc = _mm256_fmadd_ps(res, _mm256_loadu_ps(xd + b * MAXT), tacc);
+        }
     }
-    for (int t = 0; t < NT; t++) out[t] = TILED ? tacc[t] : hsum8(acc[t]);
+    if (TILED) {
+        float lanes[MAXT];
+        _mm256_storeu_ps(lanes, tacc);
+        for (int t = 0; t < NT; t++) out[t] = lanes[t];
+        return;
+    }
+    for (int t = 0; t < NT; t++) out[t] = hsum8(acc[t]);
 }
 
 #define Q6KT_NT(n) \

@@ -18,8 +18,9 @@ the other. Both engines memory-map the file: touched weights count in their RSS 
 shared and reclaimable, so the memory that matters is the peak anonymous RSS (RssAnon, sampled
 every 2 ms by a thread). Greedy decoding (argmax) from the same random prompt; every generated
 token is compared, and the table says where the two engines first differ. The first decode step
-is a warm-up and not timed. The CPU's SIMD flags are printed with the figures: llama.cpp and emo
-pick their kernels from them.
+is a warm-up and not timed. Both engines keep the same KV cache type (--kv: f16, both engines'
+default, or f32). The CPU's SIMD flags are printed with the figures: llama.cpp and emo pick their
+kernels from them.
 Targets (issue 13): decode and prefill >= 1.0x llama.cpp, peak anonymous memory <= 0.1x the file,
 load <= 1 s.
 """
@@ -264,7 +265,10 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in flags) or "no AVX2"
 
 
-def run_emo(path: Path, prompt: list[int], n_decode: int, threads: int) -> dict:
+KV_TYPES = ("f16", "f32")  # the KV cache type of both engines (f16: both engines' default)
+
+
+def run_emo(path: Path, prompt: list[int], n_decode: int, threads: int, kv: str) -> dict:
     import torch
 
     from emo_cli.gguf_runtime import load_gguf_model
@@ -276,6 +280,7 @@ def run_emo(path: Path, prompt: list[int], n_decode: int, threads: int) -> dict:
     t0 = time.perf_counter()
     m = load_gguf_model(path, backend="cpu").model
     load_s = time.perf_counter() - t0
+    m.kv_dtype = {"f16": torch.float16, "f32": torch.float32}[kv]
 
     def step(ids, cache):  # argmax in numpy, as for llama.cpp's logits below
         h = m.hidden_states(torch.tensor([ids]), cache=cache)
@@ -284,14 +289,15 @@ def run_emo(path: Path, prompt: list[int], n_decode: int, threads: int) -> dict:
     return _timed(step, m.new_cache, prompt, n_decode, load_s, anon)
 
 
-def run_llama(path: Path, prompt: list[int], n_decode: int, threads: int) -> dict:
+def run_llama(path: Path, prompt: list[int], n_decode: int, threads: int, kv: str) -> dict:
     import llama_cpp
 
     anon = AnonPeak()
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + n_decode + 16, n_batch=max(512, len(prompt)),
                           n_ubatch=max(512, len(prompt)), n_threads=threads, n_threads_batch=threads,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+                          type_k=getattr(llama_cpp, f"GGML_TYPE_{kv.upper()}"),
+                          type_v=getattr(llama_cpp, f"GGML_TYPE_{kv.upper()}"), verbose=False)
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
 
@@ -340,13 +346,13 @@ def worker(args) -> None:
     rng = np.random.default_rng(args.seed)
     prompt = rng.integers(0, args.prompt_vocab, size=args.prompt).tolist()
     fn = run_emo if args.worker == "emo" else run_llama
-    print(json.dumps(fn(Path(args.model), prompt, args.decode, args.threads)))
+    print(json.dumps(fn(Path(args.model), prompt, args.decode, args.threads, args.kv)))
 
 
 def measure(engine: str, path: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--model", str(path), "--threads", str(args.threads),
            "--prompt", str(args.prompt), "--decode", str(args.decode), "--seed", str(args.seed),
-           "--prompt-vocab", str(args.prompt_vocab)]
+           "--prompt-vocab", str(args.prompt_vocab), "--kv", args.kv]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
@@ -382,6 +388,7 @@ def main() -> None:
     ap.add_argument("--prompt-vocab", type=int, default=300, help="prompt ids are drawn below this")
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "emo" / "bench")
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine; the best rate is kept")
+    ap.add_argument("--kv", choices=KV_TYPES, default="f16", help="KV cache type of both engines")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", choices=["emo", "llama.cpp"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -404,7 +411,7 @@ def main() -> None:
                      "emo_anon_over_file": emo["peak_anon"] / size, "load_ratio": emo["load_s"] / ref["load_s"],
                      "same_tokens": same_prefix(emo["tokens"], ref["tokens"]), "generated": len(emo["tokens"])})
     load = {"loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0], "cpus": os.cpu_count(),
-            "simd": cpu_flags()}
+            "simd": cpu_flags(), "kv": args.kv}
     if args.json:
         print(json.dumps({"machine": load, "results": rows}))
         return
@@ -425,7 +432,7 @@ def main() -> None:
             ["", "greedy tokens equal", f"{r['same_tokens']} of {r['generated']}", "", None],
         ]
     out.print(table(f"emo CPU kernels vs llama.cpp: {args.threads} threads, prompt {args.prompt}, "
-                    f"{args.decode} decode steps", ["model", "", "emo", "llama.cpp", "emo / llama.cpp"],
+                    f"{args.decode} decode steps, {args.kv} KV cache", ["model", "", "emo", "llama.cpp", "emo / llama.cpp"],
                     table_rows, justify_right_from=2))
     out.print("targets: decode and prefill >= 1.0x; emo peak anonymous <= 0.1x the file; load <= 1 s")
     out.print(f"machine: {load['cpus']} CPUs ({load['simd']}), 1-min load average {load['loadavg_1min_before']:.1f} before, "

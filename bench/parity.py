@@ -4,9 +4,9 @@
     .venv/bin/python bench/parity.py --models full-q4_k_m --layers --json
 
 Models are named as in bench/decode.py (slim-QUANT, full-QUANT, tiny-random-QUANT, PATH.gguf).
-Both engines prefill the same random prompt and return every position's logits (llama.cpp with
-an F32 KV cache, as emo keeps it); then both take `--steps` one-token decode steps after a prefill
-of `--prefix` tokens. Per position: the largest |emo - llama.cpp| over the largest |logit|, how
+Both engines prefill the same random prompt and return every position's logits, with the same KV
+cache type (`--kv`: f16, both engines' default, or f32); then both take one-token decode steps
+after a prefill of `--prefix` tokens, to the end of the prompt. Per position: the largest |emo - llama.cpp| over the largest |logit|, how
 many positions are bit-equal, and whether the argmax agrees. A flipped activation rounding
 (Q8_0/Q8_K, 2^-8 of a block's largest value) after an fp32 ulp shows as ~1e-2 here; equal bits
 mean emo took llama.cpp's order everywhere.
@@ -41,7 +41,10 @@ class _GGMLTensor(ctypes.Structure):  # ggml.h's struct ggml_tensor, up to its n
                 ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
 
 
-def llama_prefill(path: Path, ids: list[int], keep: tuple[str, ...] = ()) -> tuple[np.ndarray, dict]:
+KV_TYPES = {"f16": 1, "f32": 0}  # GGML type ids
+
+
+def llama_prefill(path: Path, ids: list[int], kv: str, keep: tuple[str, ...] = ()) -> tuple[np.ndarray, dict]:
     """llama.cpp's logits [S, V] for every position of one prefill, and the F32 tensors whose names
     start with one of `keep` (the last node of each name) from its eval callback."""
     import llama_cpp as L
@@ -67,7 +70,7 @@ def llama_prefill(path: Path, ids: list[int], keep: tuple[str, ...] = ()) -> tup
     cp = L.llama_context_default_params()
     cp.n_ctx = cp.n_batch = cp.n_ubatch = max(256, len(ids))
     cp.n_threads = cp.n_threads_batch = 2
-    cp.type_k = cp.type_v = L.GGML_TYPE_F32
+    cp.type_k = cp.type_v = KV_TYPES[kv]
     cp.flash_attn_type = 0  # llama.cpp's default path without flash attention, as emo computes it
     cp.cb_eval = observe
     ctx = L.llama_init_from_model(model, cp)
@@ -88,12 +91,12 @@ def llama_prefill(path: Path, ids: list[int], keep: tuple[str, ...] = ()) -> tup
     return logits, got
 
 
-def llama_steps(path: Path, ids: list[int], prefix: int) -> np.ndarray:
+def llama_steps(path: Path, ids: list[int], prefix: int, kv: str) -> np.ndarray:
     """llama.cpp's logits [len(ids) - prefix, V] of one-token steps after a prefill of `prefix`."""
     import llama_cpp as L
 
-    llm = L.Llama(str(path), n_ctx=max(256, len(ids)), n_threads=2, type_k=L.GGML_TYPE_F32,
-                  type_v=L.GGML_TYPE_F32, verbose=False)
+    llm = L.Llama(str(path), n_ctx=max(256, len(ids)), n_threads=2, type_k=KV_TYPES[kv], type_v=KV_TYPES[kv],
+                  verbose=False)
     llm.eval(ids[:prefix])
     out = []
     for t in ids[prefix:]:
@@ -111,7 +114,7 @@ def compare(ours: np.ndarray, ref: np.ndarray) -> dict:
             "first_unequal": int(np.argmax(rel > 0)) if (rel > 0).any() else None}
 
 
-def emo_run(path: Path, ids: list[int], prefix: int, layers: bool) -> tuple[np.ndarray, np.ndarray, list]:
+def emo_run(path: Path, ids: list[int], prefix: int, kv: str, layers: bool) -> tuple[np.ndarray, np.ndarray, list]:
     """emo's prefill logits [S, V], its one-token steps after `prefix`, and (with `layers`) each
     layer's output [S, D] of the prefill."""
     import torch
@@ -119,6 +122,7 @@ def emo_run(path: Path, ids: list[int], prefix: int, layers: bool) -> tuple[np.n
     from emo_cli.gguf_runtime import load_gguf_model
 
     m = load_gguf_model(path, backend="cpu").model
+    m.kv_dtype = {"f16": torch.float16, "f32": torch.float32}[kv]
     x = torch.tensor([ids])
     outs = []
     if layers:
@@ -153,6 +157,7 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=8, help="tokens prefilled before the one-token steps")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--prompt-vocab", type=int, default=390, help="prompt ids are drawn in [5, this)")
+    ap.add_argument("--kv", choices=sorted(KV_TYPES), default="f16", help="KV cache type of both engines")
     ap.add_argument("--layers", action="store_true", help="also compare every layer's output (prefill)")
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "emo" / "bench")
     ap.add_argument("--json", action="store_true")
@@ -166,15 +171,16 @@ def main() -> None:
         path = resolve_model(name, args.workdir)
         if path is None:
             continue
-        full, steps, outs = emo_run(path, ids, args.prefix, args.layers)
-        ref_full, ref_inner = llama_prefill(path, ids, ("l_out-",) if args.layers else ())
+        full, steps, outs = emo_run(path, ids, args.prefix, args.kv, args.layers)
+        ref_full, ref_inner = llama_prefill(path, ids, args.kv, ("l_out-",) if args.layers else ())
         row = {"model": name, "prefill": compare(full, ref_full),
-               "decode": compare(steps, llama_steps(path, ids, args.prefix))}
+               "decode": compare(steps, llama_steps(path, ids, args.prefix, args.kv))}
         if args.layers:
             row["first_layer_difference"] = first_layer_difference(outs, ref_inner)
         rows.append(row)
     if args.json:
-        print(json.dumps({"simd": cpu_flags(), "tokens": args.tokens, "prefix": args.prefix, "results": rows}))
+        print(json.dumps({"simd": cpu_flags(), "tokens": args.tokens, "prefix": args.prefix, "kv": args.kv,
+                          "results": rows}))
         return
     from emo_cli.ui import out, table
 
@@ -186,7 +192,7 @@ def main() -> None:
                                c["rel_median"], c["rel_max"], f"{c['argmax_equal']} of {c['positions']}"])
         if args.layers:
             table_rows.append(["", "first layer that differs", str(r["first_layer_difference"] or "none"), "", "", ""])
-    out.print(table(f"emo vs llama.cpp logits, {args.tokens}-token prompt, steps after {args.prefix}",
+    out.print(table(f"emo vs llama.cpp logits, {args.tokens}-token prompt, steps after {args.prefix}, {args.kv} KV cache",
                     ["model", "", "positions bit-equal", "median |diff|/max", "max |diff|/max", "argmax equal"],
                     table_rows, justify_right_from=2))
     out.print(f"machine: {cpu_flags()}")

@@ -16,8 +16,13 @@ row: in its own one-way softmax it gets weight exactly 1.0, as EMO's legacy-shar
 Decoding one token of one sequence on the CPU kernels takes a fast path: per layer one C call for
 the attention block and the router logits and one for the experts (cpu.LayerDecoder), with
 emo_cli.routing.route between them. Everything else (prefill, batches, observers) goes through
-the general path below, whose attention (cpu.attention) computes each query with the decode
-step's arithmetic: a position gets the same logits whether decoded one token at a time or prefilled.
+the general path below. Both follow llama.cpp's order, which differs between a one-token step and
+a batch (its sgemm and tiled kernels), so a position decoded alone and the same position in a
+prefill agree within the activations' rounding, as in llama.cpp.
+
+The KV cache is fp16 on the CPU kernels, llama.cpp's default cache type (`kv_dtype`; float32 for
+a bit-for-bit comparison with an fp32 reference or with llama.cpp run on an F32 cache); keys and
+values are rounded to it before any attention reads them, as llama.cpp stores them first.
 
 Shape legend: B batch, S sequence, T = B*S, D hidden, H/Hkv heads, hd head dim, E experts (shared
 last), F expert width, V vocab.
@@ -208,14 +213,16 @@ class GGUFMoE:
         return out
 
 
-def reserve_cache(cache: KVCache, layer: int, need: int, kv_heads: int, head_dim: int):
+def reserve_cache(cache: KVCache, layer: int, need: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
     """The layer's key/value buffers [1, Hkv, cap, hd] with cap >= need, grown like KVCache.update
-    (doubling, cached positions kept), so the C decode and the torch prefill share one cache."""
+    (doubling, cached positions kept), so the C decode and the torch prefill share one cache; a
+    cache keeps the dtype it was started with."""
     buf = cache.k[layer]
     if buf is None or buf.shape[2] < need or buf.shape[0] != 1:
         cap = max(need, 2 * (buf.shape[2] if buf is not None else 64))
-        k = torch.empty(1, kv_heads, cap, head_dim)
-        v = torch.empty(1, kv_heads, cap, head_dim)
+        dtype = buf.dtype if buf is not None else dtype
+        k = torch.empty(1, kv_heads, cap, head_dim, dtype=dtype)
+        v = torch.empty(1, kv_heads, cap, head_dim, dtype=dtype)
         if buf is not None and buf.shape[0] == 1:
             n = min(cache.length, buf.shape[2])
             k[:, :, :n] = buf[:, :, :n]
@@ -227,6 +234,7 @@ def reserve_cache(cache: KVCache, layer: int, need: int, kv_heads: int, head_dim
 class GGUFBlock:
     def __init__(self, T: dict, i: int, cfg: EmoConfig, backend: str, device: str, expert_ids):
         self.i, self.backend, self.cfg = i, backend, cfg
+        self.kv_dtype = torch.float32  # the model sets its own (GGUFModel.kv_dtype)
 
         def mat(name):
             return Mat(T[gf.blk(i, name)], backend, device)
@@ -271,13 +279,13 @@ class GGUFBlock:
 
     def attention_c(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
                     start: int) -> torch.Tensor:
-        """Attention on the CPU kernels, query by query with the decode step's arithmetic, so a
-        prefill computes each position exactly as a one-token step would: q [B, S, H, hd], k/v
-        [B*S, Hkv*hd] (roped k) -> o [B, S, H, hd]."""
+        """Attention on the CPU kernels, in llama.cpp's order for a batch of S queries: q [B, S, H, hd],
+        k/v [B*S, Hkv*hd] (roped k) -> o [B, S, H, hd]. k and v are rounded to the cache type first,
+        cache or not, as llama.cpp reads them back from its cache."""
         B, S, H, hd = q.shape
         Hkv = self.cfg.kv_heads
-        k = k.view(B, S, Hkv, hd).transpose(1, 2)  # [B, Hkv, S, hd]
-        v = v.view(B, S, Hkv, hd).transpose(1, 2)
+        k = k.view(B, S, Hkv, hd).transpose(1, 2).to(self.kv_dtype)  # [B, Hkv, S, hd]
+        v = v.view(B, S, Hkv, hd).transpose(1, 2).to(self.kv_dtype)
         if cache is not None:
             k, v = cache.update(self.i, k, v, start)  # positions 0..start+S-1
         k, v = k.contiguous(), v.contiguous()
@@ -314,7 +322,7 @@ class GGUFBlock:
         attention block and the router logits are one C call, routing is emo_cli.routing.route,
         the experts one more C call."""
         cfg, dec = self.cfg, self.decoder
-        k, v = reserve_cache(cache, self.i, pos + 1, cfg.kv_heads, cfg.head_dim)
+        k, v = reserve_cache(cache, self.i, pos + 1, cfg.kv_heads, cfg.head_dim, self.kv_dtype)
         dec.attention(k, v, pos)
         if self.moe is None:
             dec.h.copy_(self.ffn(dec.h, dec.x_ffn))
@@ -390,6 +398,22 @@ class GGUFModel:
         self.lm_head = Mat(T[gf.OUTPUT], backend, device) if gf.OUTPUT in T else self.embed_matrix
         self.lm_plan = cpu.MatmulPlan([self.lm_head.w]) if backend == "cpu" else None
         self._stream: torch.Tensor | None = None  # the C decode steps' residual stream
+        self.kv_dtype = torch.float16 if backend == "cpu" else torch.float32
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache's type: fp16 on the CPU kernels (llama.cpp's default), else float32; a cache
+        keeps the type it was started with."""
+        return self._kv_dtype
+
+    @kv_dtype.setter
+    def kv_dtype(self, dtype: torch.dtype) -> None:
+        if dtype not in (torch.float16, torch.float32) or (dtype != torch.float32 and self.backend != "cpu"):
+            raise EmoError(f"a KV cache of {dtype} on the {self.backend} backend: the CPU kernels keep "
+                           "float16 or float32, the others float32")
+        self._kv_dtype = dtype
+        for b in self.layers:
+            b.kv_dtype = dtype
 
     def _check_tensors(self, T: dict, path: Path) -> None:
         """Every tensor the config implies is there with its shape and a type emo computes, so a

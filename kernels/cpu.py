@@ -152,10 +152,11 @@ def library(variant: str | None = None) -> ctypes.CDLL:
     lib.emo_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
     lib.emo_softmax_rows.argtypes = [p, i64, i64]
     lib.emo_attn_decode.argtypes = [p, i64, p, p, ctypes.c_float, p, p, i64, i64, i64, p, p, i64, i64,
-                                    ctypes.c_float, p, p, i64, p]
+                                    ctypes.c_int, ctypes.c_float, p, p, i64, p]
     lib.emo_rope_norm.argtypes = [p, i64, i64, i64, p, ctypes.c_float]
     lib.emo_convert_rows.argtypes = [p, i64, i64, ctypes.c_int, p]
-    lib.emo_attention.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, p]
+    lib.emo_attention.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, ctypes.c_int, p]
+    lib.emo_attention.restype = ctypes.c_int
     return lib
 
 
@@ -332,16 +333,20 @@ class AttentionWeights:
         self.router = router
 
 
+KV_TYPES = {torch.float32: F32, torch.float16: F16}  # cache dtypes the attention reads, as GGML types
+
+
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention with the decode step's arithmetic (so a prefill position and a one-token
-    step agree to the bit): q [T, H, hd] at positions start..start+T-1, caches [Hkv, cap, hd]
-    holding positions 0..start+T-1 (fp32, contiguous) -> o [T, H, hd]."""
+    """Causal attention in llama.cpp's order for the batch size and cache type: q [T, H, hd] fp32
+    at positions start..start+T-1, caches [Hkv, cap, hd] (fp32 or fp16, contiguous) holding
+    positions 0..start+T-1 -> o [T, H, hd]."""
     T, H, hd = q.shape
-    assert q.is_contiguous() and q.dtype == torch.float32
+    assert q.is_contiguous() and q.dtype == torch.float32 and k_cache.dtype == v_cache.dtype
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[1] >= start + T
     out = torch.empty(T, H, hd, dtype=torch.float32)
-    library().emo_attention(_ptr(q), T, H, k_cache.shape[0], hd, _ptr(k_cache), _ptr(v_cache), k_cache.shape[1],
-                            start, _ptr(out))
+    if library().emo_attention(_ptr(q), T, H, k_cache.shape[0], hd, _ptr(k_cache), _ptr(v_cache), k_cache.shape[1],
+                               start, KV_TYPES.get(k_cache.dtype, -1), _ptr(out)):
+        raise ValueError(f"KV cache of {k_cache.dtype}: the kernels read float32 or float16")
     return out
 
 
@@ -375,10 +380,12 @@ class LayerDecoder:
                               experts.dtype, _ptr(h), None, _ptr(h))
 
     def attention(self, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> None:
-        """h += attention block at position `pos`; the new key/value go to the caches [1, Hkv, cap, hd];
-        x_ffn = RMSNorm(h) * ffn_norm; logits = router @ x_ffn."""
+        """h += attention block at position `pos`; the new key/value go to the caches [1, Hkv, cap, hd]
+        (fp32 or fp16); x_ffn = RMSNorm(h) * ffn_norm; logits = router @ x_ffn."""
         assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2] > pos
-        self._attn(*self._attn_head, _ptr(k_cache), _ptr(v_cache), k_cache.shape[2], pos, *self._attn_tail)
+        assert k_cache.dtype == v_cache.dtype and k_cache.dtype in KV_TYPES
+        self._attn(*self._attn_head, _ptr(k_cache), _ptr(v_cache), k_cache.shape[2], pos, KV_TYPES[k_cache.dtype],
+                   *self._attn_tail)
 
     def mixture(self, experts: torch.Tensor, weights: torch.Tensor) -> None:
         """h += sum_s weights[0, s] * expert_{experts[0, s]}(x_ffn); experts int64, weights fp32 [1, S]."""

@@ -315,27 +315,44 @@ static void attn_scores(const float *q, const float *K, int64_t n, int64_t hd, f
 }
 
 /* One query head over n cached positions: out [hd] = softmax(K q * scale) V, in llama.cpp's
- * order: scores by vec_dot over hd, softmax with the exp sum in double (softmax_exps), then out[d]
- * = the dot over positions of v[:, d] and p. llama.cpp's cache is padded with zero weights, so
- * every position goes through its accumulators. That last dot is its vec_dot in a one-token step
- * (position j -> accumulator (j/ALANES)%4, lane j%ALANES) but its tiled sgemm when the batch has
- * several queries (`sgemm`: one accumulator, position j -> lane j%ALANES, fused, then the sgemm's
- * lane sum). K, V: [n, hd] rows. */
-static void attend(const float *q, const float *K, const float *V, int64_t n, int64_t hd, float scale, int sgemm,
-                   float *out) {
+ * order: scores, the softmax with the exp sum in double (softmax_exps), then out[d] = the dot over
+ * positions of v[:, d] and p. llama.cpp's cache is padded with zero weights to a multiple of 256
+ * positions, so every position goes through its accumulators. Its dots differ between a one-token
+ * step and a batch of several queries (`sgemm`), and between cache types:
+ *   F32 cache  scores: vec_dot_f32 (the query is not contiguous, so never its sgemm); p.V: vec_dot
+ *              (position j -> accumulator (j/ALANES)%4, lane j%ALANES), or with several queries
+ *              its tiled sgemm (one accumulator, position j -> lane j%ALANES, then its lane sum)
+ *   F16 cache  the query is rounded to fp16 and so is p (both become the cache type before the
+ *              dots); scores and p.V: vec_dot_f16, or with several queries its F16 sgemm
+ * K, V: [n, hd] rows of fp32 or fp16 (`f16`). */
+static void attend(const float *q, const void *K, const void *V, int64_t n, int64_t hd, float scale, int sgemm,
+                   int f16, float *out) {
     float *pr = malloc(sizeof(float) * (size_t)n), *part = calloc((size_t)(ASTEP * hd), sizeof(float));
     float mx = -INFINITY;
-    attn_scores(q, K, n, hd, scale, pr);
+    if (f16) {
+        uint16_t *qh = malloc(sizeof(uint16_t) * (size_t)hd);
+        for (int64_t i = 0; i < hd; i++) qh[i] = f2h(q[i]);
+        const uint16_t *Kh = K;
+        const int acc1 = sgemm && hd % FP_LANES == 0;
+        for (int64_t j = 0; j < n; j++)
+            pr[j] = (acc1 ? dot_f16_acc1(Kh + j * hd, qh, hd) : dot_f16_one(Kh + j * hd, qh, hd)) * scale;
+        free(qh);
+    } else {
+        attn_scores(q, K, n, hd, scale, pr);
+    }
     for (int64_t j = 0; j < n; j++) mx = pr[j] > mx ? pr[j] : mx;
-    /* llama.cpp's cache is padded to a multiple of 256 positions (a multiple of every vector) */
     const float inv = (float)(1.0 / softmax_exps(pr, n, (n + 255) / 256 * 256, mx, pr));
     const int64_t accs = sgemm ? ALANES : ASTEP;
     for (int64_t j = 0; j < n; j++) {
         pr[j] *= inv;
+        if (f16) pr[j] = h2f(f2h(pr[j]));
         float *acc = part + (j % accs) * hd;
         const __m256 pj = _mm256_set1_ps(pr[j]);
-        for (int64_t d = 0; d < hd; d += 8)
-            _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, _mm256_loadu_ps(V + j * hd + d), _mm256_loadu_ps(acc + d)));
+        for (int64_t d = 0; d < hd; d += 8) {
+            const __m256 v = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)V + j * hd + d)))
+                                 : _mm256_loadu_ps((const float *)V + j * hd + d);
+            _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, v, _mm256_loadu_ps(acc + d)));
+        }
     }
     for (int64_t d = 0; d < hd; d++) {
         float u[ALANES];
@@ -357,8 +374,8 @@ static void attend(const float *q, const float *K, const float *V, int64_t n, in
 
 struct attn_ctx {
     const float *q;           /* [T, H, hd] */
-    const float *kc, *vc;     /* caches [Hkv, cap, hd] */
-    int64_t T, H, Hkv, hd, cap, start;
+    const uint8_t *kc, *vc;   /* caches [Hkv, cap, hd] of `esize`-byte values */
+    int64_t T, H, Hkv, hd, cap, start, esize;
     float scale;
     float *out;               /* [T, H, hd] */
 };
@@ -367,28 +384,33 @@ struct attn_ctx {
 static void attn_item(void *p, int64_t i) {
     const struct attn_ctx *a = p;
     const int64_t t = i / a->H, h = i % a->H, kvh = h / (a->H / a->Hkv), hd = a->hd;
-    attend(a->q + (t * a->H + h) * hd, a->kc + kvh * a->cap * hd, a->vc + kvh * a->cap * hd, a->start + t + 1, hd,
-           a->scale, a->T >= 2, a->out + (t * a->H + h) * hd);
+    const size_t head = (size_t)(kvh * a->cap * hd * a->esize);
+    attend(a->q + (t * a->H + h) * hd, a->kc + head, a->vc + head, a->start + t + 1, hd, a->scale, a->T >= 2,
+           a->esize == 2, a->out + (t * a->H + h) * hd);
 }
 
 /* Causal attention of T queries q [T, H, hd] at positions start..start+T-1 over caches
- * [Hkv, cap, hd] that already hold positions 0..start+T-1 -> out [T, H, hd]. */
-void emo_attention(const float *q, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const float *kc, const float *vc,
-                   int64_t cap, int64_t start, float *out) {
+ * [Hkv, cap, hd] of type kv_type (F32 or F16) that already hold positions 0..start+T-1 ->
+ * out [T, H, hd]. Returns -1 for another cache type. */
+int emo_attention(const float *q, int64_t T, int64_t H, int64_t Hkv, int64_t hd, const void *kc, const void *vc,
+                  int64_t cap, int64_t start, int kv_type, float *out) {
+    if (kv_type != TY_F32 && kv_type != TY_F16) return -1;
     struct attn_ctx a = {.q = q, .kc = kc, .vc = vc, .T = T, .H = H, .Hkv = Hkv, .hd = hd, .cap = cap,
-                         .start = start, .scale = 1.0f / sqrtf((float)hd), .out = out};
+                         .start = start, .esize = kv_type == TY_F16 ? 2 : 4, .scale = 1.0f / sqrtf((float)hd),
+                         .out = out};
     run(attn_item, &a, T * H);
+    return 0;
 }
 
 /* One decode step of a layer's attention block for a single sequence, in place on h [D]:
  *   xn = rms(h) * attn_norm; q, k, v = xn @ Wq/Wk/Wv; NORM RoPE at `pos`; k, v appended to the
- *   caches [Hkv, cap, hd] at `pos`; attention over positions 0..pos; h += o @ Wo;
+ *   caches [Hkv, cap, hd] (kv_type F32 or F16) at `pos`; attention over positions 0..pos; h += o @ Wo;
  * then x_ffn = rms(h) * ffn_norm, and (when router is not NULL) the router logits [n_router] =
  * router [n_router, D] (F32) @ x_ffn, as emo_matmul computes them for one token: a decode step is
  * one call before routing. w[4]/types[4]: q, k, v, o weights. */
 void emo_attn_decode(float *h, int64_t D, const float *attn_norm, const float *ffn_norm, float eps,
                      const void *const *w, const int *types, int64_t H, int64_t Hkv, int64_t hd,
-                     float *kc, float *vc, int64_t cap, int64_t pos, float rope_base, float *x_ffn,
+                     void *kc, void *vc, int64_t cap, int64_t pos, int kv_type, float rope_base, float *x_ffn,
                      const float *router, int64_t n_router, float *logits) {
     float *xn = malloc(sizeof(float) * (size_t)D), *qkv = malloc(sizeof(float) * (size_t)((H + 2 * Hkv) * hd));
     float *o = malloc(sizeof(float) * (size_t)(H * hd)), *ao = malloc(sizeof(float) * (size_t)D);
@@ -399,10 +421,18 @@ void emo_attn_decode(float *h, int64_t D, const float *attn_norm, const float *f
     emo_rope_norm(y3[0], 1, H, hd, &pos, rope_base);
     emo_rope_norm(y3[1], 1, Hkv, hd, &pos, rope_base);
     for (int64_t g = 0; g < Hkv; g++) {
-        memcpy(kc + (g * cap + pos) * hd, y3[1] + g * hd, sizeof(float) * (size_t)hd);
-        memcpy(vc + (g * cap + pos) * hd, y3[2] + g * hd, sizeof(float) * (size_t)hd);
+        const int64_t at = (g * cap + pos) * hd;
+        if (kv_type == TY_F16) /* llama.cpp's cache copy rounds to nearest even */
+            for (int64_t i = 0; i < hd; i++) {
+                ((uint16_t *)kc)[at + i] = f2h(y3[1][g * hd + i]);
+                ((uint16_t *)vc)[at + i] = f2h(y3[2][g * hd + i]);
+            }
+        else {
+            memcpy((float *)kc + at, y3[1] + g * hd, sizeof(float) * (size_t)hd);
+            memcpy((float *)vc + at, y3[2] + g * hd, sizeof(float) * (size_t)hd);
+        }
     }
-    emo_attention(y3[0], 1, H, Hkv, hd, kc, vc, cap, pos, o);
+    emo_attention(y3[0], 1, H, Hkv, hd, kc, vc, cap, pos, kv_type, o);
     const int64_t nD = D;
     float *yo[1] = {ao};
     emo_matmul(1, w + 3, types + 3, &nD, H * hd, o, 1, yo);

@@ -228,19 +228,23 @@ def test_without_a_compiler_auto_falls_back_to_torch(tmp_path, tiny_model_factor
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("hd", [16, 32, 64, 128])
-def test_cpu_attention_equals_float64_reference(hd):
+@pytest.mark.parametrize("cache", [torch.float32, torch.float16], ids=str)
+def test_cpu_attention_equals_float64_reference(hd, cache):
     """Causal attention on the CPU kernels (positions scored eight at a time, with a scalar tail)
     against a float64 softmax attention, for grouped heads and every query of a 21-token prefill
-    that continues a 19-token cache."""
+    that continues a 19-token cache. An fp16 cache also rounds the query and the softmax weights to
+    fp16 (llama.cpp's order): the reference takes the rounded query, and p's rounding (2^-11
+    relative) is the tolerance."""
     rng = np.random.default_rng(hd)
     H, Hkv, start, T = 4, 2, 19, 21
     q = torch.from_numpy(rng.standard_normal((T, H, hd)).astype(np.float32))
-    k = torch.from_numpy(rng.standard_normal((Hkv, start + T, hd)).astype(np.float32))
-    v = torch.from_numpy(rng.standard_normal((Hkv, start + T, hd)).astype(np.float32))
+    k = torch.from_numpy(rng.standard_normal((Hkv, start + T, hd)).astype(np.float32)).to(cache)
+    v = torch.from_numpy(rng.standard_normal((Hkv, start + T, hd)).astype(np.float32)).to(cache)
     out = cpu.attention(q, k, v, start)
+    tol = 1e-5 if cache == torch.float32 else 2e-3
     for t in range(T):
         n = start + t + 1
         for h in range(H):
             kh, vh = k[h // (H // Hkv), :n].double(), v[h // (H // Hkv), :n].double()
-            p = torch.softmax(kh @ q[t, h].double() / hd ** 0.5, 0)
-            assert torch.allclose(out[t, h].double(), p @ vh, rtol=1e-5, atol=1e-5), (t, h)
+            p = torch.softmax(kh @ q[t, h].to(cache).double() / hd ** 0.5, 0)
+            assert torch.allclose(out[t, h].double(), p @ vh, rtol=tol, atol=tol), (t, h)

@@ -180,13 +180,25 @@ static float lanes_sum(const float *u) { /* 128-bit halves, then two horizontal 
  * 2^n. How 2^n is applied differs between llama.cpp's AVX-512 and AVX2 builds, and so does the
  * polynomial's last term, so each build of this file follows the build of llama.cpp for the same
  * instruction set. */
+static inline float pow2i(int e) { /* 2^e for -126 <= e <= 127, from its exponent bits */
+    const uint32_t b = (uint32_t)(e + 127) << 23;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
 static inline float exp_as_ggml(float x) {
     const float shift = 0x1.8p23f, z = fmaf(x, 0x1.715476p+0f, shift), n = z - shift;
     const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x)), u = b * b;
     const float p45 = fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), p23 = fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f);
 #if defined(__AVX512F__)
     if (fabsf(n) > 192.f) return n <= 0.f ? 0.f : INFINITY;
-    return ldexpf(fmaf(fmaf(p45, u, p23), u, fmaf(0x1.ffffecp-1f, b, 1.0f)), (int)n); /* vscalefps */
+    const float j = fmaf(fmaf(p45, u, p23), u, fmaf(0x1.ffffecp-1f, b, 1.0f));
+    /* vscalefps: j * 2^n rounded once. One multiply by an exact power of two where 2^n is normal;
+     * otherwise an exact first step by 2^(n -+ 100), then one rounding multiply by 2^(+-100). */
+    const int e = (int)n;
+    if (e >= -126 && e <= 127) return j * pow2i(e);
+    return e < 0 ? (j * pow2i(e + 100)) * 0x1p-100f : (j * pow2i(e - 100)) * 0x1p100f;
 #else
     const float j = fmaf(fmaf(p45, u, p23), u, 0x1.ffffecp-1f * b);
     uint32_t zb, e, g;

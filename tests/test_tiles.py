@@ -123,39 +123,60 @@ def their_vec_dots(ggml, name: str, w: np.ndarray, acts: np.ndarray, k: int) -> 
     return want
 
 
+class GGMLGraph:
+    """llama.cpp's own CPU ops on our arrays: tensors in a ggml context, one graph computed on one
+    thread by libggml-cpu, whatever path its build takes for those shapes."""
+
+    def __init__(self, ggml, mem_bytes: int):
+        import llama_cpp
+
+        class InitParams(ctypes.Structure):
+            _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+        base.ggml_init.restype, base.ggml_init.argtypes = vp, [InitParams]
+        base.ggml_new_tensor_2d.restype, base.ggml_new_tensor_2d.argtypes = vp, [vp, ctypes.c_int, i64, i64]
+        for name in ("ggml_mul_mat",):
+            getattr(base, name).restype, getattr(base, name).argtypes = vp, [vp, vp, vp]
+        base.ggml_soft_max.restype, base.ggml_soft_max.argtypes = vp, [vp, vp]
+        base.ggml_new_graph.restype, base.ggml_new_graph.argtypes = vp, [vp]
+        base.ggml_build_forward_expand.argtypes = [vp, vp]
+        base.ggml_get_data.restype, base.ggml_get_data.argtypes = vp, [vp]
+        base.ggml_free.argtypes = [vp]
+        ggml.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
+        self.base, self.ggml = base, ggml
+        self.ctx = base.ggml_init(InitParams(mem_bytes + (64 << 20), None, False))
+
+    def tensor(self, qtype: int, a: np.ndarray, cols: int) -> int:
+        """A 2-D tensor of rows [n, row bytes] (or fp32 values [n, cols]) in `qtype`, cols values per row."""
+        t = self.base.ggml_new_tensor_2d(self.ctx, qtype, cols, a.shape[0])
+        a = np.ascontiguousarray(a)
+        ctypes.memmove(self.base.ggml_get_data(t), a.ctypes.data, a.nbytes)
+        return t
+
+    def compute(self, out: int, shape: tuple[int, int]) -> np.ndarray:
+        graph = self.base.ggml_new_graph(self.ctx)
+        self.base.ggml_build_forward_expand(graph, out)
+        assert self.ggml.ggml_graph_compute_with_ctx(self.ctx, graph, 1) == 0
+        data = ctypes.cast(self.base.ggml_get_data(out), ctypes.POINTER(ctypes.c_float))
+        result = np.ctypeslib.as_array(data, shape).copy()
+        self.base.ggml_free(self.ctx)
+        return result
+
+
 def their_mul_mat(ggml, qtype: int, w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """[T, n]: llama.cpp's own CPU matmul op (ggml_mul_mat in a one-node graph) of weight rows w
-    [n, row bytes] in `qtype` with the fp32 activations x [T, k]: whatever path its build takes for
-    that shape (vec_dot, its tiled K-quant kernel from 8 tokens, its sgemm)."""
-    import llama_cpp
+    """[T, n]: llama.cpp's matmul op of weight rows w [n, row bytes] in `qtype` with the fp32
+    activations x [T, k] (its vec_dot, its tiled K-quant kernel from 8 tokens, its sgemm)."""
+    g = GGMLGraph(ggml, w.nbytes + 3 * x.nbytes + w.shape[0] * x.shape[0] * 4)
+    a, b = g.tensor(qtype, w, x.shape[1]), g.tensor(0, x.astype(np.float32), x.shape[1])
+    return g.compute(g.base.ggml_mul_mat(g.ctx, a, b), (x.shape[0], w.shape[0]))
 
-    base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
 
-    class InitParams(ctypes.Structure):
-        _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
-
-    vp = ctypes.c_void_p
-    base.ggml_init.restype, base.ggml_init.argtypes = vp, [InitParams]
-    base.ggml_new_tensor_2d.restype, base.ggml_new_tensor_2d.argtypes = vp, [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    base.ggml_mul_mat.restype, base.ggml_mul_mat.argtypes = vp, [vp, vp, vp]
-    base.ggml_new_graph.restype, base.ggml_new_graph.argtypes = vp, [vp]
-    base.ggml_build_forward_expand.argtypes = [vp, vp]
-    base.ggml_get_data.restype, base.ggml_get_data.argtypes = vp, [vp]
-    base.ggml_free.argtypes = [vp]
-    ggml.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
-    (n, k), T = (w.shape[0], x.shape[1]), x.shape[0]
-    ctx = base.ggml_init(InitParams(w.nbytes + x.nbytes * 2 + n * T * 4 + (64 << 20), None, False))
-    try:
-        a, b = base.ggml_new_tensor_2d(ctx, qtype, k, n), base.ggml_new_tensor_2d(ctx, 0, k, T)
-        ctypes.memmove(base.ggml_get_data(a), np.ascontiguousarray(w).ctypes.data, w.nbytes)
-        ctypes.memmove(base.ggml_get_data(b), np.ascontiguousarray(x, np.float32).ctypes.data, x.nbytes)
-        c = base.ggml_mul_mat(ctx, a, b)
-        graph = base.ggml_new_graph(ctx)
-        base.ggml_build_forward_expand(graph, c)
-        assert ggml.ggml_graph_compute_with_ctx(ctx, graph, 1) == 0
-        return np.ctypeslib.as_array(ctypes.cast(base.ggml_get_data(c), ctypes.POINTER(ctypes.c_float)), (T, n)).copy()
-    finally:
-        base.ggml_free(ctx)
+def their_soft_max(ggml, x: np.ndarray) -> np.ndarray:
+    """llama.cpp's soft_max op (its MoE routing probabilities) over the rows of fp32 x [T, n]."""
+    g = GGMLGraph(ggml, 3 * x.nbytes)
+    return g.compute(g.base.ggml_soft_max(g.ctx, g.tensor(0, x.astype(np.float32), x.shape[1])), x.shape)
 
 
 def every_token_count_equals(x: np.ndarray, w: np.ndarray, qtype: int, want) -> None:
@@ -198,3 +219,14 @@ def test_q6_k_tokens_equal_llama_cpp(ggml, n, k):
         ggml.quantize_row_q8_K(x[t].ctypes.data, acts[t].ctypes.data, k)
     dots = their_vec_dots(ggml, "q6_K_q8_K", w, acts, k)
     every_token_count_equals(x, w, cpu.Q6_K, lambda T: dots[:T] if T < 8 else their_mul_mat(ggml, cpu.Q6_K, w, x[:T]))
+
+
+@pytest.mark.parametrize("n", [31, 127, 8, 5])
+def test_routing_softmax_equals_llama_cpp(ggml, n):
+    """The routing softmax (cpu.softmax, its exp as llama.cpp's vectorized one) equals llama.cpp's
+    soft_max op to the bit: whole vectors and a scalar tail, logits spread so far that exps reach
+    the subnormal range and underflow (-200 below the max), and -inf (masked) entries."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((64, n)) * np.array([0.5, 4.0, 40.0, 100.0]).repeat(16)[:, None]).astype(np.float32)
+    x[::7, 0] = -np.inf
+    np.testing.assert_array_equal(cpu.softmax(torch.from_numpy(x)).numpy(), their_soft_max(ggml, x))

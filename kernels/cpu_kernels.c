@@ -351,17 +351,14 @@ static void attend(const float *q, const void *K, const void *V, int64_t n, int6
                    int f16, float *out) {
     float *pr = malloc(sizeof(float) * (size_t)n), *part = calloc((size_t)(ASTEP * hd), sizeof(float));
     float mx = -INFINITY;
-    if (f16 && sgemm && hd % FP_LANES == 0) {
-        uint16_t *qh = malloc(sizeof(uint16_t) * (size_t)hd);
-        for (int64_t i = 0; i < hd; i++) qh[i] = f2h(q[i]);
-        for (int64_t j = 0; j < n; j++) pr[j] = dot_f16_acc1((const uint16_t *)K + j * hd, qh, hd) * scale;
-        free(qh);
-    } else if (f16) {
-        uint16_t *qh = malloc(sizeof(uint16_t) * (size_t)hd);
-        float *qf = malloc(sizeof(float) * (size_t)hd);
+    if (f16) { /* the query in the cache type: qh, and the same values as fp32 in qf */
+        float *qf = malloc((sizeof(float) + sizeof(uint16_t)) * (size_t)hd);
+        uint16_t *qh = (uint16_t *)(qf + hd);
         for (int64_t i = 0; i < hd; i++) qh[i] = f2h(q[i]), qf[i] = h2f(qh[i]);
-        attn_scores(qf, qh, K, 1, n, hd, scale, pr);
-        free(qh);
+        if (sgemm && hd % FP_LANES == 0)
+            for (int64_t j = 0; j < n; j++) pr[j] = dot_f16_acc1((const uint16_t *)K + j * hd, qh, hd) * scale;
+        else
+            attn_scores(qf, qh, K, 1, n, hd, scale, pr);
         free(qf);
     } else {
         attn_scores(q, NULL, K, 0, n, hd, scale, pr);

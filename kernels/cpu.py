@@ -26,7 +26,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 HEADERS = [Path(__file__).with_name(n) for n in ("cpu_dot.h", "cpu_kquants.h", "cpu_tiles.h", "cpu_q4k_rows8.h",
-                                                   "cpu_pool.h")]
+                                                   "cpu_q6k_panels.h", "cpu_pool.h")]
 FLAGS = ["-O3", "-pthread", "-fPIC", "-shared",
          # keep mul and add separately rounded, as llama.cpp's graph does for the expert mixture
          "-ffp-contract=off"]

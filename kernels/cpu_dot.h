@@ -314,6 +314,7 @@ static float dot_f16_acc1(const uint16_t *w, const uint16_t *x, int64_t k) {
 #include "cpu_kquants.h"
 #include "cpu_tiles.h"     /* Q4_0 "R" 8 rows per pass, Q8_0 and Q6_K token tiles */
 #include "cpu_q4k_rows8.h" /* Q4_K "R": llama.cpp's repacked gemv/gemm orders */
+#include "cpu_q6k_panels.h" /* Q6_K against 16-token panels (AVX-512 VNNI) */
 /* The summation order llama.cpp uses for a matrix of `rows` rows in an op of `ntok` tokens (an
  * expert: the tokens that chose it): its row-by-row vec_dot, its tiled sgemm for F32/F16 2-D
  * matmuls of several tokens (one accumulator), or its tiled K-quant kernel for 8 or more tokens
@@ -410,7 +411,14 @@ static void gemv(int wtype, const uint8_t *w, int64_t k, int64_t n0, int64_t n1,
         for (int64_t n = n0; n < n1; n++) ys[0][n] = dot_q6k_1((const bq6k *)(w + wb * (size_t)n), xs[0], k / QK);
         return;
     }
-    for (int64_t t0 = 0; t0 < nx; t0 += MAXT) {
+    int64_t tp = 0; /* tokens done in panels; a remainder of up to MAXT is cheaper in q6kt_rows */
+#if TILE_VNNI
+    if (BASE(wtype) == TY_Q6_K && order == ORDER_TILED && nx >= PANEL) {
+        tp = nx % PANEL > MAXT ? nx : nx - nx % PANEL;
+        q6k_panel_rows((const bq6k *)w, k / QK, n0, n1, (const bq8k *const *)xs, tp, ys);
+    }
+#endif
+    for (int64_t t0 = tp; t0 < nx; t0 += MAXT) {
         const int nt = (int)(nx - t0 < MAXT ? nx - t0 : MAXT);
         if (BASE(wtype) == TY_Q8_0) { /* several tokens: per-token work once per call (cpu_tiles.h) */
             q8t_rows((const bq8 *)w, k / 32, n0, n1, (const bq8 *const *)(xs + t0), nt, ys + t0);

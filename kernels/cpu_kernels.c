@@ -534,13 +534,11 @@ static void moe_gate_up(void *p, int64_t c) {
     const int64_t n0 = (r % half) * m->rgu, n1 = n0 + m->rgu < m->F ? n0 + m->rgu : m->F;
     const int ty = is_up ? m->utype[e] : m->gtype[e];
     const int64_t q0 = m->start[e], cnt = m->count[e];
-    float *ys[MAXT];
-    for (int64_t t0 = 0; t0 < cnt; t0 += MAXT) {
-        const int64_t nt = cnt - t0 < MAXT ? cnt - t0 : MAXT;
-        for (int64_t t = 0; t < nt; t++) ys[t] = (is_up ? m->u : m->g) + (q0 + t0 + t) * m->F;
-        gemv(ty, (const uint8_t *)(is_up ? m->up[e] : m->gate[e]), m->D, n0, n1, m->xq[act_type(ty)] + q0 + t0,
-             ys, nt, m->F, cnt, t0);
-    }
+    float *ys_s[MAXT], **ys = cnt <= MAXT ? ys_s : malloc(sizeof(float *) * (size_t)cnt);
+    for (int64_t t = 0; t < cnt; t++) ys[t] = (is_up ? m->u : m->g) + (q0 + t) * m->F;
+    gemv(ty, (const uint8_t *)(is_up ? m->up[e] : m->gate[e]), m->D, n0, n1, m->xq[act_type(ty)] + q0, ys, cnt,
+         m->F, cnt, 0);
+    if (ys != ys_s) free(ys);
 }
 
 /* h = silu(g) * u for one expert's positions, converted for its down weights */
@@ -562,16 +560,15 @@ static void moe_down(void *p, int64_t c) {
     const int64_t e = m->act[c / m->idn], n0 = (c % m->idn) * m->rdn;
     const int64_t n1 = n0 + m->rdn < m->D ? n0 + m->rdn : m->D;
     const int64_t q0 = m->start[e], cnt = m->count[e];
-    const void *xs[MAXT];
-    float *ys[MAXT];
-    for (int64_t t0 = 0; t0 < cnt; t0 += MAXT) {
-        const int64_t nt = cnt - t0 < MAXT ? cnt - t0 : MAXT;
-        for (int64_t t = 0; t < nt; t++) {
-            xs[t] = m->hc + m->hstride * (q0 + t0 + t);
-            ys[t] = m->out + (q0 + t0 + t) * m->D;
-        }
-        gemv(m->dtype[e], (const uint8_t *)m->down[e], m->F, n0, n1, xs, ys, nt, m->D, cnt, t0);
+    const void *xs_s[MAXT], **xs = cnt <= MAXT ? xs_s : malloc(sizeof(void *) * (size_t)cnt);
+    float *ys_s[MAXT], **ys = cnt <= MAXT ? ys_s : malloc(sizeof(float *) * (size_t)cnt);
+    for (int64_t t = 0; t < cnt; t++) {
+        xs[t] = m->hc + m->hstride * (q0 + t);
+        ys[t] = m->out + (q0 + t) * m->D;
     }
+    gemv(m->dtype[e], (const uint8_t *)m->down[e], m->F, n0, n1, xs, ys, cnt, m->D, cnt, 0);
+    if (xs != xs_s) free(xs);
+    if (ys != ys_s) free(ys);
 }
 
 /* y[t] = ((w0*o0 + w1*o1) + w2*o2) ... in slot order, like llama.cpp's graph */

@@ -128,15 +128,16 @@ def test_batches_of_8_or_more_tokens_equal_llama_cpp_tiled_kernel(ggml, qt):
     """From 8 tokens llama.cpp sends a K-quant matrix it did not repack (here 20 rows, so Q4_K too)
     through its tiled kernel: exact integer sums per super-block, then one rounded product, the
     mins in one fma, and acc = fma(res, d_x, acc). emo's matmul equals llama.cpp's own op to the
-    bit for 8, 9 and 17 tokens (one pass, a pass and a tail, several passes)."""
+    bit for 8 to 40 tokens: one pass, a pass and a tail, several passes; on the AVX-512 build Q6_K
+    also in 16-token panels, with a tail of up to 8 tokens or a zero-padded last panel."""
     from test_tiles import their_mul_mat
 
     rng = np.random.default_rng(int(qt))
     n, k = 20, 1024
     w = random_blocks(rng, qt, n, k)
-    x = activations(rng, 17, k)
+    x = activations(rng, 40, k)
     qw = cpu.QWeight.from_array(w, int(qt), n, k)
-    for T in (8, 9, 17):
+    for T in (8, 9, 16, 17, 25, 40):
         (y,) = cpu.matmul(torch.from_numpy(x[:T]), [qw])
         np.testing.assert_array_equal(y.numpy(), their_mul_mat(ggml, int(qt), w, x[:T]), err_msg=f"T={T}")
 

@@ -315,7 +315,8 @@ class GGUFBlock:
         """Build this layer's C decode step over the model's residual stream and FFN input [1, D]."""
         logits = torch.zeros(1, self.moe.spec.num_experts) if self.moe is not None else None
         self.decoder = cpu.LayerDecoder(self.attn_c, self.moe.cpu_weights if self.moe is not None else None,
-                                        stream, x_ffn, logits)
+                                        stream, x_ffn, logits,
+                                        shared=self.moe is not None and self.moe.spec.num_shared > 0)
 
     def decode_step(self, cache: KVCache, pos: int) -> None:
         """One token of one sequence on the CPU kernels, in place on the bound stream h [1, D]: the

@@ -143,16 +143,17 @@ def library(variant: str | None = None) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_build(variant)))
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.emo_set_threads.argtypes = [ctypes.c_int]
+    lib.emo_threads.restype = ctypes.c_int
     lib.emo_row_bytes.argtypes, lib.emo_row_bytes.restype = [ctypes.c_int, i64], ctypes.c_size_t
     lib.emo_matmul.argtypes = [ctypes.c_int, p, p, p, i64, p, i64, p]
     lib.emo_get_rows.argtypes = [p, ctypes.c_int, i64, i64, p, i64, p]
     lib.emo_get_rows.restype = ctypes.c_int
-    lib.emo_moe.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, p, p]
+    lib.emo_moe.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, p, p, ctypes.c_int]
     lib.emo_moe.restype = ctypes.c_int
     lib.emo_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
     lib.emo_softmax_rows.argtypes = [p, i64, i64]
     lib.emo_attn_decode.argtypes = [p, i64, p, p, ctypes.c_float, p, p, i64, i64, i64, p, p, i64, i64,
-                                    ctypes.c_int, ctypes.c_float, p, p, i64, p]
+                                    ctypes.c_int, ctypes.c_float, p, p, i64, p, p]
     lib.emo_rope_norm.argtypes = [p, i64, i64, i64, p, ctypes.c_float]
     lib.emo_convert_rows.argtypes = [p, i64, i64, ctypes.c_int, p]
     lib.emo_attention.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, ctypes.c_int, p]
@@ -170,6 +171,11 @@ def available() -> bool:
 
 def set_threads(n: int) -> None:
     library().emo_set_threads(int(n))
+
+
+def threads() -> int:
+    """The kernels' thread count (1 until set_threads)."""
+    return int(library().emo_threads())
 
 
 @dataclass
@@ -260,6 +266,14 @@ def get_rows(w: QWeight, ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class Expert(ctypes.Structure):
+    """One expert's weights for the C side (struct emo_expert): a decode step's shared expert."""
+
+    _fields_ = [("gate", ctypes.c_void_p), ("up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+                ("gtype", ctypes.c_int), ("utype", ctypes.c_int), ("dtype", ctypes.c_int),
+                ("F", ctypes.c_int64), ("E", ctypes.c_int64)]
+
+
 class MoEWeights:
     """One layer's experts as per-expert pointer tables: gate/up [F, D], down [D, F] each."""
 
@@ -273,6 +287,10 @@ class MoEWeights:
         self.gate, self.up, self.down = (ptrs(*[w.ptr for w in ws]) for ws in (gate, up, down))
         self.gtype, self.utype, self.dtype = (ints(*[w.qtype for w in ws]) for ws in (gate, up, down))
         self.owners = [w.owner for w in gate + up + down]
+
+    def expert(self, e: int) -> Expert:
+        return Expert(self.gate[e], self.up[e], self.down[e], self.gtype[e], self.utype[e], self.dtype[e],
+                      self.F, self.E)
 
 
 def moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, layer: MoEWeights,
@@ -292,7 +310,7 @@ def moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, layer: Mo
         assert res.shape == (T, D)
     if library().emo_moe(_ptr(x), T, D, layer.F, _ptr(ex), _ptr(wt), S, layer.E, layer.gate, layer.up,
                          layer.down, layer.gtype, layer.utype, layer.dtype, _ptr(y),
-                         _ptr(norms) if norms is not None else None, _ptr(res) if res is not None else None):
+                         _ptr(norms) if norms is not None else None, _ptr(res) if res is not None else None, 0):
         raise IndexError(f"expert id out of range for {layer.E} experts")
     return (y, norms) if return_norms else y
 
@@ -355,10 +373,11 @@ class LayerDecoder:
     built once (a small model decodes at the speed of its per-call overhead): `attention` is the
     attention block plus the router logits in one C call, `mixture` adds the routed experts to h in
     place. h and x_ffn [1, D] are shared by the model's layers; logits [1, >= E_r] is the layer's
-    (its shared-expert columns stay 0)."""
+    (its shared-expert columns stay 0). With `shared`, the last expert is a shared one (routing
+    always picks it): `attention` starts it in the background, and `mixture` takes its output."""
 
     def __init__(self, a: AttentionWeights, experts: MoEWeights | None, h: torch.Tensor, x_ffn: torch.Tensor,
-                 logits: torch.Tensor | None):
+                 logits: torch.Tensor | None, shared: bool = False):
         for t in (h, x_ffn) + ((logits,) if logits is not None else ()):
             assert t.is_contiguous() and t.dtype == torch.float32 and t.shape[0] == 1
         assert h.shape[1] == x_ffn.shape[1] == a.D
@@ -369,15 +388,17 @@ class LayerDecoder:
         self.keep = (a, experts)  # the pointers below point into these and the buffers
         self._attn = lib.emo_attn_decode
         self._attn_head = (_ptr(h), a.D, _ptr(a.attn_norm), _ptr(a.ffn_norm), a.eps, a.w, a.types, a.H, a.Hkv, a.hd)
+        self._shared = experts.expert(experts.E - 1) if shared and experts is not None else None
         self._attn_tail = (a.rope_base, _ptr(x_ffn), r.ptr if r else None, r.n if r else 0,
-                           _ptr(logits) if r else None)
+                           _ptr(logits) if r else None,
+                           ctypes.byref(self._shared) if self._shared is not None else None)
         if experts is not None:
             self._moe, self.num_experts = lib.emo_moe, experts.E
             self._moe_head = (_ptr(x_ffn), 1, a.D, experts.F)
             # y and residual are both h: the mixture is added to the stream in place (the kernel
             # reads each residual value before writing it)
             self._moe_tail = (experts.E, experts.gate, experts.up, experts.down, experts.gtype, experts.utype,
-                              experts.dtype, _ptr(h), None, _ptr(h))
+                              experts.dtype, _ptr(h), None, _ptr(h), int(self._shared is not None))
 
     def attention(self, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> None:
         """h += attention block at position `pos`; the new key/value go to the caches [1, Hkv, cap, hd]

@@ -31,7 +31,10 @@ static int64_t rows_per_item(int64_t rows, int64_t T) {
 
 /* ---- public: threads and dense matmuls -------------------------------------------------------- */
 
+int emo_threads(void) { return pool.nth; }
+
 void emo_set_threads(int n) {
+    async_wait();
     pthread_mutex_lock(&pool.run_mu);
     pool_start(n);
     pthread_mutex_unlock(&pool.run_mu);
@@ -274,6 +277,8 @@ void emo_softmax_rows(float *x, int64_t T, int64_t n) {
     }
 }
 
+#include "cpu_moe.h" /* the routed SwiGLU mixture, and the shared expert in the background */
+
 /* c[m] lane l = r[l] lane m */
 static inline void transpose8x8(const __m256 *r, __m256 *c) {
     __m256 a[8], b[8];
@@ -430,11 +435,12 @@ int emo_attention(const float *q, int64_t T, int64_t H, int64_t Hkv, int64_t hd,
  *   caches [Hkv, cap, hd] (kv_type F32 or F16) at `pos`; attention over positions 0..pos; h += o @ Wo;
  * then x_ffn = rms(h) * ffn_norm, and (when router is not NULL) the router logits [n_router] =
  * router [n_router, D] (F32) @ x_ffn, as emo_matmul computes them for one token: a decode step is
- * one call before routing. w[4]/types[4]: q, k, v, o weights. */
+ * one call before routing. w[4]/types[4]: q, k, v, o weights. `shared` (optional): the layer's
+ * shared expert, started on x_ffn in the background for emo_moe(..., pre_shared = 1) to take. */
 void emo_attn_decode(float *h, int64_t D, const float *attn_norm, const float *ffn_norm, float eps,
                      const void *const *w, const int *types, int64_t H, int64_t Hkv, int64_t hd,
                      void *kc, void *vc, int64_t cap, int64_t pos, int kv_type, float rope_base, float *x_ffn,
-                     const float *router, int64_t n_router, float *logits) {
+                     const float *router, int64_t n_router, float *logits, const struct emo_expert *shared) {
     float *xn = malloc(sizeof(float) * (size_t)D), *qkv = malloc(sizeof(float) * (size_t)((H + 2 * Hkv) * hd));
     float *o = malloc(sizeof(float) * (size_t)(H * hd)), *ao = malloc(sizeof(float) * (size_t)D);
     emo_rms_norm(h, attn_norm, 1, D, eps, xn);
@@ -467,6 +473,7 @@ void emo_attn_decode(float *h, int64_t D, const float *attn_norm, const float *f
         float *ry[1] = {logits};
         emo_matmul(1, rw, rt, &n_router, D, x_ffn, 1, ry);
     }
+    if (shared) shared_expert_start(shared, x_ffn, D); /* last: any kernel run would wait for it */
     free(xn); free(qkv); free(o); free(ao);
 }
 
@@ -500,159 +507,6 @@ int emo_get_rows(const void *w, int wtype, int64_t n, int64_t k, const int64_t *
         default: return -2;
         }
     }
-    return 0;
-}
-
-/* ---- public: the routed SwiGLU mixture --------------------------------------------------------- */
-/* llama.cpp's SiLU: exp_as_ggml on whole vectors, a correctly rounded expf past the last one */
-static inline float silu_vec(float v) { return v / (1.0f + exp_as_ggml(-v)); }
-static inline float silu_tail(float v) { return v / (1.0f + expf(-v)); }
-
-struct moe_ctx {
-    int64_t T, D, F, S, P;
-    const void *const *gate, *const *up, *const *down;
-    const int *gtype, *utype, *dtype;
-    const int64_t *act, *start, *count; /* active experts; per expert: first sorted position, count */
-    int64_t nact, igu, idn;             /* items per expert: gate+up, down */
-    int64_t rgu, rdn;                   /* rows per item: gate+up, down */
-    struct acts X;                      /* x rows, each token converted once */
-    const void **xq[TY_COUNT];          /* [P] per activation type: x row of each sorted position */
-    float *g, *u, *out;                 /* [P, F], [P, F], [P, D] */
-    uint8_t *hc;                        /* h rows converted for the down weights, stride hstride */
-    size_t hstride;
-    const float *weights;
-    const int64_t *slot_pos;
-    float *y, *norms;
-    const float *residual; /* optional [T, D]: y = residual + mixture (llama.cpp adds it last) */
-};
-
-/* gate or up rows [n0, n1) of one expert, for all its tokens */
-static void moe_gate_up(void *p, int64_t c) {
-    struct moe_ctx *m = p;
-    const int64_t e = m->act[c / m->igu], r = c % m->igu, half = m->igu / 2;
-    const int is_up = r >= half;
-    const int64_t n0 = (r % half) * m->rgu, n1 = n0 + m->rgu < m->F ? n0 + m->rgu : m->F;
-    const int ty = is_up ? m->utype[e] : m->gtype[e];
-    const int64_t q0 = m->start[e], cnt = m->count[e];
-    float *ys_s[MAXT], **ys = cnt <= MAXT ? ys_s : malloc(sizeof(float *) * (size_t)cnt);
-    for (int64_t t = 0; t < cnt; t++) ys[t] = (is_up ? m->u : m->g) + (q0 + t) * m->F;
-    gemv(ty, (const uint8_t *)(is_up ? m->up[e] : m->gate[e]), m->D, n0, n1, m->xq[act_type(ty)] + q0, ys, cnt,
-         m->F, cnt, 0);
-    if (ys != ys_s) free(ys);
-}
-
-/* h = silu(g) * u for one expert's positions, converted for its down weights */
-static void moe_swiglu(void *p, int64_t i) {
-    struct moe_ctx *m = p;
-    const int64_t e = m->act[i];
-    for (int64_t q = m->start[e]; q < m->start[e] + m->count[e]; q++) {
-        float *gq = m->g + q * m->F;
-        const float *uq = m->u + q * m->F;
-        const int64_t whole = m->F - m->F % ALANES;
-        for (int64_t f = 0; f < whole; f++) gq[f] = silu_vec(gq[f]) * uq[f];
-        for (int64_t f = whole; f < m->F; f++) gq[f] = silu_tail(gq[f]) * uq[f];
-        convert_row(gq, m->hc + m->hstride * q, act_type(m->dtype[e]), m->F);
-    }
-}
-
-static void moe_down(void *p, int64_t c) {
-    struct moe_ctx *m = p;
-    const int64_t e = m->act[c / m->idn], n0 = (c % m->idn) * m->rdn;
-    const int64_t n1 = n0 + m->rdn < m->D ? n0 + m->rdn : m->D;
-    const int64_t q0 = m->start[e], cnt = m->count[e];
-    const void *xs_s[MAXT], **xs = cnt <= MAXT ? xs_s : malloc(sizeof(void *) * (size_t)cnt);
-    float *ys_s[MAXT], **ys = cnt <= MAXT ? ys_s : malloc(sizeof(float *) * (size_t)cnt);
-    for (int64_t t = 0; t < cnt; t++) {
-        xs[t] = m->hc + m->hstride * (q0 + t);
-        ys[t] = m->out + (q0 + t) * m->D;
-    }
-    gemv(m->dtype[e], (const uint8_t *)m->down[e], m->F, n0, n1, xs, ys, cnt, m->D, cnt, 0);
-    if (xs != xs_s) free(xs);
-    if (ys != ys_s) free(ys);
-}
-
-/* y[t] = ((w0*o0 + w1*o1) + w2*o2) ... in slot order, like llama.cpp's graph */
-static void moe_combine(void *p, int64_t t) {
-    struct moe_ctx *m = p;
-    float *yt = m->y + t * m->D, *sum = malloc(sizeof(float) * (size_t)m->D);
-    for (int64_t d = 0; d < m->D; d++) sum[d] = 0.f;
-    for (int64_t s = 0; s < m->S; s++) {
-        const float wt = m->weights[t * m->S + s];
-        const float *o = m->out + m->slot_pos[t * m->S + s] * m->D;
-        for (int64_t d = 0; d < m->D; d++) sum[d] += wt * o[d];
-        if (m->norms) {
-            double acc = 0;
-            for (int64_t d = 0; d < m->D; d++) acc += (double)o[d] * o[d];
-            m->norms[t * m->S + s] = (float)sqrt(acc);
-        }
-    }
-    const float *res = m->residual ? m->residual + t * m->D : NULL;
-    for (int64_t d = 0; d < m->D; d++) yt[d] = res ? res[d] + sum[d] : sum[d];
-    free(sum);
-}
-
-/* y [T, D] = sum_s weights[t, s] * down[e] (silu(gate[e] x_t) * up[e] x_t),  e = experts[t, s].
- * gate/up/down hold one pointer per expert (rows [F, D] / [D, F] in that expert's type), so the
- * routed experts can live in one stacked GGUF tensor and the shared expert in another.
- * Assignments are grouped by expert (counting sort): every weight row of an active expert is read
- * once per group of MAXT of its tokens. norms [T, S] (optional) receives ||unweighted expert
- * output|| per slot, for profiling; residual [T, D] (optional, may be y itself) is added last. */
-int emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *experts, const float *weights,
-            int64_t S, int64_t E, const void *const *gate, const void *const *up, const void *const *down,
-            const int *gtype, const int *utype, const int *dtype, float *y, float *norms, const float *residual) {
-    const int64_t P = T * S;
-    if (P <= 0) return 0;
-    for (int64_t p = 0; p < P; p++)
-        if (experts[p] < 0 || experts[p] >= E) return -1;
-    int64_t *count = calloc((size_t)E + 1, sizeof(int64_t)), *start = calloc((size_t)E + 1, sizeof(int64_t));
-    int64_t *pos_tok = malloc(sizeof(int64_t) * (size_t)P), *slot_pos = malloc(sizeof(int64_t) * (size_t)P);
-    for (int64_t p = 0; p < P; p++) count[experts[p]]++;
-    for (int64_t e = 0; e < E; e++) start[e + 1] = start[e] + count[e];
-    memset(count, 0, sizeof(int64_t) * (size_t)E);
-    for (int64_t p = 0; p < P; p++) { /* sorted position of assignment p = (t, s) */
-        const int64_t e = experts[p], q = start[e] + count[e]++;
-        pos_tok[q] = p / S;
-        slot_pos[p] = q;
-    }
-    int64_t nact = 0, *act = malloc(sizeof(int64_t) * (size_t)E);
-    int types[TY_COUNT], ntypes = 0, seen[TY_COUNT] = {0}; /* distinct activation types the experts need */
-    for (int64_t e = 0; e < E; e++)
-        if (count[e]) {
-            act[nact++] = e;
-            const int ts[2] = {act_type(gtype[e]), act_type(utype[e])};
-            for (int i = 0; i < 2; i++)
-                if (!seen[ts[i]]) {
-                    seen[ts[i]] = 1;
-                    types[ntypes++] = ts[i];
-                }
-        }
-    struct moe_ctx m = {.T = T, .D = D, .F = F, .S = S, .P = P, .gate = gate, .up = up, .down = down,
-                        .gtype = gtype, .utype = utype, .dtype = dtype, .act = act, .start = start,
-                        .count = count, .nact = nact, .weights = weights, .slot_pos = slot_pos,
-                        .y = y, .norms = norms, .residual = residual};
-    m.rgu = rows_per_item(nact * 2 * F, T);
-    m.rdn = rows_per_item(nact * D, T);
-    m.igu = 2 * ((F + m.rgu - 1) / m.rgu);
-    m.idn = (D + m.rdn - 1) / m.rdn;
-    acts_build(&m.X, x, D, T, types, ntypes);
-    for (int j = 0; j < ntypes; j++) {
-        const int a = types[j];
-        m.xq[a] = malloc(sizeof(void *) * (size_t)P);
-        for (int64_t q = 0; q < P; q++) m.xq[a][q] = m.X.xs[a][pos_tok[q]];
-    }
-    m.g = malloc(sizeof(float) * (size_t)(P * F));
-    m.u = malloc(sizeof(float) * (size_t)(P * F));
-    m.out = malloc(sizeof(float) * (size_t)(P * D));
-    m.hstride = emo_row_bytes(TY_F32, F); /* widest converted row of h */
-    m.hc = malloc(m.hstride * (size_t)P);
-    run(moe_gate_up, &m, nact * m.igu);
-    run(moe_swiglu, &m, nact);
-    run(moe_down, &m, nact * m.idn);
-    run(moe_combine, &m, T);
-    acts_free(&m.X);
-    for (int j = 0; j < ntypes; j++) free(m.xq[types[j]]);
-    free(count); free(start); free(pos_tok); free(slot_pos); free(act);
-    free(m.g); free(m.u); free(m.out); free(m.hc);
     return 0;
 }
 

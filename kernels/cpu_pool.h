@@ -94,7 +94,52 @@ static void pool_start(int n) {
     pool.nth = n;
 }
 
+/* ---- one job in the background ---------------------------------------------------------------
+ * run_async posts a job to the helpers and returns at once, so the caller can go back to Python
+ * (a decode step routes there) while the memory bus keeps streaming weights. Its items must not
+ * call run(). Any later run() first finishes it (async_wait), the caller working through what is
+ * left, so a job posted and never waited for is still completed before anything else runs. */
+static struct job async_job;
+static atomic_int async_live;
+
+static void async_wait(void) {
+    if (!atomic_load(&async_live)) return;
+    pthread_mutex_lock(&pool.run_mu);
+    pool_work(&async_job);
+    while (atomic_load(&async_job.done) < async_job.n) _mm_pause();
+    atomic_store(&pool.job, NULL);
+    while (atomic_load(&pool.busy)) _mm_pause();
+    atomic_store(&async_live, 0);
+    pthread_mutex_unlock(&pool.run_mu);
+}
+
+/* how many items of the background job are finished: its phases wait on this */
+static int64_t async_done(void) { return atomic_load(&async_job.done); }
+
+static void run_async(job_fn fn, void *ctx, int64_t n) {
+    async_wait();
+    if (n <= 0) return;
+    if (pool.nth <= 1) { /* no helper to hand it to */
+        for (int64_t i = 0; i < n; i++) fn(ctx, i);
+        return;
+    }
+    pthread_mutex_lock(&pool.run_mu);
+    async_job.fn = fn, async_job.ctx = ctx, async_job.n = n;
+    atomic_store(&async_job.next, 0);
+    atomic_store(&async_job.done, 0);
+    atomic_store(&async_live, 1);
+    atomic_store(&pool.job, &async_job);
+    atomic_fetch_add(&pool.gen, 1);
+    if (atomic_load(&pool.sleeping)) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    pthread_mutex_unlock(&pool.run_mu);
+}
+
 static void run(job_fn fn, void *ctx, int64_t n) {
+    async_wait();
     if (n <= 0) return;
     if (pool.nth <= 1 || n == 1) {
         for (int64_t i = 0; i < n; i++) fn(ctx, i);

@@ -106,6 +106,54 @@ def test_cpu_moe_unused_experts_and_shared_pointer_table():
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_step_takes_the_shared_expert_run_in_the_background(threads):
+    """A decode step starts the shared expert in the background at the end of its attention call
+    and the mixture takes that result: the stream equals a decoder that computes the shared expert
+    inline, bit for bit, step after step. A mixture whose attention call did not start its own
+    shared expert (another layer's ran last) computes it itself instead of taking a stale result."""
+    rng = np.random.default_rng(11)
+    D, H, hd, E, F, S = 64, 4, 16, 5, 96, 3
+
+    def layer():
+        mats = [cpu.QWeight.from_tensor(torch.from_numpy((rng.standard_normal((D, D)) * 0.2).astype(np.float32)))
+                for _ in range(4)]
+        router = cpu.QWeight.from_tensor(torch.from_numpy(rng.standard_normal((E - 1, D)).astype(np.float32)))
+        norms = [torch.from_numpy(rng.random(D).astype(np.float32) + 0.5) for _ in range(2)]
+        attn = cpu.AttentionWeights(*norms, *mats, H, H, hd, 1e-6, 10000.0, router)
+        routed, _ = random_experts(rng, E - 1, F, D, QT.Q8_0)
+        shared, _ = random_experts(rng, 1, F, D, QT.Q4_0)
+        return attn, cpu.MoEWeights(*[r + s for r, s in zip(routed, shared)])
+
+    layers = [layer(), layer()]
+    before = cpu.threads()
+    cpu.set_threads(threads)
+    try:
+        streams = {}
+        for bg in (True, False):
+            h, x, logits = torch.zeros(1, D), torch.zeros(1, D), torch.zeros(1, E)
+            decs = [cpu.LayerDecoder(a, m, h, x, logits, shared=bg) for a, m in layers]
+            caches = [(torch.zeros(1, H, 8, hd), torch.zeros(1, H, 8, hd)) for _ in layers]
+            h.copy_(torch.from_numpy(rng.standard_normal((1, D)).astype(np.float32)) if bg else streams["init"])
+            streams.setdefault("init", h.clone())
+            out = []
+            for pos in range(4):
+                for i, (dec, (k, v)) in enumerate(zip(decs, caches)):
+                    dec.attention(k, v, pos)
+                    experts = torch.tensor([[(pos + i) % (E - 1), (pos + 2) % (E - 1), E - 1]])
+                    dec.mixture(experts, torch.tensor([[0.6, 0.3, 1.0]]))
+                    out.append(h.clone())
+                decs[0].attention(*caches[0], pos)  # layer 0's shared expert in the background ...
+                decs[1].mixture(torch.tensor([[0, E - 1]]), torch.tensor([[0.5, 1.0]]))  # ... not layer 1's
+                out.append(h.clone())
+                h.copy_(out[-2])
+            streams[bg] = torch.cat(out)
+        assert torch.equal(streams[True], streams[False])
+    finally:
+        cpu.set_threads(before)
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("qt", [QT.F32, QT.F16, QT.Q8_0, QT.Q4_0], ids=lambda q: q.name)
 def test_cpu_matmul_and_get_rows(qt):
     rng = np.random.default_rng(3)

@@ -245,6 +245,8 @@ static inline fvec fv_load(const float *p) { return _mm512_loadu_ps(p); }
 static inline fvec fv_load_h(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 static inline fvec fv_fma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline fvec fv_add(fvec a, fvec b) { return _mm512_add_ps(a, b); }
+static inline void fv_store(float *p, fvec v) { _mm512_storeu_ps(p, v); }
+static inline fvec fv_set1(float v) { return _mm512_set1_ps(v); }
 static inline float fv_sum(fvec v) { return _mm512_reduce_add_ps(v); }
 static inline float fv_sum_sgemm(fvec v) { return _mm512_reduce_add_ps(v); }
 #else
@@ -255,6 +257,8 @@ static inline fvec fv_load(const float *p) { return _mm256_loadu_ps(p); }
 static inline fvec fv_load_h(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 static inline fvec fv_fma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline fvec fv_add(fvec a, fvec b) { return _mm256_add_ps(a, b); }
+static inline void fv_store(float *p, fvec v) { _mm256_storeu_ps(p, v); }
+static inline fvec fv_set1(float v) { return _mm256_set1_ps(v); }
 static inline float fv_sum(fvec v) { /* 128-bit halves, then two horizontal adds */
     const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 t1 = _mm_hadd_ps(t0, t0);

@@ -247,6 +247,20 @@ static inline float softmax_lanes_sum(const float *u) {
 #endif
 }
 
+/* lanes_sum (sgemm: softmax_lanes_sum) of FP_LANES sets of ALANES values at once: u[l] holds lane l
+ * of each set (ALANES == FP_LANES: both follow llama.cpp's vector width); the same adds per set */
+static inline fvec lanes_sum_sets(fvec *u, int sgemm) {
+#if defined(__AVX512F__)
+    (void)sgemm;
+    for (int l = 0; l < 8; l++) u[l] = fv_add(u[l], u[l + 8]);
+    for (int l = 0; l < 4; l++) u[l] = fv_add(u[l], u[l + 4]);
+    return fv_add(fv_add(u[0], u[2]), fv_add(u[1], u[3]));
+#else
+    const fvec t0 = fv_add(u[0], u[4]), t1 = fv_add(u[1], u[5]), t2 = fv_add(u[2], u[6]), t3 = fv_add(u[3], u[7]);
+    return sgemm ? fv_add(fv_add(t0, t2), fv_add(t1, t3)) : fv_add(fv_add(t0, t1), fv_add(t2, t3));
+#endif
+}
+
 /* y[j] = e^(x[j] - max) for j < n and their sum in double, in llama.cpp's order: whole vectors of
  * ALANES values through exp_as_ggml, each summed across its lanes first; positions past the last
  * whole vector with a correctly rounded expf, one by one. `pad` > n counts the masked positions
@@ -254,7 +268,7 @@ static inline float softmax_lanes_sum(const float *u) {
 static double softmax_exps(const float *x, int64_t n, int64_t pad, float mx, float *y) {
     double sum = 0.0;
     int64_t j = 0;
-    for (; j + ALANES <= pad; j += ALANES) {
+    for (; j + ALANES <= pad && j < n; j += ALANES) { /* vectors past n add exact zeros */
         float u[ALANES];
         for (int l = 0; l < ALANES; l++) u[l] = j + l < n ? exp_as_ggml(x[j + l] - mx) : 0.f;
         for (int l = 0; l < ALANES && j + l < n; l++) y[j + l] = u[l];
@@ -375,14 +389,33 @@ static void attend(const float *q, const void *K, const void *V, int64_t n, int6
         pr[j] *= inv;
         if (f16) pr[j] = h2f(f2h(pr[j]));
         float *acc = part + (j % accs) * hd;
+        int64_t d = 0;
+        if (hd % FP_LANES == 0) {
+            const fvec pj = fv_set1(pr[j]);
+            for (; d < hd; d += FP_LANES) {
+                const fvec v = f16 ? fv_load_h((const uint16_t *)V + j * hd + d) : fv_load((const float *)V + j * hd + d);
+                fv_store(acc + d, fv_fma(pj, v, fv_load(acc + d)));
+            }
+        }
         const __m256 pj = _mm256_set1_ps(pr[j]);
-        for (int64_t d = 0; d < hd; d += 8) {
+        for (; d < hd; d += 8) {
             const __m256 v = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)V + j * hd + d)))
                                  : _mm256_loadu_ps((const float *)V + j * hd + d);
             _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, v, _mm256_loadu_ps(acc + d)));
         }
     }
-    for (int64_t d = 0; d < hd; d++) {
+    int64_t d0 = 0;
+    for (; d0 + FP_LANES <= hd; d0 += FP_LANES) { /* the accumulators' sums, FP_LANES values of d at once */
+        fvec u[ALANES];
+        for (int l = 0; l < ALANES; l++) {
+            const float *c = part + l * hd + d0;
+            u[l] = sgemm ? fv_load(c)
+                         : fv_add(fv_add(fv_load(c), fv_load(c + 2 * ALANES * hd)),
+                                  fv_add(fv_load(c + ALANES * hd), fv_load(c + 3 * ALANES * hd)));
+        }
+        fv_store(out + d0, lanes_sum_sets(u, sgemm));
+    }
+    for (int64_t d = d0; d < hd; d++) {
         float u[ALANES];
         if (sgemm) {
             for (int l = 0; l < ALANES; l++) u[l] = part[l * hd + d];

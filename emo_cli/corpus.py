@@ -39,6 +39,7 @@ from typing import Callable, Iterable
 
 from .data import Document, heldout_split
 from .errors import EmoError
+from .mathgen import worksheets
 
 ALL_DOMAINS = ("code", "medical", "legal", "math", "literature")
 PIP_DOMAINS = ("code", "medical", "legal")
@@ -302,15 +303,25 @@ def metamath_pieces(path: Path) -> list[str]:
     return pieces
 
 
-def math_docs(spec: CorpusSpec) -> list[str]:
-    from .mathgen import worksheets
+def worksheet_docs(seed: int, target_chars: int, min_chars: int, max_chars: int) -> list[str]:
+    """Generated worksheets (mathgen) packed into documents until `target_chars` characters."""
+    docs, total = [], 0
+    for header, problems in worksheets(seed):
+        if total >= target_chars:
+            break
+        for doc in pack(problems, min_chars, max_chars, header=header, sep="\n\n"):
+            docs.append(doc)
+            total += len(doc)
+    return docs
 
+
+def math_docs(spec: CorpusSpec) -> list[str]:
     root = debian_root("math", SETMM, spec.fetch)
     docs = pack(metamath_pieces(root / SETMM.lstrip("/")), spec.min_chars, spec.max_chars,
                 header="Metamath set.mm\n\n", sep="\n\n")
     # a fifth of the domain is generated arithmetic and algebra with worked solutions
     target = sum(map(len, docs)) // 4
-    return docs + worksheets(spec.seed, target, spec.min_chars, spec.max_chars)
+    return docs + worksheet_docs(spec.seed, target, spec.min_chars, spec.max_chars)
 
 
 # ---- literature: the King James Bible ----------------------------------------------------------

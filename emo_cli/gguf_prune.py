@@ -29,7 +29,7 @@ from . import gguf_format as gf
 from .config import EmoConfig
 from .errors import EmoError
 from .gguf_export import add_provenance
-from .outputs import write_atomic
+from .outputs import check_outputs, write_atomic
 from .select import Plan
 
 Progress = Callable[[int, int, int], None]  # (tensors done, total, bytes written)
@@ -259,8 +259,6 @@ def prune_gguf(source: GGUFSource | Path, plan: Plan, out: Path, force: bool = F
     Written under a staging name and renamed when complete; an existing `out` is replaced only with
     `force`, and only if it is a GGUF file. Returns path, quant, bytes, tensors.
     """
-    from .slim import check_outputs
-
     if not isinstance(source, GGUFSource):
         source = open_source(source)
     out = Path(out)

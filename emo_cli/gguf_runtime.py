@@ -53,10 +53,9 @@ from . import gguf_format as gf
 from .bpe import CL100K_SPLIT
 from .config import EmoConfig
 from .errors import EmoError
-from .model_api import expert_mask
+from .model_api import LoadedModel, expert_mask
 from .models.emo import DEFAULT_ACTIVATION_BUDGET, KVCache, MoEObservation, Observer, causal_attention
 from .routing import RoutingSpec, route
-from .runtime import LoadedModel
 from .tokenizer import EmoTokenizer
 
 

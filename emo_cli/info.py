@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gguf import Keys
+
+from . import gguf_format as gf
 from .loading import is_gguf, open_hf_dir, read_pruning_metadata, resolve_model_path
 
 
@@ -56,10 +59,46 @@ def hf_info(path: Path) -> dict:
     return info
 
 
+def gguf_info(path: Path) -> dict:
+    """The facts `emo info` reports for an HF directory (`info.hf_info`), read from a GGUF file.
+
+    Parameter counts are in HF terms (the shared expert's router row, which the file drops, is
+    counted; a zero-filled shexp is not), so an export reports the same numbers as its source.
+    """
+    path = Path(path)
+    reader = gf.open_reader(path)
+    cfg = gf.config_from_gguf(reader, path)
+    total = sum(int(t.n_elements) for t in reader.tensors)
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    for i in cfg.moe_layers():
+        if cfg.layer_shared(i):
+            total += D  # the shared expert's router row
+        else:
+            total -= 3 * D * F  # the zero filler shexp
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        n, ns = cfg.layer_experts(i), cfg.layer_shared(i)
+        layers.append({"layer": i, "experts": n, "routed": n - ns if n else 0, "shared": ns,
+                       "always_active": [], "dense": n == 0})
+    info = {
+        "model": str(path), "format": "gguf", "quant": gf.quant_name(gf.field(reader, Keys.General.FILE_TYPE)),
+        "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_attention_heads, "kv_heads": cfg.kv_heads, "vocab_size": cfg.vocab_size,
+        "top_k": cfg.num_experts_per_tok, "experts_per_layer": layers,
+        "dtype": ",".join(sorted({t.tensor_type.name for t in reader.tensors})),
+        "bytes": path.stat().st_size, "fingerprint": gf.gguf_fingerprint(reader), **count_params(cfg, total),
+    }
+    general = {k.removeprefix("general."): gf.field(reader, k) for k in sorted(reader.fields)
+               if k.startswith("general.") and k not in (Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE,
+                                                         Keys.General.QUANTIZATION_VERSION, Keys.General.ALIGNMENT)}
+    if general:
+        info["general"] = general
+    prov = gf.provenance(reader)
+    if prov:
+        info["pruning"] = {gf.PROVENANCE_METADATA_NAMES[k]: v for k, v in prov.items()}
+    return info
+
+
 def model_info(spec) -> dict:
     path = resolve_model_path(spec)
-    if is_gguf(path):
-        from .gguf_format import gguf_info
-
-        return gguf_info(path)
-    return hf_info(path)
+    return gguf_info(path) if is_gguf(path) else hf_info(path)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from fractions import Fraction
-
-from .corpus import pack
 
 
 def _signed(c: int, first: bool = False) -> str:
@@ -134,16 +133,14 @@ TOPICS = {"arithmetic": (addition, multiplication, division, powers),
           "polynomials": (expand, quadratic, derivative)}
 
 
-def worksheets(seed: int, target_chars: int, min_chars: int, max_chars: int) -> list[str]:
-    """Worksheets of worked problems until `target_chars` characters; deterministic in `seed`."""
+def worksheets(seed: int) -> Iterator[tuple[str, list[str]]]:
+    """Endless worksheets of worked problems, (header, problems) each; deterministic in `seed`
+    (corpus.worksheet_docs packs them into documents)."""
     r = random.Random(seed)
-    docs, total, n = [], 0, 0
     names = sorted(TOPICS)
-    while total < target_chars:
+    n = 0
+    while True:
         n += 1
         topic = r.choice(names)
         problems = [f"Problem {i + 1}. " + r.choice(TOPICS[topic])(r) for i in range(r.randint(6, 14))]
-        for doc in pack(problems, min_chars, max_chars, header=f"Worksheet {n}: {topic}\n\n", sep="\n\n"):
-            docs.append(doc)
-            total += len(doc)
-    return docs
+        yield f"Worksheet {n}: {topic}\n\n", problems

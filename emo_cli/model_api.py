@@ -12,7 +12,9 @@ layer (shared included), V vocab.
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,24 @@ import torch.nn.functional as F
 from .config import EmoConfig
 from .models.emo import KVCache, Observer
 
+if TYPE_CHECKING:
+    from .memory import MemoryPlan
+    from .tokenizer import EmoTokenizer
+
 HEAD_CHUNK_BYTES = 256 * 1024**2  # fp32 logits per lm_head slice: bounds the [N, V] buffer
+
+
+@dataclass
+class LoadedModel:
+    """What opening a MODEL gives (runtime.load_model, gguf_runtime.load_gguf_model)."""
+
+    model: object  # a CausalLM: EmoForCausalLM, StreamedModel or GGUFModel
+    tokenizer: EmoTokenizer
+    path: Path
+    config: EmoConfig
+    fingerprint: str
+    kind: str  # "hf" or "gguf"
+    memory: MemoryPlan | None = None  # the planner's choice (HF directories)
 
 
 class CausalLM(Protocol):

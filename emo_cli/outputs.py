@@ -8,6 +8,7 @@ behind can be told from a running one's and removed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -120,3 +121,32 @@ def staged_dir(out_dir: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def is_emo_output(path: Path) -> bool:
+    """A slim directory emo wrote (its pruning_metadata.json carries emo_version), or a GGUF file."""
+    if path.is_dir():
+        try:
+            return "emo_version" in json.loads((path / "pruning_metadata.json").read_text())
+        except (OSError, ValueError, TypeError):
+            return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def check_outputs(out: Path, gguf_path: Path | None, force: bool) -> None:
+    """Refuse before any work: existing outputs without --force, and, even with it, anything emo
+    did not write (a user's folder or file under the same name is never deleted)."""
+    for target in (out, gguf_path):
+        if target is not None:
+            check_location(target)
+    for target in (out, gguf_path):
+        if target is None or not (target.exists() or target.is_symlink()):
+            continue
+        if not force:
+            raise EmoError(f"{target} exists (pass --force to overwrite, or -o another name)")
+        if target.is_symlink() or not is_emo_output(target) or (target == out) != target.is_dir():
+            raise EmoError(f"{target} exists and is not an emo output; refusing to replace it (choose another -o/--gguf)")

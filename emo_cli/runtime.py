@@ -7,24 +7,10 @@ Both implement the model interface of model_api.py, and so does the GGUF runtime
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
-from .config import EmoConfig
 from .loading import check_device, is_gguf, load_resident, open_hf_dir, parse_dtype, resolve_model_path
-from .memory import MemoryPlan, Workload, plan_memory
+from .memory import Workload, plan_memory
+from .model_api import LoadedModel
 from .tokenizer import EmoTokenizer
-
-
-@dataclass
-class LoadedModel:
-    model: object  # a model_api.CausalLM: EmoForCausalLM, StreamedModel or GGUFModel
-    tokenizer: EmoTokenizer
-    path: Path
-    config: EmoConfig
-    fingerprint: str
-    kind: str  # "hf" or "gguf"
-    memory: MemoryPlan | None = None  # the planner's choice (HF directories)
 
 
 def load_model(spec, device: str = "cpu", dtype: str | None = None, backend: str = "auto",

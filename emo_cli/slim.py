@@ -21,7 +21,7 @@ from .errors import EmoError
 from .gguf_export import check_quant
 from .loading import is_gguf, open_hf_dir, resolve_model_path
 from .model_card import write_model_card
-from .outputs import check_location, remove_stale
+from .outputs import check_outputs, remove_stale
 from .pipeline import heldout_documents, make_plan, masked_loss, masked_losses
 from .profile import Profile
 from .prune import expected_size, prune_to_dir
@@ -214,35 +214,6 @@ def run_prune(req: PruneRequest) -> dict:
             staged_gguf.unlink(missing_ok=True)
     update_state(model=state.get("model") or spec, slim=str(out.resolve()), plan=str((out / "plan.json").resolve()))
     return report
-
-
-def is_emo_output(path: Path) -> bool:
-    """A slim directory emo wrote (its pruning_metadata.json carries emo_version), or a GGUF file."""
-    if path.is_dir():
-        try:
-            return "emo_version" in json.loads((path / "pruning_metadata.json").read_text())
-        except (OSError, ValueError, TypeError):
-            return False
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
-def check_outputs(out: Path, gguf_path: Path | None, force: bool) -> None:
-    """Refuse before any work: existing outputs without --force, and, even with it, anything emo
-    did not write (a user's folder or file under the same name is never deleted)."""
-    for target in (out, gguf_path):
-        if target is not None:
-            check_location(target)
-    for target in (out, gguf_path):
-        if target is None or not (target.exists() or target.is_symlink()):
-            continue
-        if not force:
-            raise EmoError(f"{target} exists (pass --force to overwrite, or -o another name)")
-        if target.is_symlink() or not is_emo_output(target) or (target == out) != target.is_dir():
-            raise EmoError(f"{target} exists and is not an emo output; refusing to replace it (choose another -o/--gguf)")
 
 
 def publish(slim: Path, out: Path, stage: Path, staged_gguf: Path | None, gguf_path: Path | None) -> None:

@@ -4,9 +4,8 @@ import re
 import pytest
 
 from emo_cli.corpus import (MIN_DOC_CHARS, CorpusSpec, build_corpus, debian_root, domain_files, pack,
-                            read_manifest, read_texts, split_domain)
+                            read_manifest, read_texts, split_domain, worksheet_docs)
 from emo_cli.errors import EmoError
-from emo_cli.mathgen import worksheets
 from tiny_corpus import SMALL, small_corpus
 
 
@@ -75,8 +74,8 @@ def test_bad_specs_and_missing_debian(tmp_path, monkeypatch):
 
 
 def test_generated_math_is_correct_and_deterministic():
-    a = worksheets(3, 20_000, 300, 1500)
-    assert a == worksheets(3, 20_000, 300, 1500) and a != worksheets(4, 20_000, 300, 1500)
+    a = worksheet_docs(3, 20_000, 300, 1500)
+    assert a == worksheet_docs(3, 20_000, 300, 1500) and a != worksheet_docs(4, 20_000, 300, 1500)
     text = "\n".join(a)
     checked = 0
     for m in re.finditer(r"Solve (-?\d+)x(?: ([+-]) (\d+))? = (-?\d+)\.\nSolution\..*?: x = (-?\d+)\. Check", text):

@@ -11,7 +11,6 @@ import sys
 import tracemalloc
 from contextlib import contextmanager
 
-import llama_cpp
 import numpy as np
 import pytest
 import torch
@@ -23,8 +22,8 @@ from emo_cli import gguf_format as gf
 from emo_cli.cli import app, main
 from emo_cli.errors import EmoError
 from emo_cli.gguf_export import export_gguf, gguf_blocker
-from emo_cli.gguf_format import gguf_info, open_reader
-from emo_cli.info import hf_info
+from emo_cli.gguf_format import open_reader
+from emo_cli.info import gguf_info, hf_info
 from emo_cli.loading import load_hf_model, open_hf_dir, save_hf_model
 from emo_cli.prune import prune_to_dir
 from emo_cli.runtime import load_model
@@ -39,6 +38,7 @@ FACT_KEYS = ("layers", "hidden_size", "heads", "kv_heads", "vocab_size", "top_k"
 
 @contextmanager
 def llama(path, n_ctx=256):
+    llama_cpp = pytest.importorskip("llama_cpp")  # the [llama] extra
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=1, verbose=False,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
@@ -322,6 +322,7 @@ def test_existing_output_needs_force(exact, tmp_path):
 
 
 def test_failed_llama_quantize_leaves_no_file(exact, tmp_path, monkeypatch):
+    llama_cpp = pytest.importorskip("llama_cpp")  # K-quants go through llama.cpp's quantizer
     monkeypatch.setattr(llama_cpp, "llama_model_quantize", lambda *a: 1)  # llama.cpp reporting failure
     with pytest.raises(EmoError, match="could not quantize"):
         export_gguf(exact["shared"][0], tmp_path / "x.gguf", quant="q4_k_m")

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType
 from tiny_models import write_tiny_model
 
+from emo_cli.info import gguf_info
 from emo_cli import gguf_format as gf
 from emo_cli.errors import EmoError
 from emo_cli.gguf_export import export_gguf
@@ -86,9 +87,9 @@ def test_fingerprint_and_info_unchanged(exports, quant, variant, monkeypatch):
     ours = gf.open_reader(path)
     assert isinstance(ours, GGUFFile)
     assert gf.gguf_fingerprint(ours) == gf.gguf_fingerprint(GGUFReader(path))
-    new_info = gf.gguf_info(path)
+    new_info = gguf_info(path)
     monkeypatch.setattr(gf, "open_reader", GGUFReader)
-    assert gf.gguf_info(path) == new_info
+    assert gguf_info(path) == new_info
 
 
 def test_tokenizer_is_the_same(exports):

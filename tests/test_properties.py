@@ -206,7 +206,7 @@ class GGUFBytes(tuple):
 
 def open_any_gguf(path: Path):
     """gguf_info and the runtime on a file; one that opens also runs a forward step."""
-    from emo_cli.gguf_format import gguf_info
+    from emo_cli.info import gguf_info
     from emo_cli.gguf_runtime import load_gguf_model
 
     info = outcome(gguf_info, path)

@@ -158,6 +158,7 @@ def _cli_env(tmp_path) -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), HOME=str(tmp_path), COLUMNS="200", TERM="dumb")
 
 
+@pytest.mark.slow
 def test_repl_through_stdin(ggufs, tmp_path):
     _, files = ggufs
     r = subprocess.run([sys.executable, "-m", "emo_cli.cli", "chat", "--model", str(files["q8_0"]),
@@ -190,6 +191,7 @@ def _read_until(fd, needle: str, buf: list, timeout=90.0, after: str = "") -> st
     return "".join(buf)
 
 
+@pytest.mark.slow
 @needs_cpu_kernels
 def test_repl_through_a_pty(ggufs, tmp_path):
     """Line editing goes through readline on a real terminal; the reply streams, /stats, /reset,
@@ -220,6 +222,7 @@ def test_repl_through_a_pty(ggufs, tmp_path):
     assert (tmp_path / ".cache" / "emo" / "chat_history").exists()  # readline history was saved
 
 
+@pytest.mark.slow
 def test_repl_survives_a_full_context(ggufs, tmp_path):
     """Turns that overflow the 256-token context drop the oldest tokens with one dim notice, an
     input longer than the context keeps its end, and the session goes on (exit 0)."""

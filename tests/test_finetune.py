@@ -253,6 +253,7 @@ def _emo(*args, cwd):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_refuses_user_folders_and_reports_a_table(slim_and_data, tmp_path):
     model, data, _ = slim_and_data
     (tmp_path / "mine").mkdir()

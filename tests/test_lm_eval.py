@@ -62,6 +62,7 @@ def run_task(model: str, task_dir):
                                    log_samples=True, verbosity="ERROR")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hf", "gguf"])
 def test_lm_eval_task_equals_emo_eval(tiny_model_factory, tmp_path, task_dir, kind):
     model = tiny_model_factory("shared")
@@ -111,6 +112,7 @@ def test_rolling_loglikelihood_and_generation_are_emo_forwards():
     assert out == lm.tokenizer.decode(greedy).split("\n")[0]
 
 
+@pytest.mark.slow
 def test_emo_eval_tasks_uses_the_same_model(tiny_model_factory, task_dir, monkeypatch, capsys):
     model = tiny_model_factory("shared")
     monkeypatch.setattr(sys, "argv", ["emo", "eval", str(model), "--tasks", "emo_local_mc", "--include-path",
@@ -124,6 +126,7 @@ def test_emo_eval_tasks_uses_the_same_model(tiny_model_factory, task_dir, monkey
     assert acc == evaluate_mc(lm.model, lm.tokenizer, read_mc_items(str(task_dir / "mc.jsonl")))["acc"]
 
 
+@pytest.mark.slow
 def test_lm_evals_own_command_line_with_emo_registered(task_dir, tmp_path):
     import subprocess
 

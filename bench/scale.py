@@ -9,7 +9,7 @@
     .venv/bin/python bench/scale.py --gguf q8_0 --compare-layers 0   # the pipeline from a full-model GGUF
     python bench/scale.py --layers 4 --compare-layers 0 --full-modes auto,on --steps profile,prune,eval --device cuda
 
-The checkpoint has the released config and tensor names (EMO_SPEC.md 1.4 and 2: 16 layers, d 2048,
+The checkpoint has the released Emo_1b14b_1T's config and tensor names (16 layers, d 2048,
 127 routed + 1 shared experts of width 1024, top-8, 100278 vocabulary rows) in bf16, sharded like a
 Hugging Face upload (model-0000i-of-0000N.safetensors of <= 5 GB + index), with random weights:
 each tensor draws from its own seeded normal, so every expert differs. The tokenizer is an 8k BPE
@@ -72,8 +72,9 @@ GREEDY_EVALS = 16
 
 # ---- the synthetic checkpoint -----------------------------------------------------------------
 def released_config(layers: int, eos: int, pad: int) -> dict:
-    """Emo_1b14b_1T's config.json (EMO_SPEC.md 1.1 and 2) with `layers` decoder layers. pad/eos are
-    the tokenizer's: the real ids 100277/100257 do not exist in our small BPE vocabulary."""
+    """Emo_1b14b_1T's config.json (the released field names and values) with `layers` decoder
+    layers. pad/eos are the tokenizer's: the real ids 100277/100257 do not exist in our small BPE
+    vocabulary."""
     return {"architectures": ["EmoForCausalLM"], "model_type": "emo",
             "auto_map": {"AutoConfig": "configuration_emo.EmoConfig",
                          "AutoModelForCausalLM": "modeling_emo.EmoForCausalLM"},

@@ -7,7 +7,7 @@ Each domain becomes `<out>/<domain>.train.jsonl` and `<out>/<domain>.heldout.jso
 `<out>/manifest.json` recording the settings, source versions and file hashes. Nothing extracted
 is ever committed: the builder reads installed packages at build time.
 
-Sources (DATA_SOURCES.md): code = the Python standard library (tests excluded); medical =
+Sources (docs/design.md#the-demo-corpus): code = the Python standard library (tests excluded); medical =
 ICD-10-CM tabular XML of the pip package simple-icd-10-cm; legal = SPDX licence texts of the pip
 package spdx; math = Metamath set.mm prose comments (Debian metamath-databases) plus generated
 arithmetic/algebra worksheets; literature = the King James Bible (Debian bible-kjv). The first three

@@ -1,6 +1,6 @@
 """How an EMO model is laid out in GGUF, shared by the exporter, `emo info` and the GGUF runtime.
 
-The mapping is llama.cpp's `deepseek` architecture (GGUF_LLAMACPP.md §1a), which runs EMO exactly:
+The mapping is llama.cpp's `deepseek` architecture (docs/design.md#the-gguf-layout), which runs EMO exactly:
   * routed experts of a layer are stacked into `ffn_{gate,up,down}_exps` (numpy [E_r, F, D] /
     [E_r, D, F]); the router `ffn_gate_inp` [E_r, D] holds only the routed rows, because EMO's one
     shared expert (the last index) always has weight exactly 1.0 — llama.cpp adds `ffn_*_shexp`

@@ -1,5 +1,5 @@
 """Multiple-choice items (question, choices, answer), their few-shot prompts, and the text EMO's
-selection protocol profiles: the few-shot prompt plus the gold answer (EMO_SPEC.md §4a and §5).
+selection protocol profiles: the few-shot prompt plus the gold answer (docs/design.md#selection-methods).
 
 Shared by the data readers (profiling MC rows) and multiple-choice scoring, so the prompt an
 expert set is chosen on is the prompt it is evaluated on.

@@ -1,4 +1,4 @@
-"""Slim model -> its experts back in the full model ("reintegration", EMO_SPEC.md §4f).
+"""Slim model -> its experts back in the full model ("reintegration", docs/design.md#selection-methods).
 
 Each expert the slim model kept goes back to its ORIGINAL id in the full model (pruning_metadata's
 experts_kept_per_layer gives the ids, in the slim model's local order). By default only the routed

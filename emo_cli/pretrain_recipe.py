@@ -5,7 +5,7 @@
     [tokenizer] vocab_size
     [model]     hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, num_experts,
                 num_experts_per_tok, num_shared_experts, rope_theta, rms_norm_eps, init_std
-    [pool]      enabled, min_size, max_size         (EMO document-level expert pool, EMO_SPEC.md §3)
+    [pool]      enabled, min_size, max_size         (EMO's document pool, docs/design.md#emo-in-brief)
     [train]     seed, seq_len, batch_size, steps, lr, ...
 
 Every key is optional except `name`; an unknown key or a value of the wrong type is one clear error.

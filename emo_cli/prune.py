@@ -3,7 +3,7 @@
 Kept experts are renumbered 0..keep-1 in ascending ORIGINAL id order, so a legacy shared expert
 (the largest id) stays last, as EMO's own pruning scripts do; router rows are sliced the same way.
 Re-softmaxing over the kept logits equals masking the dropped ones to -inf, so the slim model's
-logits equal the full model's with routing masked to the plan (DESIGN.md's identity).
+logits equal the full model's with routing masked to the plan (docs/design.md#the-masking-identity).
 Peak memory: one layer plus the pending output shard; never the whole model.
 """
 

@@ -12,7 +12,7 @@ Three paths, exactly as the released EMO code:
   * plain: softmax over E, top-k, optional renormalisation (`norm_topk_prob`).
 
 `allowed` masks router logits to -inf before the softmax. Removing experts from a layer is exactly
-the same operation (DESIGN.md's identity), so masking is how emo evaluates a subset without
+the same operation (docs/design.md#the-masking-identity), so masking is how emo evaluates a subset without
 slicing it, and how the EMO document pool is imposed during pretraining.
 """
 

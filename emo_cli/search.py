@@ -7,7 +7,7 @@ layer-major passes through the model interface (passes.py), so they run on a lay
 unchanged; greedy scores a whole round of candidate swaps in one pass over layers l..L-1, so a
 streamed model reads each of those layers once per round.
 
-router (EMO_SPEC.md §4b)
+router (docs/design.md#selection-methods)
     For l = 0..L-1, with layers < l already pruned: mean routing probability of the routed experts
     over all (non-pad) tokens at layer l; keep the top ones. EMO's script re-runs layers 0..l for
     every l (sum_l (l+1) = L(L+1)/2 layer passes, 8.5 forwards for L=16); with the cached residual

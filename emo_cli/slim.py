@@ -1,7 +1,7 @@
 """`emo prune`: profile(s) -> plan -> slim HF dir (+ GGUF) -> report of what was lost.
 
 The report evaluates the full model with routing masked to the plan, which gives exactly the slim
-model's numbers (DESIGN.md's identity) without loading a second model. A .gguf model is pruned
+model's numbers (docs/design.md#the-masking-identity) without loading a second model. A .gguf model is pruned
 into a slim GGUF alone, its experts' bytes copied as they are (gguf_prune.py).
 """
 

@@ -1,7 +1,7 @@
 """`.emo/state.json` in the working directory: the last model and profile, so that a bare
 `emo prune --budget 25%` continues where `emo profile` left off.
 
-Model resolution order (DESIGN.md): --model, else $EMO_MODEL, else the workspace, else the
+Model resolution order (docs/design.md#where-model-comes-from): --model, else $EMO_MODEL, else the workspace, else the
 released model found in the local Hugging Face cache.
 """
 

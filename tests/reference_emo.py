@@ -1,8 +1,8 @@
-"""An independent float64 EMO forward for tests, written from EMO_SPEC.md without emo's runtime.
+"""An independent float64 EMO forward for tests, written from the EMO paper's architecture without emo's runtime.
 
 It reads the released per-expert HF tensor names directly and loops over tokens and experts the
 slow, obvious way. `keep` optionally restricts routing to ORIGINAL expert ids per layer by masking
-router logits to -inf (the masking identity of DESIGN.md).
+router logits to -inf (docs/design.md#the-masking-identity).
 """
 
 from __future__ import annotations

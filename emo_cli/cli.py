@@ -6,14 +6,15 @@ import sys
 
 import typer
 
-from .commands import chat, demo, export, finetune, inspect, merge, pretrain, profile, prune, report
+from .commands import chat, demo, export, finetune, info, merge, pretrain, profile, prune, report
+from .commands import eval as eval_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build small task-specific models out of one EMO mixture of experts, and run them locally.\n\n"
                        "  emo profile data/med.jsonl\n  emo prune --budget 25%\n  emo chat --model slim-med.gguf")
 
-app.command("info")(inspect.info)
-app.command("eval")(inspect.eval_cmd)
+app.command("info")(info.info)
+app.command("eval")(eval_command.eval_cmd)
 app.command("pretrain")(pretrain.pretrain_cmd)
 app.command("profile")(profile.profile)
 app.command("prune")(prune.prune)

@@ -94,6 +94,17 @@ static void pool_start(int n) {
     pool.nth = n;
 }
 
+/* make j the current job and wake the helpers (caller holds run_mu) */
+static void pool_post(struct job *j) {
+    atomic_store(&pool.job, j);
+    atomic_fetch_add(&pool.gen, 1);
+    if (atomic_load(&pool.sleeping)) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+}
+
 /* ---- one job in the background ---------------------------------------------------------------
  * run_async posts a job to the helpers and returns at once, so the caller can go back to Python
  * (a decode step routes there) while the memory bus keeps streaming weights. Its items must not
@@ -128,13 +139,7 @@ static void run_async(job_fn fn, void *ctx, int64_t n) {
     atomic_store(&async_job.next, 0);
     atomic_store(&async_job.done, 0);
     atomic_store(&async_live, 1);
-    atomic_store(&pool.job, &async_job);
-    atomic_fetch_add(&pool.gen, 1);
-    if (atomic_load(&pool.sleeping)) {
-        pthread_mutex_lock(&pool.mu);
-        pthread_cond_broadcast(&pool.cv);
-        pthread_mutex_unlock(&pool.mu);
-    }
+    pool_post(&async_job);
     pthread_mutex_unlock(&pool.run_mu);
 }
 
@@ -149,13 +154,7 @@ static void run(job_fn fn, void *ctx, int64_t n) {
     struct job j = {.fn = fn, .ctx = ctx, .n = n};
     atomic_init(&j.next, 0);
     atomic_init(&j.done, 0);
-    atomic_store(&pool.job, &j);
-    atomic_fetch_add(&pool.gen, 1);
-    if (atomic_load(&pool.sleeping)) {
-        pthread_mutex_lock(&pool.mu);
-        pthread_cond_broadcast(&pool.cv);
-        pthread_mutex_unlock(&pool.mu);
-    }
+    pool_post(&j);
     pool_work(&j);
     while (atomic_load(&j.done) < n) _mm_pause(); /* items a helper claimed and is finishing */
     atomic_store(&pool.job, NULL);

@@ -1,5 +1,5 @@
 /* The routed SwiGLU mixture of emo's CPU kernels (emo_moe), and a decode step's shared expert run
- * in the background while Python routes (emo_shared_expert_start). Included by cpu_kernels.c, whose
+ * in the background while Python routes (shared_expert_start, called by emo_attn_decode). Included by cpu_kernels.c, whose
  * matmul helpers (acts, gemv, rows_per_item, exp_as_ggml) it uses.
  * Shape legend: T tokens, D hidden, F expert width, E experts, S slots per token, P = T*S.
  */
@@ -22,6 +22,8 @@ struct moe_ctx {
     float *g, *u, *out;                 /* [P, F], [P, F], [P, D] */
     uint8_t *hc;                        /* h rows converted for the down weights, stride hstride */
     size_t hstride;
+    float **g_rows, **u_rows, **out_rows; /* [P] each: row q of g, u, out */
+    const void **h_rows;                  /* [P]: row q of hc */
     const float *weights;
     const int64_t *slot_pos;
     float *y, *norms;
@@ -39,11 +41,8 @@ static void moe_gate_up(void *p, int64_t c) {
     const int64_t n0 = (r % half) * m->rgu, n1 = n0 + m->rgu < m->F ? n0 + m->rgu : m->F;
     const int ty = is_up ? m->utype[e] : m->gtype[e];
     const int64_t q0 = m->start[e], cnt = m->count[e];
-    float *ys_s[MAXT], **ys = cnt <= MAXT ? ys_s : malloc(sizeof(float *) * (size_t)cnt);
-    for (int64_t t = 0; t < cnt; t++) ys[t] = (is_up ? m->u : m->g) + (q0 + t) * m->F;
-    gemv(ty, (const uint8_t *)(is_up ? m->up[e] : m->gate[e]), m->D, n0, n1, m->xq[act_type(ty)] + q0, ys, cnt,
-         m->F, cnt, 0);
-    if (ys != ys_s) free(ys);
+    gemv(ty, (const uint8_t *)(is_up ? m->up[e] : m->gate[e]), m->D, n0, n1, m->xq[act_type(ty)] + q0,
+         (is_up ? m->u_rows : m->g_rows) + q0, cnt, m->F, cnt, 0);
 }
 
 /* g [F] = silu(g) * u, then converted for down weights of type dtype into hc */
@@ -67,15 +66,7 @@ static void moe_down(void *p, int64_t c) {
     const int64_t e = m->act[c / m->idn], n0 = (c % m->idn) * m->rdn;
     const int64_t n1 = n0 + m->rdn < m->D ? n0 + m->rdn : m->D;
     const int64_t q0 = m->start[e], cnt = m->count[e];
-    const void *xs_s[MAXT], **xs = cnt <= MAXT ? xs_s : malloc(sizeof(void *) * (size_t)cnt);
-    float *ys_s[MAXT], **ys = cnt <= MAXT ? ys_s : malloc(sizeof(float *) * (size_t)cnt);
-    for (int64_t t = 0; t < cnt; t++) {
-        xs[t] = m->hc + m->hstride * (q0 + t);
-        ys[t] = m->out + (q0 + t) * m->D;
-    }
-    gemv(m->dtype[e], (const uint8_t *)m->down[e], m->F, n0, n1, xs, ys, cnt, m->D, cnt, 0);
-    if (xs != xs_s) free(xs);
-    if (ys != ys_s) free(ys);
+    gemv(m->dtype[e], (const uint8_t *)m->down[e], m->F, n0, n1, m->h_rows + q0, m->out_rows + q0, cnt, m->D, cnt, 0);
 }
 
 /* y[t] = ((w0*o0 + w1*o1) + w2*o2) ... in slot order, like llama.cpp's graph */
@@ -236,6 +227,13 @@ int emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *expe
         m.hstride = b > m.hstride ? b : m.hstride;
     }
     m.hc = malloc(m.hstride * (size_t)P);
+    m.g_rows = malloc(sizeof(float *) * 3 * (size_t)P);
+    m.u_rows = m.g_rows + P, m.out_rows = m.g_rows + 2 * P;
+    m.h_rows = malloc(sizeof(void *) * (size_t)P);
+    for (int64_t q = 0; q < P; q++) {
+        m.g_rows[q] = m.g + q * F, m.u_rows[q] = m.u + q * F, m.out_rows[q] = m.out + q * D;
+        m.h_rows[q] = m.hc + m.hstride * (size_t)q;
+    }
     run(moe_gate_up, &m, nact * m.igu);
     run(moe_swiglu, &m, nact);
     run(moe_down, &m, nact * m.idn);
@@ -243,7 +241,7 @@ int emo_moe(const float *x, int64_t T, int64_t D, int64_t F, const int64_t *expe
     acts_free(&m.X);
     for (int j = 0; j < ntypes; j++) free(m.xq[types[j]]);
     free(count); free(start); free(pos_tok); free(slot_pos); free(act);
-    free(m.g); free(m.hc);
+    free(m.g); free(m.hc); free(m.g_rows); free(m.h_rows);
     return 0;
 }
 

@@ -24,8 +24,8 @@ def eval_cmd(
     text_field: Optional[str] = typer.Option(None, "--text-field"),
     shots: int = typer.Option(0, "--shots", help="Multiple-choice data: N solved items of the same file before each "
                               "question (seeded, never itself), as `emo profile --shots` builds them."),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = options.DEVICE,
+    dtype: str = options.DTYPE,
     streaming: str = options.STREAMING,
     max_memory: Optional[float] = options.MAX_MEMORY,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),

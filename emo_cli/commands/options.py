@@ -11,3 +11,5 @@ STREAMING = typer.Option("auto", "--streaming", help="auto: keep the whole model
                          "on: always stream; off: never.")
 MAX_MEMORY: Optional[float] = typer.Option(None, "--max-memory", help="GiB of memory emo may use (default: what "
                                            "the machine has available now).")
+DEVICE = typer.Option("cpu", "--device")
+DTYPE = typer.Option("auto", "--dtype")

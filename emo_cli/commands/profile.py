@@ -33,8 +33,8 @@ def profile(
     checkpoint_every: int = typer.Option(1024, "--checkpoint-every", help="Save the partial sums every N documents "
                                          "into <output>.partial/ (a model in memory; a streamed one checkpoints "
                                          "every layer), so the same command resumes an interrupted run."),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = options.DEVICE,
+    dtype: str = options.DTYPE,
     streaming: str = options.STREAMING,
     max_memory: Optional[float] = options.MAX_MEMORY,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),

@@ -40,8 +40,8 @@ def prune(
     max_loss_increase: Optional[str] = typer.Option(None, "--max-loss-increase", help="Search the smallest budget "
                                                     "whose held-out loss rises by at most X% (e.g. 2%)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = options.DEVICE,
+    dtype: str = options.DTYPE,
     streaming: str = options.STREAMING,
     max_memory: Optional[float] = options.MAX_MEMORY,
     json_out: bool = typer.Option(False, "--json"),

@@ -112,10 +112,10 @@ def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0, laye
     from gguf import GGMLQuantizationType as QT
     from gguf import GGUFWriter
 
-    from emo_cli import gguf_format as gf
-    from emo_cli.bpe import save_tokenizer, train_bpe
-    from emo_cli.config import EmoConfig
-    from emo_cli.gguf_export import add_tokenizer
+    from emo_cli.gguf import layout as gf
+    from emo_cli.model.bpe import save_tokenizer, train_bpe
+    from emo_cli.arch.config import EmoConfig
+    from emo_cli.gguf.export import add_tokenizer
 
     s = dict(SHAPES[shape], **({"layers": layers} if layers else {}))
     L = s["layers"]
@@ -196,11 +196,11 @@ def tiny_gguf(workdir: Path) -> Path | None:
     src = ROOT / "emo_cli" / "assets" / "tiny-emo"
     if not (src / "config.json").exists():
         return None
-    from emo_cli.loading import open_hf_dir
+    from emo_cli.model.loading import open_hf_dir
 
     out = workdir / f"tiny-emo-{open_hf_dir(src).fingerprint[:12]}-q8_0.gguf"  # a retrained model gets a new file
     if not out.exists():
-        from emo_cli.gguf_export import export_gguf
+        from emo_cli.gguf.export import export_gguf
 
         export_gguf(src, out, "q8_0")
     return out
@@ -273,7 +273,7 @@ KV_TYPES = ("f16", "f32")  # the KV cache type of both engines (f16: both engine
 def run_emo(path: Path, prompt: list[int], n_decode: int, threads: int, kv: str) -> dict:
     import torch
 
-    from emo_cli.gguf_runtime import load_gguf_model
+    from emo_cli.gguf.runtime import load_gguf_model
     from emo_kernels import cpu
 
     torch.set_num_threads(threads)

@@ -6,7 +6,7 @@ For the tiny EMO and the tiny standard MoE, at keep 25% and 12.5%: profile the m
 data, prune (`emo prune --method frequency`), finetune the slim model on the same selection data
 (`emo finetune`), and score held-out documents of every domain that neither selection nor
 finetuning (nor pretraining) saw. Every number is the same loss: mean nats per token over all
-windows of the documents (`emo_cli.finetune.heldout_loss`), for the full model, the slim model
+windows of the documents (`emo_cli.training.finetune.heldout_loss`), for the full model, the slim model
 (checkpoint 0) and the slim model after finetuning. Each step runs the CLI, so the commands in the
 output re-measure any cell.
 """
@@ -28,12 +28,12 @@ sys.path[0] = str(ROOT)  # not bench/: its scripts (bench/profile.py) would shad
 from bench.results_md import replace_block, shown, tiny_pair_parser  # noqa: E402
 
 from emo_cli import ui  # noqa: E402
-from emo_cli.corpus import build_corpus, domain_files, read_texts  # noqa: E402
-from emo_cli.data import Document  # noqa: E402
-from emo_cli.finetune import heldout_loss, make_examples  # noqa: E402
-from emo_cli.loading import load_hf_model  # noqa: E402
-from emo_cli.pretrain_recipe import load_recipe  # noqa: E402
-from emo_cli.tokenizer import EmoTokenizer  # noqa: E402
+from emo_cli.lab.corpus import build_corpus, domain_files, read_texts  # noqa: E402
+from emo_cli.data.documents import Document  # noqa: E402
+from emo_cli.training.finetune import heldout_loss, make_examples  # noqa: E402
+from emo_cli.model.loading import load_hf_model  # noqa: E402
+from emo_cli.lab.pretrain_recipe import load_recipe  # noqa: E402
+from emo_cli.model.tokenizer import EmoTokenizer  # noqa: E402
 
 KEEPS = ("25%", "12.5%")
 

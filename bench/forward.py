@@ -15,8 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from emo_cli.config import EmoConfig
-from emo_cli.models import emo as emo_model
+from emo_cli.arch.config import EmoConfig
+from emo_cli.arch import emo as emo_model
 
 
 def naive_moe(x, experts, weights, w_gate, w_up, w_down, return_norms=False):

@@ -1,4 +1,4 @@
-"""Opening an emo GGUF: gguf-py's GGUFReader (what emo used) vs emo's reader (emo_cli/gguf_reader.py).
+"""Opening an emo GGUF: gguf-py's GGUFReader (what emo used) vs emo's reader (emo_cli/gguf/reader.py).
 
     .venv/bin/python bench/gguf_load.py                         # a tiny model with the real 100278-row vocabulary
     .venv/bin/python bench/gguf_load.py --gguf model.gguf       # any emo GGUF
@@ -32,9 +32,9 @@ sys.path[0] = str(ROOT)  # not bench/: bench/profile.py would shadow the standar
 
 from gguf import GGUFReader  # noqa: E402
 
-from emo_cli import gguf_format as gf  # noqa: E402
-from emo_cli.gguf_reader import GGUFFile  # noqa: E402
-from emo_cli.gguf_runtime import load_gguf_model, tokenizer_from_gguf  # noqa: E402
+from emo_cli.gguf import layout as gf  # noqa: E402
+from emo_cli.gguf.reader import GGUFFile  # noqa: E402
+from emo_cli.gguf.runtime import load_gguf_model, tokenizer_from_gguf  # noqa: E402
 
 TINY = {"hidden_size": 64, "intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4,
         "num_experts": 8, "num_experts_per_tok": 2}
@@ -45,7 +45,7 @@ def build(workdir: Path, tokenizer: Path | None) -> Path:
     from safetensors.torch import save_file
 
     from bench import scale
-    from emo_cli.gguf_export import export_gguf
+    from emo_cli.gguf.export import export_gguf
 
     out = workdir / "tiny-v100278-q8_0.gguf"
     if out.exists():

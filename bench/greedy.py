@@ -18,12 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)
 
-from emo_cli.corpus import PIP_DOMAINS, CorpusSpec, build_corpus, domain_files  # noqa: E402
-from emo_cli.data import read_documents  # noqa: E402
-from emo_cli.evaluate import evaluate_loss  # noqa: E402
-from emo_cli.pipeline import heldout_documents, make_plan, masked_loss, run_profile  # noqa: E402
+from emo_cli.lab.corpus import PIP_DOMAINS, CorpusSpec, build_corpus, domain_files  # noqa: E402
+from emo_cli.data.documents import read_documents  # noqa: E402
+from emo_cli.evaluation.loss import evaluate_loss  # noqa: E402
+from emo_cli.experts.pipeline import heldout_documents, make_plan, masked_loss, run_profile  # noqa: E402
 from emo_cli.runtime import load_model  # noqa: E402
-from emo_cli.select import Budget  # noqa: E402
+from emo_cli.experts.selection import Budget  # noqa: E402
 
 ASSETS = ROOT / "emo_cli" / "assets"
 

@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)  # not bench/: bench/profile.py would shadow the standard library's profile
 
 from bench.scale import GIB, run_emo  # noqa: E402
-from emo_cli.demo import TINY_EMO  # noqa: E402
+from emo_cli.lab.demo import TINY_EMO  # noqa: E402
 
 NAIVE = r"""
 import json, sys
-from emo_cli.tokenizer import EmoTokenizer
+from emo_cli.model.tokenizer import EmoTokenizer
 tok = EmoTokenizer.from_dir(sys.argv[1])
 text = json.loads(open(sys.argv[2], encoding="utf-8").readline())["text"]
 print(len(tok.encode(text)[:int(sys.argv[3])]))

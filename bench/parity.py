@@ -116,7 +116,7 @@ def emo_run(path: Path, ids: list[int], prefix: int, kv: str, layers: bool) -> t
     layer's output [S, D] of the prefill."""
     import torch
 
-    from emo_cli.gguf_runtime import load_gguf_model
+    from emo_cli.gguf.runtime import load_gguf_model
 
     m = load_gguf_model(path, backend="cpu").model
     m.kv_dtype = {"f16": torch.float16, "f32": torch.float32}[kv]

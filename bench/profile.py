@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from emo_cli.config import EmoConfig
-from emo_cli.data import TokenBatch
-from emo_cli.models.emo import EmoForCausalLM
-from emo_cli.profile import profile_model
-from emo_cli.search import greedy_plan, plan_loss
-from emo_cli.select import Budget
+from emo_cli.arch.config import EmoConfig
+from emo_cli.data.documents import TokenBatch
+from emo_cli.arch.emo import EmoForCausalLM
+from emo_cli.experts.profile import profile_model
+from emo_cli.experts.search import greedy_plan, plan_loss
+from emo_cli.experts.selection import Budget
 
 
 def random_model(d, layers, experts, width, top_k, vocab, seed=0):
@@ -62,7 +62,7 @@ def data_parallel(procs: list[int], docs: int, seq_len: int) -> None:
     """The same `emo profile` with 1..N torchrun processes; threads split so the cores are shared."""
     from pydoc_data.topics import topics
 
-    from emo_cli.loading import EMBEDDED_MODELS, save_hf_model
+    from emo_cli.model.loading import EMBEDDED_MODELS, save_hf_model
 
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as d:

@@ -26,13 +26,13 @@ sys.path[0] = str(ROOT)  # not bench/: its scripts (bench/profile.py) would shad
 from bench.results_md import replace_block, shown, tiny_pair_parser  # noqa: E402
 
 from emo_cli import ui  # noqa: E402
-from emo_cli.corpus import build_corpus, domain_files  # noqa: E402
-from emo_cli.data import read_documents  # noqa: E402
-from emo_cli.evaluate import evaluate_loss  # noqa: E402
-from emo_cli.pipeline import make_plan, masked_loss, run_profile  # noqa: E402
-from emo_cli.pretrain_recipe import load_recipe  # noqa: E402
+from emo_cli.lab.corpus import build_corpus, domain_files  # noqa: E402
+from emo_cli.data.documents import read_documents  # noqa: E402
+from emo_cli.evaluation.loss import evaluate_loss  # noqa: E402
+from emo_cli.experts.pipeline import make_plan, masked_loss, run_profile  # noqa: E402
+from emo_cli.lab.pretrain_recipe import load_recipe  # noqa: E402
 from emo_cli.runtime import load_model  # noqa: E402
-from emo_cli.select import Budget  # noqa: E402
+from emo_cli.experts.selection import Budget  # noqa: E402
 
 METHODS = ("frequency", "router", "reap", "easyep", "random")
 KEEPS = ("25%", "12.5%")
@@ -138,7 +138,7 @@ def render(res: dict, args, seconds: float) -> str:
     L.append("The script calls the same functions as the commands below (`emo profile` → `emo prune` → "
              "`emo eval`); by the masking identity the pruned model's loss equals the masked loss above.\n")
     L.append("```")
-    L.append("python -m emo_cli.corpus --out corpus          # or: emo pretrain builds it; Debian packages via apt-get download")
+    L.append("python -m emo_cli.lab.corpus --out corpus          # or: emo pretrain builds it; Debian packages via apt-get download")
     L.append(f"emo profile corpus/medical.train.jsonl --model emo_cli/assets/tiny-emo --max-docs {args.calib_docs} "
              f"--seq-len {args.seq_len} -o med.profile.safetensors")
     L.append("emo prune --profile med.profile.safetensors --model emo_cli/assets/tiny-emo --budget 25% "

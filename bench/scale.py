@@ -13,7 +13,7 @@ The checkpoint has the released Emo_1b14b_1T's config and tensor names (16 layer
 127 routed + 1 shared experts of width 1024, top-8, 100278 vocabulary rows) in bf16, sharded like a
 Hugging Face upload (model-0000i-of-0000N.safetensors of <= 5 GB + index), with random weights:
 each tensor draws from its own seeded normal, so every expert differs. The tokenizer is an 8k BPE
-(emo_cli.bpe) trained on Python's reference manual (pydoc topics), which also gives the documents;
+(emo_cli.model.bpe) trained on Python's reference manual (pydoc topics), which also gives the documents;
 pad/eos are its ids, as 100277/100257 do not exist in it. Everything is written once under
 --workdir (emo-1b14b-<N>L/, tokenizer/, data/) and reused; `--layers N` writes N layers.
 
@@ -57,8 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)  # not bench/: bench/profile.py would shadow the standard library's profile
 
 from bench.results_md import replace_block  # noqa: E402
-from emo_cli.bpe import save_tokenizer, train_bpe  # noqa: E402
-from emo_cli.data import Document, heldout_split  # noqa: E402
+from emo_cli.model.bpe import save_tokenizer, train_bpe  # noqa: E402
+from emo_cli.data.documents import Document, heldout_split  # noqa: E402
 
 GIB = 2**30
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"

@@ -1,5 +1,5 @@
 """`python -m emo_cli ...` is `emo ...` (torchrun and environments without the console script)."""
 
-from .cli import main
+from emo_cli.cli.app import main
 
 main()

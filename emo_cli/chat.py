@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .config import EmoConfig
-from .errors import EmoError
-from .generate import EmoEngine, Engine, GenerationStats, SamplingParams, TextStream, generate
-from .loading import is_gguf, resolve_model_path
+from emo_cli.arch.config import EmoConfig
+from emo_cli.errors import EmoError
+from emo_cli.model.generate import EmoEngine, Engine, GenerationStats, SamplingParams, TextStream, generate
+from emo_cli.model.loading import is_gguf, resolve_model_path
 
 HISTORY_FILE = Path.home() / ".cache" / "emo" / "chat_history"
 
@@ -52,7 +52,7 @@ def open_model(spec: str, backend: str = "auto", device: str = "auto", threads: 
     except BackendError as e:
         raise EmoError(str(e)) from None
     if chosen == "llama.cpp":
-        from .llama_backend import LlamaCppEngine
+        from emo_cli.gguf.llama_backend import LlamaCppEngine
 
         eng = LlamaCppEngine(path, threads)
         template = eng.llm.metadata.get("tokenizer.chat_template")
@@ -64,9 +64,8 @@ def open_model(spec: str, backend: str = "auto", device: str = "auto", threads: 
     if not gguf and chosen == "cpu":
         raise EmoError("--backend cpu runs GGUF files (weights stay quantized); export with `emo export` "
                        "first, or use --backend auto for this HF directory")
-    from .runtime import load_model
-
-    from .memory import Workload
+    from emo_cli.model.memory import Workload
+    from emo_cli.runtime import load_model
 
     ctx = None if gguf else int(EmoConfig.from_file(Path(path) / "config.json").max_position_embeddings)
     lm = load_model(path, device=device, backend=chosen, what="chat",
@@ -260,7 +259,7 @@ def is_text(s: str) -> bool:
 
 def repl(m: OpenModel, params: SamplingParams) -> None:
     """Interactive chat: stream replies; /reset, /stats, /exit; line editing and history."""
-    from . import ui
+    from emo_cli import ui
 
     if sys.stdin is None or sys.stdin.closed:
         raise EmoError("stdin is closed: nothing to chat with (pass --prompt TEXT for one reply)")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from gguf import Keys
 
-from . import gguf_format as gf
-from .loading import is_gguf, open_hf_dir, read_pruning_metadata, resolve_model_path
+from emo_cli.gguf import layout as gf
+from emo_cli.model.loading import is_gguf, open_hf_dir, read_pruning_metadata, resolve_model_path
 
 
 def expert_params(cfg) -> int:
@@ -53,7 +53,7 @@ def hf_info(path: Path) -> dict:
     meta = read_pruning_metadata(path)
     if meta:
         info["pruning"] = meta
-    from .memory import command_estimates
+    from emo_cli.model.memory import command_estimates
 
     info["memory"] = command_estimates(files)
     return info

@@ -16,7 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import EmoError
+from emo_cli.errors import EmoError
 
 
 def current_umask() -> int:

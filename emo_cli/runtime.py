@@ -1,16 +1,16 @@
 """Open any MODEL for computation: an HF directory (or cached repo id) or a .gguf file.
 
-For an HF directory the memory planner (memory.py) decides, before loading, whether the model is
-held whole (models/emo.py) or streamed one layer at a time (streaming.py), and in which dtype.
-Both implement the model interface of model_api.py, and so does the GGUF runtime.
+For an HF directory the memory planner (model/memory.py) decides, before loading, whether the model is
+held whole (arch/emo.py) or streamed one layer at a time (model/streaming.py), and in which dtype.
+Both implement the model interface of model/api.py, and so does the GGUF runtime.
 """
 
 from __future__ import annotations
 
-from .loading import check_device, is_gguf, load_resident, open_hf_dir, parse_dtype, resolve_model_path
-from .memory import Workload, plan_memory
-from .model_api import LoadedModel
-from .tokenizer import EmoTokenizer
+from emo_cli.model.api import LoadedModel
+from emo_cli.model.loading import check_device, is_gguf, load_resident, open_hf_dir, parse_dtype, resolve_model_path
+from emo_cli.model.memory import Workload, plan_memory
+from emo_cli.model.tokenizer import EmoTokenizer
 
 
 def load_model(spec, device: str = "cpu", dtype: str | None = None, backend: str = "auto",
@@ -19,13 +19,13 @@ def load_model(spec, device: str = "cpu", dtype: str | None = None, backend: str
     path = resolve_model_path(spec)
     device = check_device(device)
     if is_gguf(path):
-        from .gguf_runtime import load_gguf_model
+        from emo_cli.gguf.runtime import load_gguf_model
 
         return load_gguf_model(path, device=device, backend=backend)  # mapped: nothing to stream
     files = open_hf_dir(path)
     plan = plan_memory(files, device, parse_dtype(dtype), streaming, max_memory, workload, what)
     if plan.streaming:
-        from .streaming import StreamedModel
+        from emo_cli.model.streaming import StreamedModel
 
         model = StreamedModel(files, device, plan.dtype, plan.activation_budget)
     else:

@@ -11,9 +11,9 @@ import json
 import os
 from pathlib import Path
 
-from .errors import EmoError
-from .loading import DEFAULT_MODEL, find_in_hf_cache
-from .outputs import write_atomic
+from emo_cli.errors import EmoError
+from emo_cli.model.loading import DEFAULT_MODEL, find_in_hf_cache
+from emo_cli.outputs import write_atomic
 
 STATE = Path(".emo") / "state.json"
 

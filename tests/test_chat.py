@@ -14,9 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from emo_cli.cli import app
-from emo_cli.gguf_export import export_gguf
-from emo_cli.generate import EmoEngine, SamplingParams, Sampler, TextStream, generate
+from emo_cli.cli.app import app
+from emo_cli.gguf.export import export_gguf
+from emo_cli.model.generate import EmoEngine, SamplingParams, Sampler, TextStream, generate
 from emo_cli.runtime import load_model
 from kernel_support import cpu_param, needs_cpu_kernels
 
@@ -148,7 +148,7 @@ def test_bad_input_is_one_line(ggufs, args, message):
     if "--model" not in args:
         args = ["--model", str(files["q8_0"]), *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "emo_cli.cli", "chat", *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "emo_cli", "chat", *args], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 1 and r.stdout == ""
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
@@ -161,7 +161,7 @@ def _cli_env(tmp_path) -> dict:
 @pytest.mark.slow
 def test_repl_through_stdin(ggufs, tmp_path):
     _, files = ggufs
-    r = subprocess.run([sys.executable, "-m", "emo_cli.cli", "chat", "--model", str(files["q8_0"]),
+    r = subprocess.run([sys.executable, "-m", "emo_cli", "chat", "--model", str(files["q8_0"]),
                         "--temperature", "0", "-n", "6", "--threads", "1"],
                        input=f"{PROMPT}\n/stats\n/reset\n/bogus\n/exit\n", capture_output=True, text=True,
                        env=_cli_env(tmp_path), timeout=120)
@@ -198,7 +198,7 @@ def test_repl_through_a_pty(ggufs, tmp_path):
     /exit work, and Ctrl-D also leaves cleanly."""
     _, files = ggufs
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "emo_cli.cli", "chat", "--model", str(files["q8_0"]),
+    proc = subprocess.Popen([sys.executable, "-m", "emo_cli", "chat", "--model", str(files["q8_0"]),
                              "--temperature", "0", "-n", "6", "--threads", "1", "--backend", "cpu"],
                             stdin=slave, stdout=slave, stderr=slave, env=_cli_env(tmp_path), close_fds=True)
     os.close(slave)
@@ -229,7 +229,7 @@ def test_repl_survives_a_full_context(ggufs, tmp_path):
     _, files = ggufs
     long_line = " ".join(["the patient was given a dose of aspirin"] * 12)  # ~100 tokens
     huge_line = " ".join(["def return value"] * 150)
-    r = subprocess.run([sys.executable, "-m", "emo_cli.cli", "chat", "--model", str(files["q8_0"]),
+    r = subprocess.run([sys.executable, "-m", "emo_cli", "chat", "--model", str(files["q8_0"]),
                         "--temperature", "0", "-n", "4", "--threads", "1"],
                        input=f"{long_line}\n{long_line}\n{long_line}\n{huge_line}\n{PROMPT}\n/exit\n",
                        capture_output=True, text=True, env=_cli_env(tmp_path), timeout=120)
@@ -243,7 +243,7 @@ def test_templated_session_drops_oldest_messages_when_full(ggufs, tmp_path):
     """With a chat template, an over-full conversation drops whole messages, oldest first, and the
     rendered context always fits the window with room for the reply."""
     from emo_cli.chat import ChatSession, open_model
-    from emo_cli.generate import SamplingParams
+    from emo_cli.model.generate import SamplingParams
 
     _, gguf = templated(ggufs[0], tmp_path)
     m = open_model(str(gguf), threads=1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from emo_cli import cli
+from emo_cli.cli import app as cli
 from emo_cli.errors import EmoError
 from tiny_models import sample_texts, write_jsonl
 
@@ -135,11 +135,11 @@ def test_bad_budgets_and_foreign_profiles(tiny_model_factory, tmp_path, capsys, 
 
 
 def test_interrupted_prune_leaves_nothing(tiny_model_factory, tmp_path, med_data, monkeypatch):
-    from emo_cli import checkpoint
-    from emo_cli.pipeline import run_profile
-    from emo_cli.prune import prune_to_dir
+    from emo_cli.model import checkpoint
+    from emo_cli.experts.pipeline import run_profile
+    from emo_cli.experts.slim_hf import prune_to_dir
     from emo_cli.runtime import load_model
-    from emo_cli.select import Budget, score_plan
+    from emo_cli.experts.selection import Budget, score_plan
 
     m = tiny_model_factory("shared")
     prof = run_profile(load_model(m), [str(med_data)], seq_len=64, quiet=True)
@@ -166,8 +166,8 @@ def test_console_script_reports_one_line(tmp_path):
 
 
 def test_prune_report_guard_and_budget_search(tiny_model_factory, tmp_path, capsys, monkeypatch):
-    from emo_cli.data import read_documents
-    from emo_cli.evaluate import evaluate_loss
+    from emo_cli.data.documents import read_documents
+    from emo_cli.evaluation.loss import evaluate_loss
     from emo_cli.runtime import load_model
 
     model = tiny_model_factory("plain")
@@ -264,7 +264,7 @@ def test_non_text_fields_are_refused(tmp_path, capsys, tiny_model_factory):
 def test_failed_forced_prune_keeps_the_previous_outputs(tiny_model_factory, tmp_path, capsys, med_data, monkeypatch):
     """A --force run that fails (bad option, or a failure while writing) leaves the previous slim
     directory and GGUF exactly as they were, and no staging leftovers."""
-    import emo_cli.gguf_export
+    import emo_cli.gguf.export
 
     monkeypatch.chdir(tmp_path)
     code, _, err = run(["profile", med_data, "--model", tiny_model_factory("shared")], capsys)
@@ -287,7 +287,7 @@ def test_failed_forced_prune_keeps_the_previous_outputs(tiny_model_factory, tmp_
     def broken(*a, **k):
         raise EmoError("disk full")
 
-    monkeypatch.setattr(emo_cli.gguf_export, "export_gguf", broken)
+    monkeypatch.setattr(emo_cli.gguf.export, "export_gguf", broken)
     code, _, err = run(["prune", "--budget", "6", "--force"], capsys)
     assert code == 1 and "disk full" in err
     unchanged()

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from emo_cli.corpus import (MIN_DOC_CHARS, CorpusSpec, build_corpus, debian_root, domain_files, pack,
+from emo_cli.lab.corpus import (MIN_DOC_CHARS, CorpusSpec, build_corpus, debian_root, domain_files, pack,
                             read_manifest, read_texts, split_domain, worksheet_docs)
 from emo_cli.errors import EmoError
 from tiny_corpus import SMALL, small_corpus
@@ -66,7 +66,7 @@ def test_bad_specs_and_missing_debian(tmp_path, monkeypatch):
     with pytest.raises(EmoError, match="heldout_frac"):
         build_corpus(tmp_path, CorpusSpec(heldout_frac=0.9))
     monkeypatch.setenv("EMO_CACHE", str(tmp_path / "empty-cache"))
-    from emo_cli import corpus as c
+    from emo_cli.lab import corpus as c
 
     if not c.Path(c.SETMM).exists():
         with pytest.raises(EmoError, match="metamath-databases"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emo_cli.demo import TINY_EMO, TINY_STD
+from emo_cli.lab.demo import TINY_EMO, TINY_STD
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emo_cli.profile import Profile
+from emo_cli.experts.profile import Profile
 from tiny_models import sample_texts, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -89,16 +89,16 @@ def test_greedy_plan_equals_one_process_and_only_rank_0_writes(work):
 
 FAILING = r"""
 import os, sys
-import emo_cli.profile as profile
+import emo_cli.experts.profile as profile
 real = profile.profile_model
 def failing(*a, **k):
     if os.environ["RANK"] == "1":
         raise RuntimeError("injected failure")
     return real(*a, **k)
 profile.profile_model = failing
-import emo_cli.pipeline as pipeline
+import emo_cli.experts.pipeline as pipeline
 pipeline.profile_model = failing
-from emo_cli.cli import main
+from emo_cli.cli.app import main
 sys.argv = ["emo", *sys.argv[1:]]
 main()
 """
@@ -155,7 +155,7 @@ def test_ctrl_c_on_the_launcher_stops_every_rank(work, tmp_path):
 
 DYING = r"""
 import os, sys
-import emo_cli.profile as profile
+import emo_cli.experts.profile as profile
 real, calls = profile.run_layers, []
 def dying(*a, **k):
     calls.append(1)
@@ -163,7 +163,7 @@ def dying(*a, **k):
         raise RuntimeError("killed in its third group")
     return real(*a, **k)
 profile.run_layers = dying
-from emo_cli.cli import main
+from emo_cli.cli.app import main
 sys.argv = ["emo", *sys.argv[1:]]
 main()
 """

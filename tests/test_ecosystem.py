@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from gguf import GGUFReader
 
-from emo_cli import cli
-from emo_cli.model_card import front_matter
+from emo_cli.cli import app as cli
+from emo_cli.experts.model_card import front_matter
 from emo_cli.runtime import load_model
 from tiny_models import sample_texts, write_jsonl
 
@@ -57,7 +57,7 @@ def cached_release(tmp_path: Path, src: Path) -> Path:
 
 def test_slim_directory_is_self_contained_and_carries_a_model_card(tmp_path, capsys, monkeypatch,
                                                                    tiny_model_factory):
-    import emo_cli.prune as prune
+    import emo_cli.experts.slim_hf as prune
 
     snap = cached_release(tmp_path, tiny_model_factory("shared"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))

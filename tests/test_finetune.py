@@ -14,14 +14,14 @@ from reference_emo import doc_nll, forward, load_tensors
 from safetensors.torch import load_file
 from tiny_models import sample_texts, write_jsonl
 
-from emo_cli.data import Document, read_documents
+from emo_cli.data.documents import Document, read_documents
 from emo_cli.errors import EmoError
-from emo_cli.finetune import (FinetuneSettings, Window, encode_example, finetune, heldout_loss, memory_help,
+from emo_cli.training.finetune import (FinetuneSettings, Window, encode_example, finetune, heldout_loss, memory_help,
                               output_spans, train_step, trains, windows)
-from emo_cli.loading import load_hf_model
-from emo_cli.mc_items import MCItem
-from emo_cli.tokenizer import EmoTokenizer
-from emo_cli.training import balance_loss
+from emo_cli.model.loading import load_hf_model
+from emo_cli.data.mc_items import MCItem
+from emo_cli.model.tokenizer import EmoTokenizer
+from emo_cli.training.shared import balance_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
@@ -203,7 +203,7 @@ def test_freeze_modes_keep_their_part_unchanged(slim_and_data, tmp_path, freeze,
     before, _ = load_hf_model(model, dtype=torch.float32)
     after, _ = load_hf_model(tmp_path / "ft", dtype=torch.float32)
     moved = set()
-    from emo_cli.finetune import parameter_role
+    from emo_cli.training.finetune import parameter_role
     for (name, p), q in zip(before.named_parameters(), after.parameters()):
         assert trains(name, freeze) == (parameter_role(name) in changed)
         if not torch.equal(p, q):
@@ -223,14 +223,14 @@ def test_bf16_precision_trains_and_keeps_frozen_weights(slim_and_data, tmp_path)
 
 def test_memory_check_refuses_before_loading(slim_and_data, tmp_path, monkeypatch):
     model, data, _ = slim_and_data
-    monkeypatch.setattr("emo_cli.finetune.available_memory", lambda device: 1000)
+    monkeypatch.setattr("emo_cli.training.finetune.available_memory", lambda device: 1000)
     with pytest.raises(EmoError, match="--freeze experts"):
         finetune(model, [str(data)], tmp_path / "ft", _settings(), device="cpu")
     assert not any(tmp_path.iterdir())
 
 
 def test_memory_estimate_is_in_help_and_readme():
-    from emo_cli.commands.finetune import finetune_cmd
+    from emo_cli.cli.commands.finetune import finetune_cmd
 
     sentence = memory_help()
     assert sentence in " ".join(finetune_cmd.__doc__.split())

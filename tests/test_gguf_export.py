@@ -18,16 +18,16 @@ from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 import reference_emo
-from emo_cli import gguf_format as gf
-from emo_cli.cli import app, main
+from emo_cli.gguf import layout as gf
+from emo_cli.cli.app import app, main
 from emo_cli.errors import EmoError
-from emo_cli.gguf_export import export_gguf, gguf_blocker
-from emo_cli.gguf_format import open_reader
+from emo_cli.gguf.export import export_gguf, gguf_blocker
+from emo_cli.gguf.layout import open_reader
 from emo_cli.info import gguf_info, hf_info
-from emo_cli.loading import load_hf_model, open_hf_dir, save_hf_model
-from emo_cli.prune import prune_to_dir
+from emo_cli.model.loading import load_hf_model, open_hf_dir, save_hf_model
+from emo_cli.experts.slim_hf import prune_to_dir
 from emo_cli.runtime import load_model
-from emo_cli.select import Plan
+from emo_cli.experts.selection import Plan
 from tiny_models import sample_texts, write_tiny_model
 
 PROMPT = "The patient was given a dose of aspirin. def return 42! theorem proof"

@@ -13,13 +13,13 @@ import pytest
 import torch
 from test_cli import assert_clean_error, run
 
-from emo_cli import gguf_format as gf
+from emo_cli.gguf import layout as gf
 from emo_cli.errors import EmoError
-from emo_cli.gguf_export import export_gguf
-from emo_cli.gguf_prune import open_source, prune_gguf
-from emo_cli.pipeline import run_profile
+from emo_cli.gguf.export import export_gguf
+from emo_cli.experts.slim_gguf import open_source, prune_gguf
+from emo_cli.experts.pipeline import run_profile
 from emo_cli.runtime import load_model
-from emo_cli.select import Plan
+from emo_cli.experts.selection import Plan
 
 TEXT = "The patient was given a dose of aspirin for acute pain. def return value 77!"
 # where each file says it came from: the HF route names the HF directory and its fingerprint
@@ -198,8 +198,8 @@ def test_no_shared_expert_and_leading_dense_layers(variant, tmp_path):
     the cut file still equals the export of prune_to_dir's directory, tensor for tensor."""
     from tiny_models import write_tiny_model
 
-    from emo_cli.loading import open_hf_dir
-    from emo_cli.prune import prune_to_dir
+    from emo_cli.model.loading import open_hf_dir
+    from emo_cli.experts.slim_hf import prune_to_dir
 
     hf = write_tiny_model(tmp_path / "m", variant, overrides={"dense_mlp_bias": False})
     files = open_hf_dir(hf)

@@ -1,4 +1,4 @@
-"""emo's GGUF reader (emo_cli/gguf_reader.py) reads what gguf-py's GGUFReader reads, and refuses
+"""emo's GGUF reader (emo_cli/gguf/reader.py) reads what gguf-py's GGUFReader reads, and refuses
 damaged files in one line.
 
 gguf-py is the reference here: on files emo exports (f32, f16, bf16, q8_0, q4_0, a K-quant via
@@ -17,11 +17,11 @@ from gguf import GGUFReader, GGUFValueType
 from tiny_models import write_tiny_model
 
 from emo_cli.info import gguf_info
-from emo_cli import gguf_format as gf
+from emo_cli.gguf import layout as gf
 from emo_cli.errors import EmoError
-from emo_cli.gguf_export import export_gguf
-from emo_cli.gguf_reader import GGUFFile
-from emo_cli.gguf_runtime import tokenizer_from_gguf
+from emo_cli.gguf.export import export_gguf
+from emo_cli.gguf.reader import GGUFFile
+from emo_cli.gguf.runtime import tokenizer_from_gguf
 
 QUANTS = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"]
 

@@ -7,7 +7,7 @@ import torch
 
 from emo_cli.errors import EmoError
 from emo_kernels import cpu
-from emo_cli.gguf_export import export_gguf
+from emo_cli.gguf.export import export_gguf
 from emo_cli.runtime import load_model
 from kernel_support import cpu_param, llama_takes_our_simd_path, needs_cpu_kernels
 
@@ -76,10 +76,10 @@ def test_kv_cache_and_masking_on_gguf(exported):
 def test_eval_and_profile_of_a_gguf(exported, med_data, backend):
     """The GGUF runtime implements the model interface: `emo eval X.gguf` and profiling work and
     give the HF model's numbers (f32 export: equal up to the kernels' summation order)."""
-    from emo_cli.data import read_documents
-    from emo_cli.evaluate import evaluate_loss
-    from emo_cli.model_api import masks_for
-    from emo_cli.pipeline import run_profile
+    from emo_cli.data.documents import read_documents
+    from emo_cli.evaluation.loss import evaluate_loss
+    from emo_cli.model.api import masks_for
+    from emo_cli.experts.pipeline import run_profile
 
     src, path = exported("shared")
     gg, hf = load_model(path, backend=backend), load_model(src)

@@ -257,7 +257,7 @@ print(lm.model.backend, float(lm.model.forward(torch.tensor([[1, 2, 3]])).double
 def test_without_a_compiler_auto_falls_back_to_torch(tmp_path, tiny_model_factory):
     """A machine where the kernels cannot build (no compiler; an ARM CPU is the same path): auto
     runs GGUFs on torch, and --backend cpu says why it cannot."""
-    from emo_cli.gguf_export import export_gguf
+    from emo_cli.gguf.export import export_gguf
     from emo_cli.runtime import load_model
 
     gguf = tmp_path / "m.gguf"

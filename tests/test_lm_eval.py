@@ -12,9 +12,9 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from emo_cli import cli  # noqa: E402
-from emo_cli.gguf_export import export_gguf  # noqa: E402
-from emo_cli.multiple_choice import choice_logprobs, evaluate_mc, read_mc_items  # noqa: E402
+from emo_cli.cli import app as cli  # noqa: E402
+from emo_cli.gguf.export import export_gguf  # noqa: E402
+from emo_cli.evaluation.multiple_choice import choice_logprobs, evaluate_mc, read_mc_items  # noqa: E402
 from emo_cli.runtime import load_model  # noqa: E402
 
 ROWS = [
@@ -55,7 +55,7 @@ def task_dir(tmp_path_factory):
 def run_task(model: str, task_dir):
     from lm_eval.tasks import TaskManager
 
-    import emo_cli.lm_eval_model  # noqa: F401  (registers the `emo` model)
+    import emo_cli.evaluation.lm_eval_model  # noqa: F401  (registers the `emo` model)
 
     return lm_eval.simple_evaluate(model="emo", model_args=f"pretrained={model}", tasks=["emo_local_mc"],
                                    task_manager=TaskManager(include_path=str(task_dir)), num_fewshot=0,
@@ -83,8 +83,8 @@ def test_lm_eval_task_equals_emo_eval(tiny_model_factory, tmp_path, task_dir, ki
 def test_rolling_loglikelihood_and_generation_are_emo_forwards():
     from lm_eval.api.instance import Instance
 
-    from emo_cli.lm_eval_model import EmoLM
-    from emo_cli.loading import EMBEDDED_MODELS
+    from emo_cli.evaluation.lm_eval_model import EmoLM
+    from emo_cli.model.loading import EMBEDDED_MODELS
 
     model = EMBEDDED_MODELS["tiny-emo"]  # trained: greedy choices are not near-ties of random weights
     elm = EmoLM(str(model), max_length=16)
@@ -130,10 +130,10 @@ def test_emo_eval_tasks_uses_the_same_model(tiny_model_factory, task_dir, monkey
 def test_lm_evals_own_command_line_with_emo_registered(task_dir, tmp_path):
     import subprocess
 
-    from emo_cli.loading import EMBEDDED_MODELS
+    from emo_cli.model.loading import EMBEDDED_MODELS
 
     model = EMBEDDED_MODELS["tiny-emo"]
-    r = subprocess.run([sys.executable, "-m", "emo_cli.lm_eval_model", "--model", "emo", "--model_args",
+    r = subprocess.run([sys.executable, "-m", "emo_cli.evaluation.lm_eval_model", "--model", "emo", "--model_args",
                         f"pretrained={model}", "--tasks", "emo_local_mc", "--include_path", str(task_dir),
                         "--output_path", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

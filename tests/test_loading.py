@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from emo_cli.errors import EmoError
-from emo_cli.loading import resolve_model_path
+from emo_cli.model.loading import resolve_model_path
 from emo_cli.runtime import load_model
 
 TEXT = "license permission granted and the doctor ordered tests 123"

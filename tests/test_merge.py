@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from emo_cli import cli
-from emo_cli.checkpoint import SafetensorsCheckpoint
+from emo_cli.cli import app as cli
+from emo_cli.model.checkpoint import SafetensorsCheckpoint
 from emo_cli.errors import EmoError
-from emo_cli.merge import merge_back
+from emo_cli.experts.merge_back import merge_back
 from tiny_models import sample_texts, write_jsonl
 
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 import reference_emo
-from emo_cli.multiple_choice import continuation_ids, evaluate_mc, read_mc_items
+from emo_cli.evaluation.multiple_choice import continuation_ids, evaluate_mc, read_mc_items
 from emo_cli.runtime import load_model
 
 ITEMS = [
@@ -55,7 +55,7 @@ def write_mc(path, n=30, seed=0):
 
 
 def test_mc_rows_profile_as_few_shot_prompt_plus_gold_answer(tmp_path):
-    from emo_cli.data import heldout_split, read_documents
+    from emo_cli.data.documents import heldout_split, read_documents
 
     rows = write_mc(tmp_path / "mc.jsonl")
     docs = read_documents([tmp_path / "mc.jsonl"], shots=3)
@@ -77,7 +77,7 @@ def test_mc_rows_profile_as_few_shot_prompt_plus_gold_answer(tmp_path):
 def test_prune_reports_heldout_mc_accuracy_equal_to_the_slim_model(tiny_model_factory, tmp_path, monkeypatch, capsys):
     import sys
 
-    from emo_cli import cli
+    from emo_cli.cli import app as cli
 
     write_mc(tmp_path / "mc.jsonl", n=40, seed=1)
     monkeypatch.chdir(tmp_path)
@@ -93,8 +93,8 @@ def test_prune_reports_heldout_mc_accuracy_equal_to_the_slim_model(tiny_model_fa
             assert not e.code, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ev = report["eval"]["heldout"]
-    from emo_cli.pipeline import heldout_documents
-    from emo_cli.profile import Profile
+    from emo_cli.experts.pipeline import heldout_documents
+    from emo_cli.experts.profile import Profile
 
     items = [d.item for d in heldout_documents([Profile.load(tmp_path / "mc.profile.safetensors")])]
     assert ev["items"] == len(items) > 0 and items[0].prefix.count("\n\n") == 2

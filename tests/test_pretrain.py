@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from emo_cli.errors import EmoError
-from emo_cli.loading import load_hf_model
-from emo_cli.models.emo import EmoForCausalLM
-from emo_cli.pretrain import (RouterHook, init_model, model_config, pretrain, segment_ids)
-from emo_cli.pretrain_recipe import parse_recipe
+from emo_cli.model.loading import load_hf_model
+from emo_cli.arch.emo import EmoForCausalLM
+from emo_cli.lab.pretrain import (RouterHook, init_model, model_config, pretrain, segment_ids)
+from emo_cli.lab.pretrain_recipe import parse_recipe
 from safetensors.torch import load_file
 from tiny_corpus import SMALL, small_corpus
 
@@ -182,7 +182,7 @@ def test_recipe_errors_are_one_line(edit, message):
 def test_cli_reports_bad_recipe_in_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\n[train]\nsteps = "many"\n')
-    r = subprocess.run([sys.executable, "-m", "emo_cli.cli", "pretrain", "--recipe", str(bad)],
+    r = subprocess.run([sys.executable, "-m", "emo_cli", "pretrain", "--recipe", str(bad)],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "steps must be an integer" in r.stderr

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import reference_emo
-from emo_cli.data import read_documents
+from emo_cli.data.documents import read_documents
 from emo_cli.errors import EmoError
-from emo_cli.pipeline import batches_for, run_profile
-from emo_cli.prune import prune_to_dir
+from emo_cli.experts.pipeline import batches_for, run_profile
+from emo_cli.experts.slim_hf import prune_to_dir
 from emo_cli.runtime import load_model
-from emo_cli.select import Budget, score_plan
+from emo_cli.experts.selection import Budget, score_plan
 from tiny_models import sample_texts, write_jsonl
 
 TEXT = "The patient was given a dose of aspirin for acute pain. def return value 77!"
@@ -145,8 +145,8 @@ def test_global_allocation_keeps_total_and_topk(tiny_model_factory, med_data):
 
 
 def test_router_and_greedy_plans(tiny_model_factory, med_data):
-    from emo_cli.pipeline import heldout_documents
-    from emo_cli.search import greedy_plan, plan_loss, router_plan
+    from emo_cli.experts.pipeline import heldout_documents
+    from emo_cli.experts.search import greedy_plan, plan_loss, router_plan
 
     lm, prof = _profile(tiny_model_factory("shared"), med_data, heldout_frac=0.25)
     calib = batches_for(lm.tokenizer, read_documents([str(med_data)])[:20], 64, 4)
@@ -162,9 +162,9 @@ def test_router_and_greedy_plans(tiny_model_factory, med_data):
 
 def test_layerwise_router_equals_naive_rerun(tiny_model_factory, med_data):
     """The cached single-pass router method equals EMO's re-run-from-embeddings formulation."""
-    from emo_cli.model_api import masks_for
-    from emo_cli.routing import route
-    from emo_cli.search import router_plan
+    from emo_cli.model.api import masks_for
+    from emo_cli.arch.routing import route
+    from emo_cli.experts.search import router_plan
 
     lm, prof = _profile(tiny_model_factory("shared"), med_data)
     docs = read_documents([str(med_data)])[:12]

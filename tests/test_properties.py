@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from emo_cli.config import EmoConfig
-from emo_cli.data import read_documents
+from emo_cli.arch.config import EmoConfig
+from emo_cli.data.documents import read_documents
 from emo_cli.errors import EmoError
-from emo_cli.tokenizer import EmoTokenizer
+from emo_cli.model.tokenizer import EmoTokenizer
 
 SETTINGS = settings(derandomize=True, deadline=None, max_examples=60, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -125,7 +125,7 @@ entries = st.fixed_dictionaries({
 @given(header=st.dictionaries(st.text(min_size=1, max_size=12), entries, max_size=3) | json_values,
        data=st.binary(max_size=64))
 def test_safetensors_header_of_any_json(tmp_path_factory, header, data):
-    from emo_cli.checkpoint import SafetensorsCheckpoint
+    from emo_cli.model.checkpoint import SafetensorsCheckpoint
 
     d = tmp_path_factory.mktemp("st")
     raw = json.dumps(header).encode()
@@ -140,7 +140,7 @@ def test_safetensors_header_of_any_json(tmp_path_factory, header, data):
 @SETTINGS
 @given(body=st.binary(max_size=120))
 def test_safetensors_of_any_bytes(tmp_path_factory, body):
-    from emo_cli.checkpoint import SafetensorsCheckpoint
+    from emo_cli.model.checkpoint import SafetensorsCheckpoint
 
     d = tmp_path_factory.mktemp("st")
     (d / "model.safetensors").write_bytes(body)
@@ -166,8 +166,8 @@ def valid_profile_parts():
     value=json_values, shape=st.lists(st.integers(0, 5), max_size=3), which=st.sampled_from(
     ["counts", "prob", "tokens", None]))
 def test_profile_with_any_metadata_or_shape(tmp_path_factory, section, key, value, shape, which):
-    from emo_cli.profile import Profile
-    from emo_cli.select import score_plan, Budget
+    from emo_cli.experts.profile import Profile
+    from emo_cli.experts.selection import score_plan, Budget
 
     meta, tensors = valid_profile_parts()
     meta[section][key] = value
@@ -183,7 +183,7 @@ def test_profile_with_any_metadata_or_shape(tmp_path_factory, section, key, valu
 # ---- GGUF ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_gguf(tmp_path_factory, tiny_model_factory):
-    from emo_cli.gguf_export import export_gguf
+    from emo_cli.gguf.export import export_gguf
 
     out = tmp_path_factory.mktemp("g") / "m.gguf"
     export_gguf(tiny_model_factory("shared"), out, "q8_0")
@@ -207,7 +207,7 @@ class GGUFBytes(tuple):
 def open_any_gguf(path: Path):
     """gguf_info and the runtime on a file; one that opens also runs a forward step."""
     from emo_cli.info import gguf_info
-    from emo_cli.gguf_runtime import load_gguf_model
+    from emo_cli.gguf.runtime import load_gguf_model
 
     info = outcome(gguf_info, path)
     lm = outcome(load_gguf_model, path, backend="auto")
@@ -243,7 +243,7 @@ def test_gguf_with_flipped_or_huge_header_values(tmp_path_factory, small_gguf, d
 
 
 def test_gguf_whose_expert_count_disagrees_with_its_tensors(tmp_path, small_gguf):
-    from emo_cli.gguf_format import K_EXPERTS, open_reader
+    from emo_cli.gguf.layout import K_EXPERTS, open_reader
 
     good = tmp_path / "ok.gguf"
     original, _ = small_gguf

@@ -47,7 +47,7 @@ def test_the_three_commands_run_as_printed_on_the_tiny_model(tmp_path):
 
 
 def test_embedded_models_resolve_by_name_and_a_local_path_wins(tmp_path, monkeypatch, tiny_model_factory):
-    from emo_cli.loading import EMBEDDED_MODELS, resolve_model_path
+    from emo_cli.model.loading import EMBEDDED_MODELS, resolve_model_path
 
     monkeypatch.chdir(tmp_path)
     assert resolve_model_path("tiny-emo") == EMBEDDED_MODELS["tiny-emo"]

@@ -12,11 +12,11 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from emo_cli import cli
+from emo_cli.cli import app as cli
 from emo_cli.errors import EmoError
-from emo_cli.pipeline import run_profile
-from emo_cli.profile import Profile
-from emo_cli.report import build_report, expected_figures, summary, write_html
+from emo_cli.experts.pipeline import run_profile
+from emo_cli.experts.profile import Profile
+from emo_cli.experts.usage_report import build_report, expected_figures, summary, write_html
 from emo_cli.runtime import load_model
 from tiny_models import sample_texts, write_jsonl
 

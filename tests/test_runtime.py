@@ -4,9 +4,9 @@ import numpy as np
 import torch
 
 import reference_emo
-from emo_cli.data import Document
-from emo_cli.evaluate import evaluate_loss
-from emo_cli.passes import batch_nll
+from emo_cli.data.documents import Document
+from emo_cli.evaluation.loss import evaluate_loss
+from emo_cli.model.passes import batch_nll
 from emo_cli.runtime import load_model
 
 

@@ -12,18 +12,18 @@ import pytest
 import torch
 
 import reference_emo
-from emo_cli.data import Document, read_documents
+from emo_cli.data.documents import Document, read_documents
 from emo_cli.errors import EmoError
-from emo_cli.evaluate import evaluate_loss
-from emo_cli.loading import open_hf_dir
-from emo_cli.memory import GiB, Workload, estimate, plan_memory, weight_counts
-from emo_cli.model_api import masks_for
-from emo_cli.multiple_choice import MCItem, evaluate_mc
-from emo_cli.pipeline import batches_for, heldout_documents, run_profile
-from emo_cli.profile import STATS, Profile, ProfileAccumulator
+from emo_cli.evaluation.loss import evaluate_loss
+from emo_cli.model.loading import open_hf_dir
+from emo_cli.model.memory import GiB, Workload, estimate, plan_memory, weight_counts
+from emo_cli.model.api import masks_for
+from emo_cli.evaluation.multiple_choice import MCItem, evaluate_mc
+from emo_cli.experts.pipeline import batches_for, heldout_documents, run_profile
+from emo_cli.experts.profile import STATS, Profile, ProfileAccumulator
 from emo_cli.runtime import load_model
-from emo_cli.search import greedy_plan, router_plan
-from emo_cli.select import Budget, score_plan
+from emo_cli.experts.search import greedy_plan, router_plan
+from emo_cli.experts.selection import Budget, score_plan
 from tiny_models import write_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ def test_streamed_losses_equal_and_match_reference(tiny_model_factory, med_data,
 def test_expert_kernels_in_token_chunks_change_nothing_but_rounding(tiny_model_factory, med_data, monkeypatch):
     """Long batches run the experts in chunks of MOE_CHUNK_TOKENS tokens: routing is per token, so
     counts are equal and everything else agrees to fp32 rounding."""
-    import emo_cli.models.emo as emo_mod
+    import emo_cli.arch.emo as emo_mod
 
     lm = load_model(tiny_model_factory("always_active"))
     docs = read_documents([str(med_data)])
@@ -149,7 +149,7 @@ def test_interrupted_streamed_profile_resumes_to_the_same_bytes(tiny_model_facto
                                                                  monkeypatch, stop_at):
     """Killed mid-layer (at layer, batch = stop_at), then run again: the run continues from the
     last finished layer and the profile equals an uninterrupted run exactly."""
-    import emo_cli.profile as profile_mod
+    import emo_cli.experts.profile as profile_mod
 
     d = tiny_model_factory("dense_lead")
     resident, first = both(d)
@@ -184,7 +184,7 @@ def test_in_memory_profile_checkpoints_every_n_documents_and_resumes_to_the_same
         tiny_model_factory, med_data, tmp_path, monkeypatch):
     """A resident model's run saves its partial sums every --checkpoint-every documents; killed in
     the third group, it resumes after the second, and the profile equals an uncheckpointed run."""
-    import emo_cli.profile as profile_mod
+    import emo_cli.experts.profile as profile_mod
 
     d = tiny_model_factory("shared")
     lm = load_model(d)
@@ -242,7 +242,7 @@ def test_planner_choice_and_refusal_under_a_small_limit(tiny_model_factory):
 def test_planner_keeps_bf16_when_fp32_does_not_fit(tmp_path):
     d = write_tiny_model(tmp_path / "bf16", "shared", dtype=np.float32)
     # rewrite as bf16 through emo's own writer: the checkpoint dtype decides the fallback
-    from emo_cli.loading import load_hf_model, save_hf_model
+    from emo_cli.model.loading import load_hf_model, save_hf_model
 
     model, _ = load_hf_model(d)
     save_hf_model(model, tmp_path / "m", dtype=torch.bfloat16, tokenizer_dir=d)
@@ -288,7 +288,7 @@ def test_cli_streaming_flags_and_refusal(tiny_model_factory, med_data, tmp_path,
 MEASURE = textwrap.dedent("""
     import json, sys, threading, time
     import torch
-    from emo_cli.pipeline import run_profile
+    from emo_cli.experts.pipeline import run_profile
     from emo_cli.runtime import load_model
 
     def anon():
@@ -296,7 +296,7 @@ MEASURE = textwrap.dedent("""
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
     torch.set_num_threads(1)
-    from emo_cli.data import read_documents
+    from emo_cli.data.documents import read_documents
     read_documents([sys.argv[2]])  # datasets/pyarrow set themselves up: not the model's memory
     base = anon()
     peak = [base]

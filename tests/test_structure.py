@@ -1,4 +1,6 @@
-"""The package's import graph has no cycles: every module can be read after the ones it imports.
+"""The package's import graph has no cycles, and no import points back up the layers.
+
+Every module can be read after the ones it imports, and a package only uses packages below it.
 
 The graph is read from the source (ast), not from a running interpreter: an import inside a
 function counts as much as one at the top, since it is the same dependency, only deferred. Imports
@@ -87,5 +89,54 @@ def test_no_import_cycles():
     known = modules()
     graph = {m: imported(m, f, known) for m, f in known.items()}
     # relative and absolute imports are both read (gguf_runtime: `from .routing`, `from emo_kernels`)
-    assert {"emo_cli.routing", "emo_kernels.cpu"} <= graph["emo_cli.gguf_runtime"]
+    assert {"emo_cli.arch.routing", "emo_kernels.cpu"} <= graph["emo_cli.gguf.runtime"]
     assert cycles(graph) == []
+
+
+# Bottom to top. A module may import from its own unit or from any unit in a lower layer.
+LAYERS = [
+    {"core": ["emo_cli", "emo_cli.errors", "emo_cli.outputs", "emo_cli.ui"], "kernels": ["emo_kernels"]},
+    {"arch": ["emo_cli.arch"], "data": ["emo_cli.data"]},
+    {"model": ["emo_cli.model"]},
+    {"gguf": ["emo_cli.gguf"]},
+    {"runtime": ["emo_cli.runtime"], "info": ["emo_cli.info"], "workspace": ["emo_cli.workspace"]},
+    {"chat": ["emo_cli.chat"]},
+    {"evaluation": ["emo_cli.evaluation"]},
+    {"experts": ["emo_cli.experts"], "training": ["emo_cli.training"]},
+    {"lab": ["emo_cli.lab"]},
+    {"cli": ["emo_cli.cli", "emo_cli.__main__"]},
+]
+
+
+def unit_of(module: str) -> tuple[int, str]:
+    """(layer, unit) of the longest prefix that names `module` or a package holding it."""
+    best = max(((rank, unit, p) for rank, units in enumerate(LAYERS) for unit, prefixes in units.items()
+                for p in prefixes if module == p or module.startswith(p + ".")), key=lambda x: len(x[2]))
+    return best[0], best[1]
+
+
+def back_pointing(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Imports of a unit in the same or a higher layer than the importer's own unit."""
+    bad = []
+    for m, targets in graph.items():
+        rank, unit = unit_of(m)
+        for t in targets:
+            t_rank, t_unit = unit_of(t)
+            if t_unit != unit and t_rank >= rank:
+                bad.append((m, t))
+    return sorted(bad)
+
+
+def test_layering_finder_sees_an_upward_import():
+    assert back_pointing({"emo_cli.model.loading": {"emo_cli.experts.profile", "emo_cli.arch.emo"}}) == \
+        [("emo_cli.model.loading", "emo_cli.experts.profile")]
+    assert back_pointing({"emo_cli.experts.profile": {"emo_cli.training.shared"}}) == \
+        [("emo_cli.experts.profile", "emo_cli.training.shared")]
+
+
+def test_every_module_belongs_to_a_layer_and_none_imports_upward():
+    known = modules()
+    for m in known:
+        unit_of(m)  # raises on a module outside every layer
+    graph = {m: imported(m, f, known) for m, f in known.items()}
+    assert back_pointing(graph) == []

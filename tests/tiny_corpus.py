@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emo_cli.corpus import CorpusSpec, build_corpus
+from emo_cli.lab.corpus import CorpusSpec, build_corpus
 
 SMALL = dict(domains=("code", "medical", "legal"), max_chars_per_domain=30_000, max_heldout_docs=6,
              min_chars=300, max_chars=1500, fetch=False)

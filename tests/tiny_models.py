@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from emo_cli.bpe import save_tokenizer, train_bpe
+from emo_cli.model.bpe import save_tokenizer, train_bpe
 
 WORDS = ("the patient was given a dose of aspirin for acute pain in the chest and the doctor "
          "ordered tests def return import class for while if else print value list dict lambda "

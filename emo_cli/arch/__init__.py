@@ -1,0 +1,1 @@
+"""Model architectures: configs, the routing function and the EMO model itself."""

@@ -1,0 +1,1 @@
+"""One module per `emo` command; each registers its command on the app."""

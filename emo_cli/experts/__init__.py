@@ -1,0 +1,1 @@
+"""Expert usage and pruning: profiles, selection, slim writers, merge-back and reports."""

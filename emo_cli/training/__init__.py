@@ -1,0 +1,1 @@
+"""Finetuning and what emo's training loops share."""

@@ -114,7 +114,7 @@ def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0, laye
 
     from emo_cli.gguf import layout as gf
     from emo_cli.model.bpe import save_tokenizer, train_bpe
-    from emo_cli.arch.config import EmoConfig
+    from emo_cli.arch.emo import EmoConfig
     from emo_cli.gguf.export import add_tokenizer
 
     s = dict(SHAPES[shape], **({"layers": layers} if layers else {}))

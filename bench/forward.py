@@ -15,8 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from emo_cli.arch.config import EmoConfig
-from emo_cli.arch import emo as emo_model
+from emo_cli.arch import layers
+from emo_cli.arch.emo import EmoConfig, EmoForCausalLM
 
 
 def naive_moe(x, experts, weights, w_gate, w_up, w_down, return_norms=False):
@@ -37,7 +37,7 @@ def eager_attention(self, x, cos, sin, cache, layer, start):
     q = self.q_proj(x).view(B, S, self.n_heads, self.hd).transpose(1, 2)
     k = self.k_proj(x).view(B, S, self.n_kv, self.hd).transpose(1, 2)
     v = self.v_proj(x).view(B, S, self.n_kv, self.hd).transpose(1, 2)
-    q, k = emo_model.apply_rope(q, cos, sin), emo_model.apply_rope(k, cos, sin)
+    q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
     rep = self.n_heads // self.n_kv
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(2, 3)) * self.hd ** -0.5  # [B, H, S, S]
@@ -46,12 +46,12 @@ def eager_attention(self, x, cos, sin, cache, layer, start):
     return self.o_proj((probs @ v).transpose(1, 2).reshape(B, S, -1))
 
 
-def build(args) -> emo_model.EmoForCausalLM:
+def build(args) -> EmoForCausalLM:
     cfg = EmoConfig(vocab_size=args.vocab, hidden_size=args.d, num_hidden_layers=args.layers,
                     num_attention_heads=args.d // 128, intermediate_size=args.width,
                     num_experts=args.experts + 1, num_experts_per_tok=args.top_k, num_shared_experts=1)
     torch.manual_seed(0)
-    model = emo_model.EmoForCausalLM(cfg)
+    model = EmoForCausalLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
@@ -91,12 +91,12 @@ def main():
     for n in (args.tokens, 16):
         ids = torch.randint(0, args.vocab, (1, n))
         fast = time_prefill(model, ids, args.reps)
-        grouped, sdpa = emo_model.grouped_moe, emo_model.Attention.forward
-        emo_model.grouped_moe, emo_model.Attention.forward = naive_moe, eager_attention
+        grouped, sdpa = layers.grouped_moe, layers.Attention.forward
+        layers.grouped_moe, layers.Attention.forward = naive_moe, eager_attention
         try:
             slow = time_prefill(model, ids, args.reps)
         finally:
-            emo_model.grouped_moe, emo_model.Attention.forward = grouped, sdpa
+            layers.grouped_moe, layers.Attention.forward = grouped, sdpa
         print(f"{n:5d} tokens: emo {fast:9.1f} tok/s | naive HF-style {slow:9.1f} tok/s | ratio {fast / slow:.2f}x")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from emo_cli.arch.config import EmoConfig
+from emo_cli.arch.emo import EmoConfig
 from emo_cli.data.documents import TokenBatch
 from emo_cli.arch.emo import EmoForCausalLM
 from emo_cli.experts.profile import profile_model

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from emo_cli.arch.config import EmoConfig
+from emo_cli.arch.emo import EmoConfig
 from emo_cli.data.documents import read_documents
 from emo_cli.errors import EmoError
 from emo_cli.model.tokenizer import EmoTokenizer

@@ -95,7 +95,7 @@ def test_streamed_losses_equal_and_match_reference(tiny_model_factory, med_data,
 def test_expert_kernels_in_token_chunks_change_nothing_but_rounding(tiny_model_factory, med_data, monkeypatch):
     """Long batches run the experts in chunks of MOE_CHUNK_TOKENS tokens: routing is per token, so
     counts are equal and everything else agrees to fp32 rounding."""
-    import emo_cli.arch.emo as emo_mod
+    import emo_cli.arch.layers as emo_mod
 
     lm = load_model(tiny_model_factory("always_active"))
     docs = read_documents([str(med_data)])

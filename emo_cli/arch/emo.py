@@ -1,203 +1,180 @@
-"""The EMO architecture (allenai/EMO `modeling_emo.py` semantics), written for emo.
+"""The EMO architecture (allenai/EMO `modeling_emo.py` semantics), written for emo: its config with
+the released Hugging Face field names, the decoder block and model, where its weights sit in the
+released checkpoints (`NAMES`), and the llama.cpp architecture that runs its GGUF export.
 
-Shape legend: B batch, S sequence, T = B*S tokens, D hidden, H heads, Hkv key-value heads,
-hd head dim, E experts in the layer (shared included), F expert width, K top-k slots, V vocab.
+The per-layer config rules follow the released modeling code: `num_experts_per_layer` (0 = dense
+layer) overrides `num_experts`; shared experts per layer come from `num_shared_experts_per_layer`
+or, absent, min(num_shared_experts, the layer's count); `always_active_experts(_per_layer)` take
+precedence over the shared-expert routing path.
 
-Experts are stacked per layer (w_gate/w_up [E, F, D], w_down [E, D, F], router [E, D]) and the
-ORIGINAL expert id of every row is kept in `expert_ids`, so a pruned model still knows which
-experts of its parent it holds.
+Shape legend: B batch, S sequence, D hidden, E experts in the layer (shared included), V vocab.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from emo_cli.arch.config import EmoConfig
-from emo_cli.arch.routing import Routing, RoutingSpec, route
-from emo_kernels.grouped import grouped_moe
+from emo_cli.arch.config import MAX_LAYERS, read_config_json, typed_fields
+from emo_cli.arch.layers import (
+    DEFAULT_ACTIVATION_BUDGET,
+    Attention,
+    DenseMLP,
+    KVCache,
+    MoEBlock,
+    Observer,
+    RMSNorm,
+    rope_for,
+    run_blocks,
+)
+from emo_cli.arch.routing import route
+from emo_cli.arch.spec import Architecture, TensorNames
+from emo_cli.errors import EmoError
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """NeoX-style rotary tables in fp32: cos/sin [S, hd] with the frequencies repeated twice."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [S, hd/2]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def rope_for(cfg: EmoConfig, S: int, start: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [S, hd] for positions start..start+S-1."""
-    return rope_cos_sin(torch.arange(start, start + S, device=device), cfg.head_dim, cfg.rope_theta)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, hd]; rotate_half pairs dimension i with i + hd/2."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
-
-
-class KVCache:
-    """Per-layer keys/values [B, Hkv, S, hd], preallocated and grown by doubling."""
-
-    def __init__(self, num_layers: int):
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.length = 0  # tokens already cached (same for every layer after a full forward)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        need = start + k.shape[2]
-        buf_k = self.k[layer]
-        if buf_k is None or buf_k.shape[2] < need:
-            cap = max(need, 2 * (buf_k.shape[2] if buf_k is not None else 64))
-            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
-            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
-            if buf_k is not None:
-                new_k[:, :, :start] = buf_k[:, :, :start]
-                new_v[:, :, :start] = self.v[layer][:, :, :start]
-            self.k[layer], self.v[layer] = new_k, new_v
-        self.k[layer][:, :, start:need] = k
-        self.v[layer][:, :, start:need] = v
-        return self.k[layer][:, :, :need], self.v[layer][:, :, :need]
-
-    def reset(self):
-        self.length = 0
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """q [B, H, S, hd] at positions start..start+S-1; k/v [B, Hkv, Sk, hd] cover positions 0..Sk-1.
-    Returns o [B, H, S, hd]. Both runtimes (this model and the GGUF one) attend through here."""
-    S, Sk = q.shape[2], k.shape[2]
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:  # query head h reads kv head h // rep, as HF repeat_kv and ggml's broadcast
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if start == 0 and Sk == S:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if S == 1:  # one new token sees the whole cache
-        return F.scaled_dot_product_attention(q, k, v)
-    qpos = torch.arange(start, start + S, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.arange(Sk, device=q.device)[None, :] <= qpos)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: EmoConfig):
-        super().__init__()
-        D, hd = cfg.hidden_size, cfg.head_dim
-        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.kv_heads, hd
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(D, self.n_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(D, self.n_kv * hd, bias=bias)
-        self.v_proj = nn.Linear(D, self.n_kv * hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, D, bias=bias)
-
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int):
-        B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.hd).transpose(1, 2)  # [B, H, S, hd]
-        k = self.k_proj(x).view(B, S, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, S, hd]
-        v = self.v_proj(x).view(B, S, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v, start)
-        o = causal_attention(q, k, v, start)
-        return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
-
-
-class DenseMLP(nn.Module):
-    def __init__(self, D: int, F_: int, bias: bool):
-        super().__init__()
-        self.gate_proj = nn.Linear(D, F_, bias=bias)
-        self.up_proj = nn.Linear(D, F_, bias=bias)
-        self.down_proj = nn.Linear(F_, D, bias=bias)
-
-    def forward(self, x, **_):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+MODEL_TYPE = "emo"
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "intermediate_size", "max_position_embeddings", "num_experts_per_tok", "dense_intermediate_size")
+PER_LAYER_FIELDS = ("num_experts_per_layer", "num_shared_experts_per_layer", "always_active_experts_per_layer")
 
 
 @dataclass
-class MoEObservation:
-    """What one MoE layer saw in one forward: for profiling and selection."""
+class EmoConfig:
+    vocab_size: int = 100352
+    hidden_size: int = 2048
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    intermediate_size: int = 1024
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    pad_token_id: int | None = 100277
+    eos_token_id: int | list[int] | None = 100257
+    bos_token_id: int | None = None
+    tie_word_embeddings: bool = False
+    num_experts: int = 128
+    num_experts_per_tok: int = 8
+    num_shared_experts: int = 0
+    norm_topk_prob: bool = False
+    num_experts_per_layer: list[int] | None = None
+    num_shared_experts_per_layer: list[int] | None = None
+    always_active_experts: list[int] | None = None
+    always_active_experts_per_layer: list[list[int] | None] | None = None
+    dense_intermediate_size: int | None = None
+    dense_mlp_bias: bool = False
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.01
+    model_type: str = "emo"
+    torch_dtype: str | None = None
+    # Unknown keys of config.json, written back unchanged so a slim config stays loadable upstream.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    layer: int
-    x: torch.Tensor  # [T, D] post-norm input of the MoE block
-    logits: torch.Tensor  # [T, E] raw router logits (before any mask)
-    routing: Routing
-    out: torch.Tensor  # [T, D] MoE output
-    expert_norms: torch.Tensor | None  # [T, K] ||expert output|| per slot, unweighted
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "EmoConfig":
+        if not isinstance(raw, dict):
+            raise EmoError(f"config.json holds a JSON {type(raw).__name__}, not an object")
+        if raw.get("model_type") != MODEL_TYPE:
+            raise EmoError(f"unsupported model_type {raw.get('model_type')!r} in config.json (emo runs EMO models: "
+                           f"model_type 'emo')")
+        kwargs, extra = typed_fields(cls, raw)
+        cfg = cls(**kwargs, extra=extra)
+        cfg.validate()
+        return cfg
 
+    @classmethod
+    def from_file(cls, path: Path) -> "EmoConfig":
+        return cls.from_dict(read_config_json(path))
 
-Observer = Callable[[MoEObservation], None]
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
 
+    def validate(self) -> None:
+        for name in POSITIVE_FIELDS:
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise EmoError(f"config: {name} must be at least 1, got {v}")
+        if self.num_hidden_layers > MAX_LAYERS:
+            raise EmoError(f"config: num_hidden_layers {self.num_hidden_layers} is not a real model's")
+        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
+            raise EmoError("config: rms_norm_eps and rope_theta must be positive")
+        for name in ("num_experts", "num_shared_experts"):
+            if getattr(self, name) < 0:
+                raise EmoError(f"config: {name} must not be negative")
+        for name in PER_LAYER_FIELDS:
+            v = getattr(self, name)
+            if v is not None and len(v) != self.num_hidden_layers:
+                raise EmoError(f"config: {name} has {len(v)} entries for {self.num_hidden_layers} layers")
+        if self.hidden_size % self.num_attention_heads:
+            raise EmoError("config: hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.kv_heads:
+            raise EmoError("config: num_attention_heads must be divisible by num_key_value_heads")
+        if self.num_experts_per_layer is not None:
+            if any(n < 0 for n in self.num_experts_per_layer):
+                raise EmoError("config: num_experts_per_layer must not be negative")
+            if any(n == 0 for n in self.num_experts_per_layer) and not self.dense_intermediate_size:
+                raise EmoError("config: a dense layer (0 experts) needs dense_intermediate_size")
+        for i in range(self.num_hidden_layers):
+            n, ns, aa = self.layer_experts(i), self.layer_shared(i), self.layer_always_active(i)
+            if n == 0:
+                continue
+            if not 0 <= ns <= n or self.num_experts_per_tok > n:
+                raise EmoError(f"config: layer {i} has {n} experts, fewer than its {ns} shared or "
+                               f"{self.num_experts_per_tok} per token")
+            if self.norm_topk_prob and (ns or aa):
+                raise EmoError("config: norm_topk_prob cannot be combined with shared or always-active experts")
+            if aa and any(not 0 <= a < n for a in aa):
+                raise EmoError(f"config: always_active_experts of layer {i} out of range for {n} experts")
 
-DEFAULT_ACTIVATION_BUDGET = 2 * 1024**3  # hidden-state bytes a pass keeps in memory before spilling
-MOE_CHUNK_TOKENS = 4096  # tokens per expert-kernel call (see MoEBlock.forward)
+    # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
 
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
 
-class MoEBlock(nn.Module):
-    def __init__(self, cfg: EmoConfig, layer: int, num_experts: int, num_shared: int,
-                 always_active: tuple[int, ...]):
-        super().__init__()
-        D, F_ = cfg.hidden_size, cfg.intermediate_size
-        self.layer = layer
-        self.spec = RoutingSpec(num_experts=num_experts, top_k=min(cfg.num_experts_per_tok, num_experts),
-                                num_shared=num_shared, always_active=always_active,
-                                norm_topk_prob=cfg.norm_topk_prob)
-        self.router = nn.Parameter(torch.empty(num_experts, D))  # [E, D]
-        self.w_gate = nn.Parameter(torch.empty(num_experts, F_, D))  # [E, F, D]
-        self.w_up = nn.Parameter(torch.empty(num_experts, F_, D))  # [E, F, D]
-        self.w_down = nn.Parameter(torch.empty(num_experts, D, F_))  # [E, D, F]
-        self.register_buffer("expert_ids", torch.arange(num_experts), persistent=True)  # [E] original ids
-        self.allowed: torch.Tensor | None = None  # [E] bool routing mask (switching to a subset)
-        self.pool_fn: Callable | None = None  # training-time EMO document pool, see lab/pretrain.py
-        self.moe_fn: Callable = grouped_moe  # inference kernel, chosen by emo_kernels.dispatch
+    def layer_experts(self, i: int) -> int:
+        """Experts in layer i, shared ones included; 0 for a dense layer."""
+        if self.num_experts_per_layer is not None:
+            return int(self.num_experts_per_layer[i])
+        return int(self.num_experts)
 
-    def forward(self, x: torch.Tensor, observer: Observer | None = None, allowed: torch.Tensor | None = None,
-                **pool_kw) -> torch.Tensor:
-        """`allowed` ([E] or [T, E] bool) masks routing for this call; else the switched subset."""
-        B, S, D = x.shape
-        xt = x.reshape(-1, D)  # [T, D]
-        logits = xt @ self.router.t()  # [T, E]
-        if allowed is None:
-            allowed = self.allowed
-        if self.pool_fn is not None:
-            allowed = self.pool_fn(self, logits, **pool_kw)  # [T, E] per-document pool
-        r = route(logits, self.spec, allowed)
-        # the kernels gather K copies of every token: at most MOE_CHUNK_TOKENS tokens per call keeps
-        # that working set bounded however long the batch (routing is per token, so nothing changes)
-        chunks = [slice(s, s + MOE_CHUNK_TOKENS) for s in range(0, xt.shape[0], MOE_CHUNK_TOKENS)] or [slice(0, 0)]
+    def layer_shared(self, i: int) -> int:
+        n = self.layer_experts(i)
+        if n == 0:
+            return 0
+        if self.num_shared_experts_per_layer is not None:
+            return int(self.num_shared_experts_per_layer[i])
+        return min(int(self.num_shared_experts or 0), n)
 
-        def experts(fn, s, **kw):
-            return fn(xt[s], r.experts[s], r.weights[s], self.w_gate, self.w_up, self.w_down, **kw)
-
-        if observer is None:
-            out = _cat([experts(self.moe_fn, s) for s in chunks])
+    def layer_always_active(self, i: int) -> tuple[int, ...]:
+        if self.always_active_experts_per_layer is not None:
+            aa = self.always_active_experts_per_layer[i]
         else:
-            pairs = [experts(grouped_moe, s, return_norms=True) for s in chunks]
-            out, norms = _cat([p[0] for p in pairs]), _cat([p[1] for p in pairs])
-            observer(MoEObservation(self.layer, xt, logits, r, out, norms))
-        self.last_routing = r
-        return out.view(B, S, D)
+            aa = self.always_active_experts
+        return tuple(int(a) for a in aa) if aa else ()
 
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.layer_experts(i) > 0]
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    @property
+    def eos_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
 
 
 class Block(nn.Module):
@@ -228,19 +205,6 @@ class Block(nn.Module):
         (the attention half and the router only: EMO's layerwise router method needs no experts)."""
         x = self.pre_feedforward_layernorm(self.attend(h, cos, sin))
         return route(x.reshape(-1, x.shape[-1]) @ self.mlp.router.t(), self.mlp.spec).probs
-
-
-def run_blocks(cfg: EmoConfig, block_at: Callable[[int], Block], h: torch.Tensor, start: int, stop: int,
-               masks: dict | None, observer: Observer | None, cache: KVCache | None, device, **pool_kw) -> torch.Tensor:
-    """Layers [start, stop) on h [B, S, D], each block fetched by `block_at` (resident, or loaded
-    for the moment by the streamed model); the KV cache advances once the last layer has run."""
-    pos = cache.length if cache is not None else 0
-    cos, sin = rope_for(cfg, h.shape[1], pos, device)
-    for i in range(start, stop):
-        h = block_at(i)(h, cos, sin, cache, pos, observer=observer, allowed=masks.get(i) if masks else None, **pool_kw)
-    if cache is not None and stop == cfg.num_hidden_layers:
-        cache.length = pos + h.shape[1]
-    return h
 
 
 class EmoForCausalLM(nn.Module):
@@ -318,3 +282,27 @@ class EmoForCausalLM(nn.Module):
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))
+
+
+# ---- where the weights sit ---------------------------------------------------------------------
+# The released checkpoints' names. Experts are stored one tensor per expert and projection; the
+# block stacks them ([E, F, D] w_gate/w_up, [E, D, F] w_down) and calls the router `mlp.router`.
+# A legacy shared expert is the layer's last expert index.
+NAMES = TensorNames(
+    embed="model.embed_tokens.weight",
+    final_norm="model.norm.weight",
+    lm_head="lm_head.weight",
+    layer="model.layers.{i}.",
+    router="mlp.gate.weight",
+    expert="mlp.experts.{j}.{proj}.weight",
+    expert_projs={"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"},
+    attention={"attn_norm": "pre_attention_layernorm.weight", "q": "self_attn.q_proj.weight",
+               "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight",
+               "ffn_norm": "pre_feedforward_layernorm.weight"},
+    dense={"gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight"},
+)
+
+# llama.cpp's `deepseek` runs EMO exactly: routed experts stacked, the shared expert as `shexp`
+# (docs/design.md#the-gguf-layout; gguf/layout.py holds the names).
+ARCH = Architecture(model_type=MODEL_TYPE, config_class=EmoConfig, model_class=EmoForCausalLM, block_class=Block,
+                    names=NAMES, gguf_arch="deepseek", hf_architectures=["EmoForCausalLM"])

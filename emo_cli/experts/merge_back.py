@@ -20,7 +20,7 @@ import torch
 from emo_cli import __version__
 from emo_cli.errors import EmoError
 from emo_cli.experts.slim_hf import MAX_SHARD_BYTES
-from emo_cli.model.checkpoint import EXPERT_RE, ShardWriter
+from emo_cli.model.checkpoint import ShardWriter
 from emo_cli.model.loading import copy_support_files, open_hf_dir, read_pruning_metadata, source_expert_ids
 from emo_cli.outputs import check_location, staged_dir
 
@@ -71,20 +71,26 @@ def merge_back(slim_dir: Path, full_dir: Path, out_dir: Path, include: set[str] 
     moved = [[] for _ in kept]
     with staged_dir(out_dir) as tmp:
         writer = ShardWriter(tmp, shard_bytes=MAX_SHARD_BYTES)
-        names = sorted(full.ckpt.names(), key=_layer_order)
+        tn = full.names
+        first_proj = next(iter(tn.expert_projs.values()))
+
+        def order(name):  # checkpoint order: non-layer tensors first, then layer by layer (numerically)
+            layer = tn.parse(name).layer
+            return (-1, name) if layer is None else (layer, name)
+
+        names = sorted(full.ckpt.names(), key=order)
         for n_done, name in enumerate(names, 1):
             t = full.ckpt.get(name)
-            m = EXPERT_RE.match(name)
-            layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
-            if m:
-                i, j, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+            ref = tn.parse(name)
+            layer = ref.layer
+            if ref.expert is not None:
+                i, j = layer, ref.expert
                 wanted = j in local[i] and (j not in shared[i] or "shared" in include)
                 if wanted:
-                    t = merged_tensor(t, slim.ckpt.get(f"model.layers.{i}.mlp.experts.{local[i][j]}.{proj}.weight"),
-                                      average)
-                    if proj == "gate_proj":
+                    t = merged_tensor(t, slim.ckpt.get(tn.expert_of(i, local[i][j], ref.proj)), average)
+                    if ref.proj == first_proj:
                         moved[i].append(j)
-            elif layer is not None and name == f"model.layers.{layer}.mlp.gate.weight":
+            elif ref.router:
                 if "router" in include and local[layer]:
                     rows = slim.ckpt.get(name)  # [kept, D]
                     t = t.clone()
@@ -108,9 +114,3 @@ def merge_back(slim_dir: Path, full_dir: Path, out_dir: Path, include: set[str] 
                   "parent_fingerprint": full.fingerprint, "emo_version": __version__}
         (tmp / "merge_metadata.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
-
-
-def _layer_order(name: str) -> tuple:
-    """Checkpoint order: non-layer tensors first, then layer by layer (numerically)."""
-    parts = name.split(".")
-    return (1, int(parts[2]), name) if name.startswith("model.layers.") else (0, 0, name)

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from emo_cli import __version__
 from emo_cli.arch.config import conforms
-from emo_cli.arch.emo import MoEObservation
+from emo_cli.arch.layers import MoEObservation
 from emo_cli.errors import EmoError
 from emo_cli.model.api import layout
 from emo_cli.model.distributed import world

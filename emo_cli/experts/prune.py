@@ -287,10 +287,10 @@ def _search_budget(req, profiles, model, tok, heldout, seq_len, plan_for):
 
 
 def _export(out: Path, gguf_path: Path, label: str, req: PruneRequest):
-    from emo_cli.arch.config import EmoConfig
+    from emo_cli.arch.registry import read_config
     from emo_cli.gguf.export import export_gguf, gguf_blocker
 
-    cfg = EmoConfig.from_file(out / "config.json")
+    _, cfg = read_config(out / "config.json")
     reason = gguf_blocker(cfg, out)
     if reason:
         ui.err.print(f"note: no GGUF written: {reason}", markup=False)

@@ -25,7 +25,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter, Keys
 from gguf.metadata import Metadata
 from gguf.quants import quant_shape_from_byte_shape
 
-from emo_cli.arch.config import EmoConfig
+from emo_cli.arch.emo import EmoConfig
 from emo_cli.errors import EmoError
 from emo_cli.experts.selection import Plan
 from emo_cli.gguf import layout as gf

@@ -81,14 +81,15 @@ def prune_to_dir(model_dir: Path, plan: Plan, out_dir: Path, force: bool = False
                 raise EmoError(f"plan drops the shared expert of layer {i}; shared experts are always kept")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with staged_dir(out_dir) as tmp:
-        dtype = ckpt.dtype("model.embed_tokens.weight")
+        names = files.names
+        dtype = ckpt.dtype(names.embed)
         writer = ShardWriter(tmp, shard_bytes=MAX_SHARD_BYTES)
-        names = ckpt.names()
         by_layer: dict[int, list[str]] = {}
         other = []
-        for n in names:
-            if n.startswith("model.layers."):
-                by_layer.setdefault(int(n.split(".")[2]), []).append(n)
+        for n in ckpt.names():
+            layer = names.parse(n).layer
+            if layer is not None:
+                by_layer.setdefault(layer, []).append(n)
             else:
                 other.append(n)
         for n in sorted(other):
@@ -96,14 +97,12 @@ def prune_to_dir(model_dir: Path, plan: Plan, out_dir: Path, force: bool = False
         for i in sorted(by_layer):
             keep = local_kept.get(i)
             for n in sorted(by_layer[i]):
-                parts = n.split(".")
-                if keep is not None and parts[3] == "mlp" and parts[4] == "gate":
+                ref = names.parse(n)
+                if keep is not None and ref.router:
                     writer.add(n, ckpt.get(n)[keep])  # [keep, D] router rows
-                elif keep is not None and parts[3] == "mlp" and parts[4] == "experts":
-                    j = int(parts[5])
-                    if j in keep:
-                        parts[5] = str(keep.index(j))
-                        writer.add(".".join(parts), ckpt.get(n))
+                elif keep is not None and ref.expert is not None:
+                    if ref.expert in keep:
+                        writer.add(names.renumbered(n, keep.index(ref.expert)), ckpt.get(n))
                 else:
                     writer.add(n, ckpt.get(n))
             if on_layer:
@@ -149,17 +148,12 @@ def expected_size(model_dir: Path, plan: Plan) -> tuple[int, int]:
         info = ckpt.headers[n]
         nbytes = info["data_offsets"][1] - info["data_offsets"][0]
         full += nbytes
-        parts = n.split(".")
-        if n.startswith("model.layers.") and parts[3] == "mlp" and parts[4] in ("gate", "experts"):
-            i = int(parts[2])
-            kept = plan.kept.get(i)
-            n_exp = files.config.layer_experts(i)
-            if kept is None or not n_exp:
-                slim += nbytes
-            elif parts[4] == "gate":
-                slim += nbytes * len(kept) // n_exp
-            else:
-                slim += nbytes * len(kept) // n_exp  # averaged over the layer's experts
+        ref = files.names.parse(n)
+        if ref.router or ref.expert is not None:
+            kept = plan.kept.get(ref.layer)
+            n_exp = files.config.layer_experts(ref.layer)
+            # a router loses rows; experts are counted as the layer's average expert
+            slim += nbytes if kept is None or not n_exp else nbytes * len(kept) // n_exp
         else:
             slim += nbytes
     return full, slim

@@ -33,7 +33,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf.metadata import Metadata
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
-from emo_cli.arch.config import EmoConfig
+from emo_cli.arch.emo import EmoConfig
+from emo_cli.arch.registry import architecture
 from emo_cli.errors import EmoError
 from emo_cli.gguf import layout as gf
 from emo_cli.model.bpe import CL100K_SPLIT
@@ -50,6 +51,9 @@ def gguf_blocker(config: EmoConfig, model_dir: Path | None = None) -> str | None
     `model_dir`, when given, also checks the tokenizer's pre-tokenization.
     """
     cfg = config
+    arch = architecture(cfg.model_type)
+    if arch.gguf_arch != gf.ARCH:
+        return f"model_type {cfg.model_type!r} has no GGUF mapping here (emo writes llama.cpp's {gf.ARCH!r})"
     moe = cfg.moe_layers()
     if not moe:
         return "the model has no MoE layer; llama.cpp's deepseek graph needs at least one"
@@ -234,40 +238,43 @@ def plan_tensors(files: HFModelFiles) -> list[_Planned]:
     def one(name, shape, load):
         return (name, tuple(shape), lambda qt: encode(load(), qt))
 
-    items = [one(gf.TOKEN_EMBD, ckpt.shape("model.embed_tokens.weight"), hf("model.embed_tokens.weight"))]
+    names = files.names
+    items = [one(gf.TOKEN_EMBD, ckpt.shape(names.embed), hf(names.embed))]
     for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}"
+        att = {role: names.in_layer(i, rel) for role, rel in names.attention.items()}
         items += [
-            one(gf.blk(i, gf.ATTN_NORM), (D,), hf(f"{p}.pre_attention_layernorm.weight")),
-            one(gf.blk(i, gf.ATTN_Q), (H * hd, D), permuted(f"{p}.self_attn.q_proj.weight", H)),
-            one(gf.blk(i, gf.ATTN_K), (Hkv * hd, D), permuted(f"{p}.self_attn.k_proj.weight", Hkv)),
-            one(gf.blk(i, gf.ATTN_V), (Hkv * hd, D), hf(f"{p}.self_attn.v_proj.weight")),
-            one(gf.blk(i, gf.ATTN_OUT), (D, H * hd), hf(f"{p}.self_attn.o_proj.weight")),
-            one(gf.blk(i, gf.FFN_NORM), (D,), hf(f"{p}.pre_feedforward_layernorm.weight")),
+            one(gf.blk(i, gf.ATTN_NORM), (D,), hf(att["attn_norm"])),
+            one(gf.blk(i, gf.ATTN_Q), (H * hd, D), permuted(att["q"], H)),
+            one(gf.blk(i, gf.ATTN_K), (Hkv * hd, D), permuted(att["k"], Hkv)),
+            one(gf.blk(i, gf.ATTN_V), (Hkv * hd, D), hf(att["v"])),
+            one(gf.blk(i, gf.ATTN_OUT), (D, H * hd), hf(att["o"])),
+            one(gf.blk(i, gf.FFN_NORM), (D,), hf(att["ffn_norm"])),
         ]
         n = cfg.layer_experts(i)
         if n == 0:
             Fd = cfg.dense_intermediate_size
-            items += [one(gf.blk(i, gf.FFN_GATE), (Fd, D), hf(f"{p}.mlp.gate_proj.weight")),
-                      one(gf.blk(i, gf.FFN_UP), (Fd, D), hf(f"{p}.mlp.up_proj.weight")),
-                      one(gf.blk(i, gf.FFN_DOWN), (D, Fd), hf(f"{p}.mlp.down_proj.weight"))]
+            dense = {role: names.in_layer(i, rel) for role, rel in names.dense.items()}
+            items += [one(gf.blk(i, gf.FFN_GATE), (Fd, D), hf(dense["gate"])),
+                      one(gf.blk(i, gf.FFN_UP), (Fd, D), hf(dense["up"])),
+                      one(gf.blk(i, gf.FFN_DOWN), (D, Fd), hf(dense["down"]))]
             continue
         ns = cfg.layer_shared(i)
         er = n - ns  # routed experts are 0..er-1; the shared one (if any) is the last index
-        router = f"{p}.mlp.gate.weight"
+        router = names.router_of(i)
         if ckpt.shape(router) != (n, D):
             raise EmoError(f"{files.dir}: {router} has shape {ckpt.shape(router)}, expected {(n, D)}")
         items.append(one(gf.blk(i, gf.FFN_GATE_INP), (er, D), lambda r=router, e=er: ckpt.get(r)[:e].float().numpy()))
-        for gname, proj, shape in ((gf.FFN_GATE_EXPS, "gate_proj", (F, D)), (gf.FFN_UP_EXPS, "up_proj", (F, D)),
-                                   (gf.FFN_DOWN_EXPS, "down_proj", (D, F))):
-            loaders = [hf(f"{p}.mlp.experts.{j}.{proj}.weight") for j in range(er)]
+        projs = names.expert_projs
+        for gname, ours, shape in ((gf.FFN_GATE_EXPS, "w_gate", (F, D)), (gf.FFN_UP_EXPS, "w_up", (F, D)),
+                                   (gf.FFN_DOWN_EXPS, "w_down", (D, F))):
+            loaders = [hf(names.expert_of(i, j, projs[ours])) for j in range(er)]
             items.append((gf.blk(i, gname), (er, *shape), lambda qt, L=loaders: _stack(L, qt)))
-        for gname, proj, shape in ((gf.FFN_GATE_SHEXP, "gate_proj", (F, D)), (gf.FFN_UP_SHEXP, "up_proj", (F, D)),
-                                   (gf.FFN_DOWN_SHEXP, "down_proj", (D, F))):
-            load = hf(f"{p}.mlp.experts.{er}.{proj}.weight") if ns else (lambda s=shape: np.zeros(s, np.float32))
+        for gname, ours, shape in ((gf.FFN_GATE_SHEXP, "w_gate", (F, D)), (gf.FFN_UP_SHEXP, "w_up", (F, D)),
+                                   (gf.FFN_DOWN_SHEXP, "w_down", (D, F))):
+            load = hf(names.expert_of(i, er, projs[ours])) if ns else (lambda s=shape: np.zeros(s, np.float32))
             items.append(one(gf.blk(i, gname), shape, load))
-    items += [one(gf.OUTPUT_NORM, (D,), hf("model.norm.weight")),
-              one(gf.OUTPUT, ckpt.shape("lm_head.weight"), hf("lm_head.weight"))]
+    items += [one(gf.OUTPUT_NORM, (D,), hf(names.final_norm)),
+              one(gf.OUTPUT, ckpt.shape(names.lm_head), hf(names.lm_head))]
     return [_Planned(name, shape, QT.F32, build) for name, shape, build in items]
 
 
@@ -334,7 +341,7 @@ def add_metadata(w: GGUFWriter, files: HFModelFiles, file_type: int, quantized: 
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_rope_dimension_count(cfg.head_dim)
-    w.add_vocab_size(files.ckpt.shape("model.embed_tokens.weight")[0])
+    w.add_vocab_size(files.ckpt.shape(files.names.embed)[0])
     w.add_expert_count(n - ns)
     w.add_expert_used_count(min(cfg.num_experts_per_tok, n) - ns)
     w.add_expert_shared_count(1)  # deepseek requires a shexp; zero-filled when ns == 0
@@ -358,7 +365,7 @@ def _source_base(files: HFModelFiles) -> QT:
     """Lossless intermediate precision for llama.cpp's K-quants: the checkpoint's own float type."""
     import torch
 
-    dt = files.ckpt.dtype("model.embed_tokens.weight")
+    dt = files.ckpt.dtype(files.names.embed)
     return {torch.bfloat16: QT.BF16, torch.float16: QT.F16}.get(dt, QT.F32)
 
 

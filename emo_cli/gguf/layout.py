@@ -25,7 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import Keys, LlamaFileType
 
-from emo_cli.arch.config import EmoConfig
+from emo_cli.arch.emo import EmoConfig
 from emo_cli.errors import EmoError
 from emo_cli.gguf.reader import GGUFFile
 

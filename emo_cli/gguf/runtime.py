@@ -45,8 +45,8 @@ from gguf import Keys, TokenType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from emo_cli.arch.config import EmoConfig
-from emo_cli.arch.emo import DEFAULT_ACTIVATION_BUDGET, KVCache, MoEObservation, Observer, causal_attention
+from emo_cli.arch.emo import EmoConfig
+from emo_cli.arch.layers import DEFAULT_ACTIVATION_BUDGET, KVCache, MoEObservation, Observer, causal_attention
 from emo_cli.arch.routing import RoutingSpec, route
 from emo_cli.errors import EmoError
 from emo_cli.gguf import layout as gf

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from emo_cli.arch.config import EmoConfig
-from emo_cli.arch.emo import EmoForCausalLM, MoEBlock
+from emo_cli.arch.emo import EmoConfig
+from emo_cli.arch.emo import EmoForCausalLM
+from emo_cli.arch.layers import MoEBlock
 from emo_cli.arch.routing import routed_mask
 from emo_cli.data.documents import Document
 from emo_cli.errors import EmoError

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
-from emo_cli.arch.config import EmoConfig
-from emo_cli.arch.emo import KVCache, Observer
+from emo_cli.arch.emo import EmoConfig
+from emo_cli.arch.layers import KVCache, Observer
 
 if TYPE_CHECKING:
     from emo_cli.model.memory import MemoryPlan

@@ -1,9 +1,6 @@
 """Hugging Face checkpoint files: lazy, memory-mapped reading of (sharded) safetensors, and
-streaming writing of shards plus index. Weights are never unpickled.
-
-Name mapping between the released per-expert HF names and emo's stacked per-layer tensors:
-  model.layers.N.mlp.experts.J.{gate,up,down}_proj.weight  <->  layers.N.mlp.w_{gate,up,down}[j]
-  model.layers.N.mlp.gate.weight                              <->  layers.N.mlp.router
+streaming writing of shards plus index. Weights are never unpickled. The names are the
+architecture's (arch/spec.py TensorNames): experts one tensor each on disk, stacked per layer in emo.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -26,8 +22,6 @@ from emo_cli.outputs import follow_umask
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 # numpy carriers of the same width: bf16 has no numpy dtype, so it travels as uint16 and is
 # reinterpreted by torch (a view, no copy)
@@ -254,11 +248,11 @@ class ShardWriter:
         (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
-def write_moe_layer(writer: ShardWriter, layer: int, router, w_gate, w_up, w_down) -> None:
-    """Unstack one MoE layer into the released per-expert names."""
-    p = f"model.layers.{layer}.mlp"
-    writer.add(f"{p}.gate.weight", router)
+def write_moe_layer(writer: ShardWriter, names, layer: int, router, w_gate, w_up, w_down) -> None:
+    """Unstack one MoE layer (router [E, D], w_gate/w_up [E, F, D], w_down [E, D, F]) into the
+    checkpoint's per-expert names (`names`: the architecture's TensorNames)."""
+    writer.add(names.router_of(layer), router)
+    stacked = {"w_gate": w_gate, "w_up": w_up, "w_down": w_down}
     for j in range(router.shape[0]):
-        writer.add(f"{p}.experts.{j}.gate_proj.weight", w_gate[j])
-        writer.add(f"{p}.experts.{j}.up_proj.weight", w_up[j])
-        writer.add(f"{p}.experts.{j}.down_proj.weight", w_down[j])
+        for ours, proj in names.expert_projs.items():
+            writer.add(names.expert_of(layer, j, proj), stacked[ours][j])

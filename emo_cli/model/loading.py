@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from emo_cli.arch.config import EmoConfig
-from emo_cli.arch.emo import Block, EmoForCausalLM, MoEBlock
+from emo_cli.arch.emo import EmoConfig, EmoForCausalLM
+from emo_cli.arch.layers import MoEBlock
+from emo_cli.arch.registry import architecture, read_config
+from emo_cli.arch.spec import Architecture, TensorNames
 from emo_cli.errors import EmoError
 from emo_cli.model.checkpoint import SafetensorsCheckpoint, ShardWriter, write_moe_layer
 
@@ -25,7 +27,6 @@ ASSETS = Path(__file__).parent.parent / "assets"
 # The models shipped inside the package, usable by name wherever a MODEL is accepted (a local
 # file or directory of the same name wins): try emo without the 14B download.
 EMBEDDED_MODELS = {"tiny-emo": ASSETS / "tiny-emo", "tiny-stdmoe": ASSETS / "tiny-stdmoe"}
-EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -89,6 +90,11 @@ class HFModelFiles:
     config: EmoConfig
     config_text: str
     ckpt: SafetensorsCheckpoint
+    arch: Architecture
+
+    @property
+    def names(self) -> TensorNames:
+        return self.arch.names
 
     @property
     def fingerprint(self) -> str:
@@ -100,16 +106,17 @@ def open_hf_dir(path: Path) -> HFModelFiles:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise EmoError(f"{path}: missing config.json (not a Hugging Face model directory)")
-    cfg = EmoConfig.from_file(cfg_path)
+    arch, cfg = read_config(cfg_path)
     text = cfg_path.read_text(encoding="utf-8")
     ckpt = SafetensorsCheckpoint(path)
-    if "model.embed_tokens.weight" not in ckpt.headers:
-        raise EmoError(f"{path}: checkpoint has no model.embed_tokens.weight")
-    vocab, hidden = ckpt.shape("model.embed_tokens.weight")
+    embed = arch.names.embed
+    if embed not in ckpt.headers:
+        raise EmoError(f"{path}: checkpoint has no {embed}")
+    vocab, hidden = ckpt.shape(embed)
     if hidden != cfg.hidden_size:
-        raise EmoError(f"{path}: embed_tokens has width {hidden} but hidden_size is {cfg.hidden_size}")
+        raise EmoError(f"{path}: {embed} has width {hidden} but hidden_size is {cfg.hidden_size}")
     cfg.vocab_size = vocab  # the tensor decides (released configs may disagree)
-    return HFModelFiles(path, cfg, text, ckpt)
+    return HFModelFiles(path, cfg, text, ckpt, arch)
 
 
 def default_dtype(device: str, ckpt_dtype: torch.dtype) -> torch.dtype:
@@ -171,21 +178,19 @@ def read_weight(files: HFModelFiles, name: str, shape: tuple[int, ...], device, 
     return t.to(device=device, dtype=dtype, copy=True)
 
 
-def layer_sources(files: HFModelFiles, i: int, block: Block) -> list[tuple[str, str, tuple[int, ...], int | None]]:
+def layer_sources(files: HFModelFiles, i: int, block) -> list[tuple[str, str, tuple[int, ...], int | None]]:
     """Where every parameter of layer i comes from: (checkpoint name, parameter name, shape, expert
     row of a stacked tensor or None), checked against the safetensors headers alone."""
-    ckpt = files.ckpt
+    ckpt, names = files.ckpt, files.names
     expected = {n: tuple(p.shape) for n, p in block.named_parameters()}
-    p = f"model.layers.{i}"
     moe = isinstance(block.mlp, MoEBlock)
-    out = [(f"{p}.{n}", n, shape, None) for n, shape in expected.items()  # names mirror HF below the prefix
+    out = [(names.in_layer(i, n), n, shape, None) for n, shape in expected.items()
            if not (moe and n.startswith("mlp."))]
     if moe:
         E = block.mlp.spec.num_experts
-        out.append((f"{p}.mlp.gate.weight", "mlp.router", expected["mlp.router"], None))
-        for ours, proj in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-            out += [(f"{p}.mlp.experts.{j}.{proj}.weight", f"mlp.{ours}", expected[f"mlp.{ours}"][1:], j)
-                    for j in range(E)]
+        out.append((names.router_of(i), "mlp.router", expected["mlp.router"], None))
+        for ours, proj in names.expert_projs.items():
+            out += [(names.expert_of(i, j, proj), f"mlp.{ours}", expected[f"mlp.{ours}"][1:], j) for j in range(E)]
     for name, ours, shape, row in out:
         if name not in ckpt.headers:
             raise EmoError(f"{files.dir}: checkpoint has no tensor {name}")
@@ -205,21 +210,21 @@ def check_checkpoint(files: HFModelFiles) -> None:
     cfg = files.config
     with torch.device("meta"):
         for i in range(cfg.num_hidden_layers):
-            layer_sources(files, i, Block(cfg, i))
+            layer_sources(files, i, files.arch.block_class(cfg, i))
     D, V = cfg.hidden_size, cfg.vocab_size
-    for name, shape in ((FINAL_NORM, (D,)), (LM_HEAD, (V, D))):
+    for name, shape in ((files.names.final_norm, (D,)), (files.names.lm_head, (V, D))):
         if name not in files.ckpt.headers:
             raise EmoError(f"{files.dir}: checkpoint has no tensor {name}")
         if files.ckpt.shape(name) != shape:
             raise EmoError(f"{files.dir}: tensor {name} has shape {files.ckpt.shape(name)}, expected {shape}")
 
 
-def load_block(files: HFModelFiles, i: int, device, dtype: torch.dtype, expert_ids: list[int] | None) -> Block:
+def load_block(files: HFModelFiles, i: int, device, dtype: torch.dtype, expert_ids: list[int] | None):
     """Decoder layer i from the checkpoint: the unit a streamed pass holds at a time. Each expert
     is copied (and converted) straight from the map into its row of the stacked tensors, so
     loading never holds a second copy of the layer."""
     with torch.device("meta"):
-        block = Block(files.config, i)
+        block = files.arch.block_class(files.config, i)
     sources = layer_sources(files, i, block)
     params = dict(block.named_parameters())
     state: dict[str, torch.Tensor] = {}
@@ -242,17 +247,19 @@ def load_hf_model(path: Path, device: str = "cpu", dtype: torch.dtype | None = N
     """The whole model resident on `device`, no memory planning (runtime.load_model plans)."""
     files = open_hf_dir(path)
     device = check_device(device)
-    return load_resident(files, device, dtype or default_dtype(device, files.ckpt.dtype(EMBED))), files
+    return load_resident(files, device, dtype or default_dtype(device, files.ckpt.dtype(files.names.embed))), files
 
 
 def load_resident(files: HFModelFiles, device: str, dtype: torch.dtype) -> EmoForCausalLM:
     """The whole model resident on `device` (see model/streaming.py for one layer at a time)."""
     cfg = files.config
     with torch.device("meta"):
-        model = EmoForCausalLM(cfg)
+        model = files.arch.model_class(cfg)
     ids = source_expert_ids(files.dir, cfg)
     model.layers = torch.nn.ModuleList(load_block(files, i, device, dtype, ids[i]) for i in range(cfg.num_hidden_layers))
-    for name, module in ((EMBED, model.embed_tokens), (FINAL_NORM, model.norm), (LM_HEAD, model.lm_head)):
+    names = files.names
+    for name, module in ((names.embed, model.embed_tokens), (names.final_norm, model.norm),
+                         (names.lm_head, model.lm_head)):
         module.weight = torch.nn.Parameter(read_weight(files, name, module.weight.shape, device, dtype), requires_grad=False)
     model.requires_grad_(False)
     model.eval()
@@ -276,32 +283,24 @@ def save_hf_model(model: EmoForCausalLM, out_dir: Path, dtype: torch.dtype | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     w = ShardWriter(out_dir, shard_bytes=shard_bytes, dtype=dtype)
-    w.add("model.embed_tokens.weight", model.embed_tokens.weight)
+    arch = architecture(cfg.model_type)
+    names = arch.names
+    w.add(names.embed, model.embed_tokens.weight)
     for i, block in enumerate(model.layers):
-        p = f"model.layers.{i}"
-        w.add(f"{p}.pre_attention_layernorm.weight", block.pre_attention_layernorm.weight)
-        w.add(f"{p}.pre_feedforward_layernorm.weight", block.pre_feedforward_layernorm.weight)
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = getattr(block.self_attn, proj)
-            w.add(f"{p}.self_attn.{proj}.weight", lin.weight)
-            if lin.bias is not None:
-                w.add(f"{p}.self_attn.{proj}.bias", lin.bias)
-        if isinstance(block.mlp, MoEBlock):
+        moe = isinstance(block.mlp, MoEBlock)
+        for n, t in block.named_parameters():
+            if not (moe and n.startswith("mlp.")):
+                w.add(names.in_layer(i, n), t)
+        if moe:
             m = block.mlp
-            write_moe_layer(w, i, m.router, m.w_gate, m.w_up, m.w_down)
-        else:
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                lin = getattr(block.mlp, proj)
-                w.add(f"{p}.mlp.{proj}.weight", lin.weight)
-                if lin.bias is not None:
-                    w.add(f"{p}.mlp.{proj}.bias", lin.bias)
-    w.add("model.norm.weight", model.norm.weight)
-    w.add("lm_head.weight", model.lm_head.weight)
+            write_moe_layer(w, names, i, m.router, m.w_gate, m.w_up, m.w_down)
+    w.add(names.final_norm, model.norm.weight)
+    w.add(names.lm_head, model.lm_head.weight)
     w.close()
     d = cfg.to_dict()
     d["vocab_size"] = model.embed_tokens.weight.shape[0]
     d["torch_dtype"] = str(dtype or model.dtype).replace("torch.", "")
-    d.setdefault("architectures", ["EmoForCausalLM"])
+    d.setdefault("architectures", arch.hf_architectures)
     (out_dir / "config.json").write_text(json.dumps(d, indent=2) + "\n")
     if tokenizer_dir is not None:
         copy_tokenizer_files(Path(tokenizer_dir), out_dir)

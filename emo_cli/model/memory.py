@@ -24,23 +24,21 @@ CPUs, but it runs); otherwise one line says what it needs and what there is.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from emo_cli.arch.emo import MOE_CHUNK_TOKENS
+from emo_cli.arch.layers import MOE_CHUNK_TOKENS
 from emo_cli.errors import EmoError
 from emo_cli.model.api import HEAD_CHUNK_BYTES
-from emo_cli.model.loading import EMBED, FINAL_NORM, LM_HEAD, HFModelFiles, default_dtype
+from emo_cli.model.loading import HFModelFiles, default_dtype
 
 GiB = 1024**3
 RUNTIME_BYTES = int(0.75 * GiB)  # python + torch + datasets + tokenizers, measured idle at ~0.6 GiB
 HIDDEN_STORE_CAP = 4 * GiB  # hidden states kept in memory at most; more spills to a file
 HIDDEN_STORE_FLOOR = 64 * 1024**2
 MODES = ("auto", "on", "off")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -97,12 +95,13 @@ def weight_counts(files: HFModelFiles) -> WeightCounts:
         for s in ckpt.shape(name):
             n *= int(s)
         total += n
-        m = _LAYER.match(name)
-        if m:
-            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + n
+        layer = files.names.parse(name).layer
+        if layer is not None:
+            per_layer[layer] = per_layer.get(layer, 0) + n
     size = lambda name: int(torch.Size(ckpt.shape(name)).numel()) if name in ckpt.headers else 0  # noqa: E731
     return WeightCounts(total=total, largest_layer=max(per_layer.values(), default=0),
-                        head=size(FINAL_NORM) + size(LM_HEAD), embed=size(EMBED))
+                        head=size(files.names.final_norm) + size(files.names.lm_head),
+                        embed=size(files.names.embed))
 
 
 def available_memory(device: str) -> int:
@@ -162,7 +161,7 @@ def _plan(files: HFModelFiles, counts: WeightCounts, dtype: torch.dtype, streami
 
 def _candidates(files: HFModelFiles, device: str, dtype: torch.dtype | None, streaming: str, work: Workload):
     """(dtype, streaming) pairs in order of preference."""
-    ckpt_dtype = files.ckpt.dtype(EMBED)
+    ckpt_dtype = files.ckpt.dtype(files.names.embed)
     first = dtype or default_dtype(device, ckpt_dtype)
     dtypes = [first] if dtype is not None or ckpt_dtype not in (torch.bfloat16, torch.float16) else \
         list(dict.fromkeys([first, ckpt_dtype]))

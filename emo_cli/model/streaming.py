@@ -20,11 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from emo_cli.arch.emo import KVCache, Observer, RMSNorm, rope_for, run_blocks
+from emo_cli.arch.layers import KVCache, Observer, RMSNorm, rope_for, run_blocks
 from emo_cli.model.loading import (
-    EMBED,
-    FINAL_NORM,
-    LM_HEAD,
     HFModelFiles,
     check_checkpoint,
     load_block,
@@ -57,7 +54,7 @@ class StreamedModel:
         return [list(x) if x is not None else None for x in self._ids]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.files.ckpt.view(EMBED)[input_ids.cpu()]  # [B, S, D] gathered from the map
+        rows = self.files.ckpt.view(self.files.names.embed)[input_ids.cpu()]  # [B, S, D] gathered from the map
         return rows.to(device=self._device, dtype=self.dtype)
 
     def run_layers(self, h: torch.Tensor, start: int, stop: int, masks: dict | None = None,
@@ -88,9 +85,9 @@ class StreamedModel:
         def load():
             block = load_block(self.files, i, self._device, self.dtype, self._ids[i])
             if i + 1 < self.num_layers:
-                self.files.ckpt.prefetch(f"model.layers.{i + 1}.")
+                self.files.ckpt.prefetch(self.files.names.in_layer(i + 1, ""))
             else:
-                self.files.ckpt.prefetch(LM_HEAD)
+                self.files.ckpt.prefetch(self.files.names.lm_head)
             return block
 
         return self._resident(("layer", i), load)
@@ -98,6 +95,6 @@ class StreamedModel:
     def _load_head(self):
         D, V = self.config.hidden_size, self.config.vocab_size
         norm = RMSNorm(D, self.config.rms_norm_eps)
-        norm.weight = torch.nn.Parameter(read_weight(self.files, FINAL_NORM, (D,), self._device, self.dtype),
+        norm.weight = torch.nn.Parameter(read_weight(self.files, self.files.names.final_norm, (D,), self._device, self.dtype),
                                          requires_grad=False)
-        return norm, read_weight(self.files, LM_HEAD, (V, D), self._device, self.dtype)
+        return norm, read_weight(self.files, self.files.names.lm_head, (V, D), self._device, self.dtype)

@@ -34,12 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from emo_cli import __version__
-from emo_cli.arch.config import EmoConfig
+from emo_cli.arch.emo import EmoConfig
 from emo_cli.arch.emo import EmoForCausalLM
 from emo_cli.data.documents import Document, data_hash, heldout_split, read_documents
 from emo_cli.errors import EmoError
 from emo_cli.model.loading import (
-    EMBED,
     copy_support_files,
     load_resident,
     open_hf_dir,
@@ -379,7 +378,7 @@ def finetune(model_dir: Path, data: list[str], out: Path, s: FinetuneSettings, *
     cfg = files.config
     seq_len = min(s.seq_len, cfg.max_position_embeddings)
     check_output(out, resume, force)
-    save_dtype = files.ckpt.dtype(EMBED)
+    save_dtype = files.ckpt.dtype(files.names.embed)
     frozen_bf16 = precision == "bf16" and save_dtype == torch.bfloat16  # casting them is lossless only then
     need = memory_estimate(cfg, s.freeze, precision, s.micro_batch, seq_len, frozen_bytes=2 if frozen_bf16 else 4)
     have = available_memory(device)

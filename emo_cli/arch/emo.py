@@ -83,9 +83,9 @@ class EmoConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "EmoConfig":
         if not isinstance(raw, dict):
             raise EmoError(f"config.json holds a JSON {type(raw).__name__}, not an object")
-        if raw.get("model_type") != MODEL_TYPE:
+        if raw.get("model_type") != cls.model_type:  # a subclass may name its own variant
             raise EmoError(f"unsupported model_type {raw.get('model_type')!r} in config.json (emo runs EMO models: "
-                           f"model_type 'emo')")
+                           f"model_type '{cls.model_type}')")
         kwargs, extra = typed_fields(cls, raw)
         cfg = cls(**kwargs, extra=extra)
         cfg.validate()

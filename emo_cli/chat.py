@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from emo_cli.arch.registry import read_config
 from emo_cli.errors import EmoError
 from emo_cli.model.generate import EmoEngine, Engine, GenerationStats, SamplingParams, TextStream, generate
 from emo_cli.model.loading import is_gguf, resolve_model_path
@@ -65,10 +64,11 @@ def open_model(spec: str, backend: str = "auto", device: str = "auto", threads: 
         raise EmoError("--backend cpu runs GGUF files (weights stay quantized); export with `emo export` "
                        "first, or use --backend auto for this HF directory")
     from emo_cli.model.memory import Workload
-    from emo_cli.runtime import load_model
+    from emo_cli.runtime import load_model, open_model
 
-    ctx = None if gguf else int(read_config(Path(path) / "config.json")[1].max_position_embeddings)
-    lm = load_model(path, device=device, backend=chosen, what="chat",
+    opened = open_model(path)
+    ctx = None if gguf else int(opened.config.max_position_embeddings)
+    lm = load_model(opened, device=device, backend=chosen, what="chat",
                     workload=Workload(batch_size=1, seq_len=ctx or 1, kv_tokens=ctx or 0, streamable=False))
     if not gguf:
         for blk in lm.model.moe_blocks().values():

@@ -25,7 +25,7 @@ from emo_cli.experts.selection import METHODS, Budget, Plan, domain_coverage, la
 from emo_cli.experts.slim_hf import expected_size, prune_to_dir
 from emo_cli.gguf.export import check_quant
 from emo_cli.model.distributed import world
-from emo_cli.model.loading import is_gguf, open_hf_dir, resolve_model_path
+from emo_cli.model.loading import is_gguf, resolve_model_path
 from emo_cli.outputs import check_outputs, remove_stale
 from emo_cli.workspace import read_state, resolve_default_model, update_state
 
@@ -87,7 +87,7 @@ def _load_profiles(req: PruneRequest, state: dict) -> tuple[list[Profile], str]:
 
 def run_prune(req: PruneRequest) -> dict:
     from emo_cli.model.memory import Workload
-    from emo_cli.runtime import load_model
+    from emo_cli.runtime import load_model, open_model
 
     state = read_state()
     profiles, stem = _load_profiles(req, state)
@@ -103,14 +103,15 @@ def run_prune(req: PruneRequest) -> dict:
     spec = req.model or os.environ.get("EMO_MODEL") or profiles[0].meta["model"].get("spec") or state.get("model")
     spec = resolve_default_model(spec)
     path = resolve_model_path(spec)
+    opened = open_model(path)  # the command's one handle on the model: everything below takes it
     source = files = None
     if is_gguf(path):
-        source = slim_gguf.open_source(path)
+        source = slim_gguf.open_source(opened)
         fingerprints, described = source.fingerprints, source.describe()
         out, gguf_path = None, slim_gguf.output_path(req.output, req.gguf, req.no_gguf, stem)
         slim_gguf.check_quant(source, req.quant)
     else:
-        files = open_hf_dir(path)
+        files = opened
         fingerprints, described = (files.fingerprint,), f"{spec} ({files.fingerprint})"
         out = Path(req.output or f"slim-{stem}")
         gguf_path = None if req.no_gguf else Path(req.gguf or f"{out}.gguf")
@@ -133,7 +134,7 @@ def run_prune(req: PruneRequest) -> dict:
     lm = None
     if needs_model:
         settings = profiles[0].meta["settings"]
-        lm = load_model(str(path), device=world().device(req.device), dtype=req.dtype, streaming=req.streaming,
+        lm = load_model(opened, device=world().device(req.device), dtype=req.dtype, streaming=req.streaming,
                         max_memory=req.max_memory, workload=Workload(settings["batch_size"], settings["seq_len"],
                                                                       passes=_weight_passes(req)),
                         what="pruning with held-out reports")
@@ -157,7 +158,7 @@ def run_prune(req: PruneRequest) -> dict:
     else:
         plan = plan_for(budget)
     # a GGUF takes only plans it can hold (one expert count): refused before any evaluation
-    full_bytes, slim_bytes = slim_gguf.expected_size(source, plan) if source else expected_size(path, plan)
+    full_bytes, slim_bytes = slim_gguf.expected_size(source, plan) if source else expected_size(files, plan)
     report = {"model": spec, "output": str(out or gguf_path), "method": plan.method, "budget": plan.budget,
               "allocation": plan.allocation, "kept_per_layer": {str(k): len(v) for k, v in plan.kept.items()},
               "bytes_before": full_bytes, "bytes_after": slim_bytes, "bytes_saved": full_bytes - slim_bytes,
@@ -198,7 +199,7 @@ def run_prune(req: PruneRequest) -> dict:
         slim = stage / out.name  # the final name: the GGUF takes its model name from it
         with ui.progress(disable=req.quiet) as prog:
             task = prog.add_task(f"writing {out} · layers", total=files.config.num_hidden_layers, bytes=0)
-            prune_to_dir(path, plan, slim, extra_meta=extra_meta, source_name=spec,
+            prune_to_dir(files, plan, slim, extra_meta=extra_meta, source_name=spec,
                          on_layer=lambda _i, nbytes: prog.update(task, advance=1, bytes=nbytes))
         plan.save(slim / "plan.json")
         write_model_card(slim, report, path, req.command)  # the GGUF export reads base model and license here
@@ -287,17 +288,17 @@ def _search_budget(req, profiles, model, tok, heldout, seq_len, plan_for):
 
 
 def _export(out: Path, gguf_path: Path, label: str, req: PruneRequest):
-    from emo_cli.arch.registry import read_config
     from emo_cli.gguf.export import export_gguf, gguf_blocker
+    from emo_cli.model.loading import open_hf_dir
 
-    _, cfg = read_config(out / "config.json")
-    reason = gguf_blocker(cfg, out)
+    slim = open_hf_dir(out)
+    reason = gguf_blocker(slim.config, out)
     if reason:
         ui.err.print(f"note: no GGUF written: {reason}", markup=False)
         return {"skipped": reason}
     with ui.progress(disable=req.quiet) as prog:
         task = prog.add_task(f"exporting {label} · tensors", total=None, bytes=0)
-        export_gguf(out, gguf_path, quant=req.quant or "f16", force=True,
+        export_gguf(slim, gguf_path, quant=req.quant or "f16", force=True,
                     progress=lambda stage, done, total, nbytes: prog.update(
                         task, completed=done, total=total, bytes=nbytes, description=f"{stage} {label} · tensors"))
     return {"path": str(gguf_path), "quant": req.quant or "f16", "bytes": gguf_path.stat().st_size}

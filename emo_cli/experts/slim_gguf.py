@@ -21,7 +21,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, Keys
+from gguf import GGUFValueType, GGUFWriter, Keys
 from gguf.metadata import Metadata
 from gguf.quants import quant_shape_from_byte_shape
 
@@ -30,6 +30,7 @@ from emo_cli.errors import EmoError
 from emo_cli.experts.selection import Plan
 from emo_cli.gguf import layout as gf
 from emo_cli.gguf.export import add_provenance
+from emo_cli.gguf.reader import GGUFFile
 from emo_cli.outputs import check_outputs, write_atomic
 
 Progress = Callable[[int, int, int], None]  # (tensors done, total, bytes written)
@@ -43,7 +44,7 @@ KEPT_GENERAL = (Keys.General.LICENSE, Keys.General.LICENSE_NAME, Keys.General.LI
 @dataclass
 class GGUFSource:
     path: Path
-    reader: GGUFReader
+    reader: GGUFFile
     config: EmoConfig
     fingerprint: str
     exported_from: str | None  # emo.source_fingerprint: the HF directory the file was exported from
@@ -64,9 +65,10 @@ class GGUFSource:
         return f"{self.path} (fingerprint {self.fingerprint}{via})"
 
 
-def open_source(path: Path) -> GGUFSource:
-    path = Path(path)
-    reader = gf.open_reader(path)
+def open_source(file: Path | GGUFFile) -> GGUFSource:
+    """A GGUF file (its path, or a command's opened reader) as the source of a slim GGUF."""
+    reader = file if isinstance(file, GGUFFile) else gf.open_reader(Path(file))
+    path = reader.path
     cfg = gf.config_from_gguf(reader, path)
     if not cfg.moe_layers():
         raise EmoError(f"{path} has no MoE layer: there are no experts to prune")
@@ -181,7 +183,7 @@ def expected_size(source: GGUFSource, plan: Plan) -> tuple[int, int]:
     return full, slim
 
 
-def _copy_field(w: GGUFWriter, reader: GGUFReader, key: str) -> None:
+def _copy_field(w: GGUFWriter, reader: GGUFFile, key: str) -> None:
     f = reader.get_field(key)
     value, types = gf.field(reader, key), f.types
     if types[0] == GGUFValueType.ARRAY:
@@ -193,7 +195,7 @@ def _copy_field(w: GGUFWriter, reader: GGUFReader, key: str) -> None:
         w.add_key_value(key, value, types[0])
 
 
-def _general(w: GGUFWriter, reader: GGUFReader, name: str, tensors: list, expert_count: int) -> None:
+def _general(w: GGUFWriter, reader: GGUFFile, name: str, tensors: list, expert_count: int) -> None:
     """general.* as `add_general` writes them for the slim directory `name`: name, basename... by
     gguf-py's heuristics from the name, the model card's tags and license, and the size label counted
     the converter's way. The source's identity (its name, URLs, base models) is not the slim model's:

@@ -16,7 +16,7 @@ from emo_cli import __version__
 from emo_cli.errors import EmoError
 from emo_cli.experts.selection import Plan
 from emo_cli.model.checkpoint import ShardWriter
-from emo_cli.model.loading import copy_support_files, open_hf_dir, source_expert_ids
+from emo_cli.model.loading import HFModelFiles, copy_support_files, open_hf_dir, source_expert_ids
 from emo_cli.outputs import staged_dir
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' max_shard_size="5GB", as the released checkpoints are sharded
@@ -49,12 +49,13 @@ def slim_config(cfg, plan: Plan, local_kept: dict[int, list[int]]) -> dict:
     return d
 
 
-def prune_to_dir(model_dir: Path, plan: Plan, out_dir: Path, force: bool = False, extra_meta: dict | None = None,
-                 on_layer=None, source_name: str | None = None) -> Path:
+def prune_to_dir(model: HFModelFiles | Path, plan: Plan, out_dir: Path, force: bool = False,
+                 extra_meta: dict | None = None, on_layer=None, source_name: str | None = None) -> Path:
     """Write the slim model described by `plan` into `out_dir` (temporary name, renamed when done);
-    `on_layer(layer, bytes_written)` is called after each layer."""
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    files = open_hf_dir(model_dir)
+    `model` is the source, opened (a command's handle) or a directory; `on_layer(layer,
+    bytes_written)` is called after each layer."""
+    files = model if isinstance(model, HFModelFiles) else open_hf_dir(model)
+    model_dir, out_dir = files.dir, Path(out_dir)
     cfg, ckpt = files.config, files.ckpt
     if plan.model_fingerprint != files.fingerprint:
         raise EmoError(f"the plan was made for model {plan.model_fingerprint}, not {model_dir} ({files.fingerprint})")
@@ -139,9 +140,9 @@ def prune_to_dir(model_dir: Path, plan: Plan, out_dir: Path, force: bool = False
     return out_dir
 
 
-def expected_size(model_dir: Path, plan: Plan) -> tuple[int, int]:
+def expected_size(model: HFModelFiles | Path, plan: Plan) -> tuple[int, int]:
     """(bytes of the source checkpoint, bytes the slim one will have), from tensor headers."""
-    files = open_hf_dir(model_dir)
+    files = model if isinstance(model, HFModelFiles) else open_hf_dir(model)
     ckpt = files.ckpt
     full = slim = 0
     for n in ckpt.names():

@@ -460,9 +460,9 @@ def _c_output_captured():
             text.append(f.read().decode(errors="replace"))
 
 
-def export_gguf(model_dir: Path, out: Path, quant: str = "f16", provenance: dict | None = None,
+def export_gguf(model: HFModelFiles | Path, out: Path, quant: str = "f16", provenance: dict | None = None,
                 force: bool = False, progress: Progress | None = None) -> dict:
-    """Write the HF EMO directory `model_dir` as a GGUF file llama.cpp runs exactly.
+    """Write the HF EMO directory `model` (opened, or its path) as a GGUF file llama.cpp runs exactly.
 
     Args:
         quant: one of gguf_format.QUANTS.
@@ -484,7 +484,7 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "f16", provenance: dict
     if out.exists() and not force:
         raise EmoError(f"{out} already exists (use --force to overwrite it)")
     check_location(out)
-    files = open_hf_dir(Path(model_dir))
+    files = model if isinstance(model, HFModelFiles) else open_hf_dir(Path(model))
     reason = gguf_blocker(files.config, files.dir)
     if reason:
         raise EmoError(f"{files.dir} cannot be exported to GGUF exactly: {reason}")

@@ -50,6 +50,7 @@ from emo_cli.arch.layers import DEFAULT_ACTIVATION_BUDGET, KVCache, MoEObservati
 from emo_cli.arch.routing import RoutingSpec, route
 from emo_cli.errors import EmoError
 from emo_cli.gguf import layout as gf
+from emo_cli.gguf.reader import GGUFFile
 from emo_cli.model.api import LoadedModel, expert_mask
 from emo_cli.model.bpe import CL100K_SPLIT
 from emo_cli.model.tokenizer import EmoTokenizer
@@ -378,8 +379,9 @@ class GGUFModel:
     """The model interface (model/api.py) over a GGUF file, plus whole-model conveniences
     (hidden_states, forward, new_cache, set_expert_mask) for chat."""
 
-    def __init__(self, path: Path, backend: str, device: str):
-        self.reader = gf.open_reader(path)
+    def __init__(self, reader: GGUFFile, backend: str, device: str):
+        self.reader = reader
+        path = reader.path
         self.config = cfg = gf.config_from_gguf(self.reader, path)
         if backend == "cpu":  # the kernels read the map itself
             self.prefetch = populate_in_background(self.reader.data)
@@ -597,15 +599,17 @@ def _bpe_tokenizer(tokens: list[str], types: list[int], merges: list[tuple[str, 
     return tok
 
 
-def load_gguf_model(path, device: str = "cpu", backend: str = "auto") -> LoadedModel:
-    """Open an emo GGUF export for computation on emo's kernels (`backend` as emo_kernels.dispatch)."""
-    path = Path(path)
+def load_gguf_model(file, device: str = "cpu", backend: str = "auto") -> LoadedModel:
+    """An emo GGUF export (a path, or its opened reader) for computation on emo's kernels
+    (`backend` as emo_kernels.dispatch)."""
+    reader = file if isinstance(file, GGUFFile) else gf.open_reader(Path(file))
+    path = reader.path
     try:
         chosen = resolve(backend, device, gguf=True)
     except BackendError as e:
         raise EmoError(str(e)) from None
     if chosen == "llama.cpp":
         raise EmoError("the llama.cpp backend runs whole models: use emo_cli.gguf.llama_backend")
-    model = GGUFModel(path, chosen, device)
+    model = GGUFModel(reader, chosen, device)
     tok = tokenizer_from_gguf(model.reader, path)
     return LoadedModel(model, tok, path, model.config, gf.gguf_fingerprint(model.reader), "gguf")

@@ -89,7 +89,7 @@ def run_demo(s: DemoSettings) -> dict:
     from emo_cli.gguf.runtime import load_gguf_model
     from emo_cli.lab.corpus import PIP_DOMAINS, CorpusSpec, build_corpus, domain_files
     from emo_cli.model.generate import EmoEngine, SamplingParams, generate
-    from emo_cli.runtime import load_model
+    from emo_cli.runtime import load_model, open_model
 
     for d in (TINY_EMO, TINY_STD):
         if not (d / "config.json").exists():
@@ -130,15 +130,16 @@ def run_demo(s: DemoSettings) -> dict:
     plan = make_plan([prof_emo], s.method, budget, "uniform", model=emo.model, tokenizer=emo.tokenizer, quiet=True)
     plan_std = make_plan([prof_std], s.method, budget, "uniform", model=std.model, tokenizer=std.tokenizer, quiet=True)
     plan_rand = make_plan([prof_emo], "random", budget, "uniform", seed=0, quiet=True, model=emo.model)
-    slim_dir = prune_to_dir(TINY_EMO, plan, s.out / "slim-medical", force=True, source_name="emo:tiny-emo")
+    slim_dir = prune_to_dir(emo.files, plan, s.out / "slim-medical", force=True, source_name="emo:tiny-emo")
     plan.save(slim_dir / "plan.json")
+    slim_files = open_model(slim_dir)  # opened once: exported, then evaluated
     gguf_path = s.out / "slim-medical.q8_0.gguf"
-    export_gguf(slim_dir, gguf_path, quant="q8_0", force=True)
+    export_gguf(slim_files, gguf_path, quant="q8_0", force=True)
     timings["prune_export_s"] = time.perf_counter() - t0 - sum(timings.values())
 
     say("4/5 evaluating held-out loss")
     med = held["medical"]
-    slim = load_model(slim_dir)
+    slim = load_model(slim_files)
     rows = []
 
     def add(name, model_lm, docs, kept=None):

@@ -23,6 +23,7 @@ from emo_cli.arch.emo import EmoConfig
 from emo_cli.arch.layers import KVCache, Observer
 
 if TYPE_CHECKING:
+    from emo_cli.model.loading import HFModelFiles
     from emo_cli.model.memory import MemoryPlan
     from emo_cli.model.tokenizer import EmoTokenizer
 
@@ -40,6 +41,7 @@ class LoadedModel:
     fingerprint: str
     kind: str  # "hf" or "gguf"
     memory: MemoryPlan | None = None  # the planner's choice (HF directories)
+    files: HFModelFiles | None = None  # the opened HF directory (a GGUF's reader is model.reader)
 
 
 class CausalLM(Protocol):

@@ -106,7 +106,7 @@ def tensor_type(quant: str, kind: str, layer: int, layers: int, cols: int):
 
 def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0, layers: int | None = None) -> Path:
     """Write a random model of SHAPES[shape] (with `layers` layers when given) in emo's GGUF layout
-    (gguf_format names and keys)."""
+    (gguf/layout.py names and keys)."""
     import tempfile
 
     from gguf import GGMLQuantizationType as QT

@@ -9,7 +9,7 @@ Without --gguf, a 1-layer model with the released config's vocabulary (100278 ro
 bench/scale.py's --workdir plus [PAD] rows, as `emo export` writes them) but tiny widths is written
 and exported to q8_0 once under --workdir: the tokenizer tables are the real model's, the tensors
 small. Each step runs --repeat times, the two readers alternating (the file stays in the page cache);
-the median is reported. `load_gguf_model` is timed with each reader behind gguf_format.open_reader,
+the median is reported. `load_gguf_model` is timed with each reader behind gguf/layout.py open_reader,
 the rest of the load path unchanged (the old runtime used gguf-py's reader through the same calls).
 
 --stack-layers N times a copy of --gguf whose layer 0 is repeated N times, with the tensor bytes left
@@ -34,7 +34,8 @@ from gguf import GGUFReader  # noqa: E402
 
 from emo_cli.gguf import layout as gf  # noqa: E402
 from emo_cli.gguf.reader import GGUFFile  # noqa: E402
-from emo_cli.gguf.runtime import load_gguf_model, tokenizer_from_gguf  # noqa: E402
+from emo_cli.gguf.runtime import load_gguf_model  # noqa: E402
+from emo_cli.gguf.vocab import tokenizer_from_gguf  # noqa: E402
 
 TINY = {"hidden_size": 64, "intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4,
         "num_experts": 8, "num_experts_per_tok": 2}

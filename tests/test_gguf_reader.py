@@ -21,7 +21,7 @@ from emo_cli.gguf import layout as gf
 from emo_cli.errors import EmoError
 from emo_cli.gguf.export import export_gguf
 from emo_cli.gguf.reader import GGUFFile
-from emo_cli.gguf.runtime import tokenizer_from_gguf
+from emo_cli.gguf.vocab import tokenizer_from_gguf
 
 QUANTS = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"]
 

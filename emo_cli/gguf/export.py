@@ -465,8 +465,8 @@ def export_gguf(model: HFModelFiles | Path, out: Path, quant: str = "f16", prove
     """Write the HF EMO directory `model` (opened, or its path) as a GGUF file llama.cpp runs exactly.
 
     Args:
-        quant: one of gguf_format.QUANTS.
-        provenance: pruning provenance (fields of gguf_format.PROVENANCE_KEYS), overriding what
+        quant: one of layout.QUANTS.
+        provenance: pruning provenance (fields of layout.PROVENANCE_KEYS), overriding what
             the directory's pruning_metadata.json says.
         force: overwrite an existing `out`.
         progress: called as progress(stage, done, total, bytes_written); stages "writing" (tensors),

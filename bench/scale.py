@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)  # not bench/: bench/profile.py would shadow the standard library's profile
 
 from bench.results_md import replace_block  # noqa: E402
+from emo_cli.arch.emo import NAMES  # noqa: E402
 from emo_cli.model.bpe import save_tokenizer, train_bpe  # noqa: E402
 from emo_cli.data.documents import Document, heldout_split  # noqa: E402
 
@@ -93,18 +94,16 @@ def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], float]]:
     stream grows slowly and stays finite over 16 layers. Router std 1/sqrt(d) gives logits of std
     ~1: routing depends on the token without collapsing onto a few experts."""
     d, f, e, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_experts"], cfg["vocab_size"]
-    specs = [("model.embed_tokens.weight", (v, d), 0.02)]
+    n = NAMES  # the released names, as emo's architecture table has them
+    specs = [(n.embed, (v, d), 0.02)]
     for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        specs += [(f"{p}.self_attn.{x}_proj.weight", (d, d), 0.02) for x in "qkvo"]
-        specs.append((f"{p}.mlp.gate.weight", (e, d), d ** -0.5))
+        specs += [(n.in_layer(i, n.attention[x]), (d, d), 0.02) for x in "qkvo"]
+        specs.append((n.router_of(i), (e, d), d ** -0.5))
         for j in range(e):
-            specs += [(f"{p}.mlp.experts.{j}.gate_proj.weight", (f, d), 0.02),
-                      (f"{p}.mlp.experts.{j}.up_proj.weight", (f, d), 0.02),
-                      (f"{p}.mlp.experts.{j}.down_proj.weight", (d, f), 0.02)]
-        specs += [(f"{p}.pre_attention_layernorm.weight", (d,), 0.0),
-                  (f"{p}.pre_feedforward_layernorm.weight", (d,), 0.0)]
-    return specs + [("model.norm.weight", (d,), 0.0), ("lm_head.weight", (v, d), 0.02)]
+            specs += [(n.expert_of(i, j, n.expert_projs[w]), shape, 0.02)
+                      for w, shape in (("w_gate", (f, d)), ("w_up", (f, d)), ("w_down", (d, f)))]
+        specs += [(n.in_layer(i, n.attention["attn_norm"]), (d,), 0.0), (n.in_layer(i, n.attention["ffn_norm"]), (d,), 0.0)]
+    return specs + [(n.final_norm, (d,), 0.0), (n.lm_head, (v, d), 0.02)]
 
 
 def make_tensor(name: str, shape: tuple[int, ...], std: float) -> torch.Tensor:

@@ -35,3 +35,23 @@ def any_variant(request):
 def med_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     return write_jsonl(d / "med.jsonl", sample_texts(40, seed=7))
+
+
+@pytest.fixture
+def model_opens(monkeypatch):
+    """How often each model file or directory is opened (safetensors checkpoints, GGUF files), by
+    resolved path: a command opens its model once and hands the handle down."""
+    from collections import Counter
+
+    from emo_cli.gguf.reader import GGUFFile
+    from emo_cli.model.checkpoint import SafetensorsCheckpoint
+
+    opened = Counter()
+    for cls in (SafetensorsCheckpoint, GGUFFile):
+        def counting(self, path, *a, _init=cls.__init__, **k):
+            opened[Path(path).resolve()] += 1
+            _init(self, path, *a, **k)
+
+        monkeypatch.setattr(cls, "__init__", counting)
+    return opened
+

@@ -362,3 +362,15 @@ def test_corrupt_workspace_fails_before_any_output(tiny_model_factory, tmp_path,
     code, _, err = run(["profile", med_data, "--model", tiny_model_factory("shared")], capsys)
     assert_clean_error(code, err, "corrupt workspace state")
     assert not list(tmp_path.glob("*.profile.safetensors"))
+
+
+def test_profile_and_eval_open_each_model_once(tiny_model_factory, tmp_path, capsys, monkeypatch, model_opens):
+    model = tiny_model_factory("shared")
+    write_jsonl(tmp_path / "med.jsonl", sample_texts(12, seed=3))
+    code, _, err = run(["profile", "med.jsonl", "--model", model, "--seq-len", "64"], capsys, tmp_path, monkeypatch)
+    assert code == 0, err
+    assert model_opens[model.resolve()] == 1, model_opens
+    code, _, err = run(["eval", model, "--data", "med.jsonl", "--seq-len", "64"], capsys, tmp_path, monkeypatch)
+    assert code == 0, err
+    assert model_opens[model.resolve()] == 2, model_opens  # one more for the eval command
+

@@ -218,22 +218,12 @@ def test_no_shared_expert_and_leading_dense_layers(variant, tmp_path):
 
 
 @pytest.mark.parametrize("source", ["hf", "q8_0"])
-def test_one_prune_opens_its_model_once(src, source, tmp_path, capsys, monkeypatch):
+def test_one_prune_opens_its_model_once(src, source, tmp_path, capsys, monkeypatch, model_opens):
     """The command opens the model once and hands that handle down: planning, the held-out report
     (which loads the model), the size estimate and the writers all take it."""
-    from collections import Counter
     from pathlib import Path
 
-    from emo_cli.gguf.reader import GGUFFile
-    from emo_cli.model.checkpoint import SafetensorsCheckpoint
-
-    opened = Counter()
-    for cls in (SafetensorsCheckpoint, GGUFFile):
-        def counting(self, path, *a, _init=cls.__init__, **k):
-            opened[Path(path).resolve()] += 1
-            _init(self, path, *a, **k)
-        monkeypatch.setattr(cls, "__init__", counting)
     out = ["-o", tmp_path / "slim"] if source == "hf" else ["--gguf", tmp_path / "slim.gguf"]
     report = prune(["--model", src[source], "-p", src["profile"], "--budget", "5", *out], capsys, tmp_path, monkeypatch)
     assert "heldout" in report["eval"]  # the model was loaded, not only opened
-    assert opened[Path(src[source]).resolve()] == 1, opened
+    assert model_opens[Path(src[source]).resolve()] == 1, model_opens

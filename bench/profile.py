@@ -24,7 +24,7 @@ import torch
 from emo_cli.arch.emo import EmoConfig
 from emo_cli.data.documents import TokenBatch
 from emo_cli.arch.emo import EmoForCausalLM
-from emo_cli.experts.profile import profile_model
+from emo_cli.experts.profile import DataPart, ModelInfo, ProfileMeta, ProfileSettings, profile_model
 from emo_cli.experts.search import greedy_plan, plan_loss
 from emo_cli.experts.selection import Budget
 
@@ -47,6 +47,15 @@ def batches(vocab, n, seq, bs, seed):
         ids = torch.randint(0, vocab, (min(bs, n - s), seq), generator=g)
         out.append(TokenBatch(ids, torch.ones_like(ids, dtype=torch.bool), list(range(s, s + ids.shape[0]))))
     return out
+
+
+def random_meta(model, bs) -> ProfileMeta:
+    """What a profile of random tokens records."""
+    return ProfileMeta(model=ModelInfo.of(model, "random", "bench"),
+                       data=DataPart(sources=[], text_field=None, max_docs=None, docs=sum(len(b.doc_index) for b in bs),
+                                     tokens=sum(int(b.mask.sum()) for b in bs), hash="random"),
+                       settings=ProfileSettings(seq_len=bs[0].ids.shape[1], batch_size=bs[0].ids.shape[0],
+                                                max_tokens=None))
 
 
 def best_time(fn, reps):
@@ -108,7 +117,7 @@ def main():
     # 1. profiling overhead: same batches, plain forward (no head) vs forward with the observer
     m = random_model(512, 4, 65, 256, 8, 8000)
     bs = batches(8000, 16, 256, 8, 0)
-    meta = {"model": {"fingerprint": "bench"}}
+    meta = random_meta(m, bs)
     with torch.no_grad():
         plain = best_time(lambda: [m.hidden_states(b.ids) for b in bs], args.reps)
         prof = best_time(lambda: profile_model(m, bs, meta), args.reps)
@@ -118,7 +127,7 @@ def main():
     # 2. greedy on a 16-layer, 127+1-expert, top-8 model (narrow so it runs on a laptop)
     g = random_model(64, 16, 128, 32, 8, 2000, seed=1)
     calib, held = batches(2000, 16, 128, 8, 1), batches(2000, 8, 128, 8, 2)
-    p = profile_model(g, calib, {"model": {"fingerprint": "bench"}})
+    p = profile_model(g, calib, random_meta(g, calib))
     with torch.no_grad():
         fwd = best_time(lambda: plan_loss(g, type("P", (), {"kept": None})(), held), 1)
     t = time.perf_counter()

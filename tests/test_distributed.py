@@ -63,7 +63,7 @@ def test_profile_and_eval_equal_one_process(work, procs):
     assert torch.equal(one.counts, many.counts) and torch.equal(one.tokens, many.tokens)
     for name in ("prob", "reap", "easyep"):
         assert torch.allclose(getattr(one, name), getattr(many, name), rtol=1e-9, atol=0), name
-    assert one.meta["data"] == many.meta["data"]
+    assert one.meta.data == many.meta.data
 
     args = ["eval", model, "--data", "held.jsonl", "--data", "mc.jsonl", "--seq-len", "48", "--json"]
     single, multi = emo(d, *args), emo(d, *args, procs=procs)

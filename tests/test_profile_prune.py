@@ -66,9 +66,9 @@ def test_routed_counts_sum_to_tokens_times_topk(tiny_model_factory, med_data):
         lm, prof = _profile(tiny_model_factory(variant), med_data)
         for layer in prof.moe_layers():
             routed = prof.routed_ids(layer)
-            k = prof.meta["model"]["routed_top_k"][layer]
+            k = prof.meta.model.routed_top_k[layer]
             assert float(prof.counts[layer, routed].sum()) == float(prof.tokens[layer]) * k
-            assert prof.tokens[layer] == prof.meta["data"]["tokens"]
+            assert prof.tokens[layer] == prof.meta.data.tokens
             # routing probabilities sum to one per token (over routed experts; over all with always-active)
             cols = prof.layer_ids(layer) if variant == "always_active" else routed
             assert math.isclose(float(prof.prob[layer, cols].sum()), float(prof.tokens[layer]), rel_tol=1e-6)

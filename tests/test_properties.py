@@ -177,7 +177,7 @@ def test_profile_with_any_metadata_or_shape(tmp_path_factory, section, key, valu
     save_file(tensors, str(path), metadata={"emo_profile": json.dumps(meta)})
     prof = outcome(Profile.load, path)
     if isinstance(prof, Profile):  # an accepted profile plans without errors of any other kind
-        outcome(score_plan, [prof], "frequency", Budget.parse("50%"), "uniform", prof.meta["model"]["top_k"])
+        outcome(score_plan, [prof], "frequency", Budget.parse("50%"), "uniform", prof.meta.model.top_k)
 
 
 # ---- GGUF ------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def profiles(tiny_model_factory, med_data, tmp_path_factory):
 def direct(path, budget_frac):
     p = Profile.load(path)
     prob, counts = p.prob.numpy(), p.counts.numpy()
-    model = p.meta["model"]
+    model = p.meta.to_json()["model"]  # as written in the file
     res = {}
     for layer, ids in enumerate(model["expert_ids"]):
         if not ids:
@@ -99,7 +99,7 @@ def test_numbers_equal_direct_computation(profiles, variant, budget):
         assert js["mean_cover50"] == pytest.approx(np.mean([w[layer]["cover"][0.5] for layer in w]))
         assert js["mean_cover90"] == pytest.approx(np.mean([w[layer]["cover"][0.9] for layer in w]))
         prof = Profile.load(st.path)
-        assert (js["docs"], js["tokens"]) == (prof.docs, prof.meta["data"]["tokens"])
+        assert (js["docs"], js["tokens"]) == (prof.docs, prof.meta.data.tokens)
     (pair,) = s["pairs"]
     per_layer = {str(layer): direct_jaccard(want[0][layer]["kept"], want[1][layer]["kept"]) for layer in want[0]}
     assert pair["jaccard"] == pytest.approx(per_layer)

@@ -61,7 +61,7 @@ def test_streamed_profile_is_identical(tiny_model_factory, med_data, any_variant
     # layer-major equals the plain batch-major forward of the whole model, batch after batch
     ref = Profile.empty(a.counts.shape[0], a.counts.shape[1], a.meta)
     acc = ProfileAccumulator(ref, resident.model.expert_ids())
-    docs = [d_ for d_ in read_documents([str(med_data)]) if d_.index not in set(a.meta["data"]["heldout_ids"])]
+    docs = [d_ for d_ in read_documents([str(med_data)]) if d_.index not in set(a.meta.data.heldout_ids)]
     for batch in batches_for(resident.tokenizer, docs, 64, 4):
         acc.mask = batch.mask.reshape(-1)
         resident.model.hidden_states(batch.ids, observer=acc)
@@ -214,7 +214,7 @@ def test_in_memory_profile_checkpoints_every_n_documents_and_resumes_to_the_same
     monkeypatch.setattr(profile_mod, "run_layers", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     prof = run_profile(lm, [str(med_data)], seq_len=64, batch_size=4, quiet=True, resume_dir=folder,
                        checkpoint_docs=8)
-    total = -(-int(want.meta["data"]["docs"]) // 4)  # batches
+    total = -(-want.meta.data.docs // 4)  # batches
     assert len(calls) == -(-(total - 4) // 2)  # only the groups after the checkpoint ran again
     same_profile(prof, want)
     assert not folder.exists()

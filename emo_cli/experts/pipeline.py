@@ -8,7 +8,8 @@ from pathlib import Path
 from emo_cli import ui
 from emo_cli.data.documents import Document, data_hash, heldout_split, make_batches, read_documents, tokenize_documents
 from emo_cli.errors import EmoError
-from emo_cli.experts.profile import Profile, profile_model
+from emo_cli.experts.methods import method_named
+from emo_cli.experts.profile import DataPart, ModelInfo, Profile, ProfileMeta, ProfileSettings, profile_model
 
 
 def data_stem(path: str | Path) -> str:
@@ -30,18 +31,18 @@ def run_profile(lm, data: list[str], text_field=None, max_docs=None, max_tokens=
     docs = read_documents(data, text_field=text_field, max_docs=max_docs, shots=shots)
     profiled, held = heldout_split(docs, heldout_frac, salt="emo-profile:")
     batches = batches_for(lm.tokenizer, profiled, seq_len, batch_size, max_tokens)
-    meta = {
-        "model": {"path": str(lm.path), "fingerprint": lm.fingerprint},
-        "data": {"sources": [str(Path(d).resolve()) for d in data], "text_field": text_field, "max_docs": max_docs,
-                 "shots": shots, "multiple_choice": any(d.item is not None for d in docs),
-                 "docs": sum(len(b.doc_index) for b in batches),
-                 "tokens": int(sum(int(b.mask.sum()) for b in batches)), "hash": data_hash(docs),
-                 "total_docs": len(docs), "heldout_frac": heldout_frac, "heldout_ids": [d.index for d in held]},
-        "settings": {"max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size},
-    }
+    meta = ProfileMeta(
+        model=ModelInfo.of(lm.model, lm.path, lm.fingerprint),
+        data=DataPart(sources=[str(Path(d).resolve()) for d in data], text_field=text_field, max_docs=max_docs,
+                      shots=shots, multiple_choice=any(d.item is not None for d in docs),
+                      docs=sum(len(b.doc_index) for b in batches),
+                      tokens=int(sum(int(b.mask.sum()) for b in batches)), hash=data_hash(docs),
+                      total_docs=len(docs), heldout_frac=heldout_frac, heldout_ids=[d.index for d in held]),
+        settings=ProfileSettings(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size),
+    )
     with ui.progress(disable=quiet) as prog:
         label = "profiling" + (" · streamed" if lm.memory and lm.memory.streaming else "")
-        step = ui.layer_steps(prog, label, lm.model.num_layers, meta["data"]["docs"])
+        step = ui.layer_steps(prog, label, lm.model.num_layers, meta.data.docs)
 
         def resumed(where: str, layers_done: int, batches_done: int):
             prog.console.print(f"resuming an interrupted run at {where} ({resume_dir})", style="dim")
@@ -66,11 +67,10 @@ def _locate(source: str, profile_path: Path | None) -> str:
     raise EmoError(f"{source}: the profiled data is not there{where} (moved? pass --heldout DATA, or profile again)")
 
 
-def _reread(part: dict, profile_path: Path | None) -> list[Document]:
-    sources = [_locate(src, profile_path) for src in part["sources"]]
-    docs = read_documents(sources, text_field=part.get("text_field"), max_docs=part.get("max_docs"),
-                          shots=part.get("shots") or 0)
-    if data_hash(docs) != part["hash"]:
+def _reread(part: DataPart, profile_path: Path | None) -> list[Document]:
+    sources = [_locate(src, profile_path) for src in part.sources]
+    docs = read_documents(sources, text_field=part.text_field, max_docs=part.max_docs, shots=part.shots or 0)
+    if data_hash(docs) != part.hash:
         raise EmoError(f"{', '.join(sources)} changed since it was profiled (content hash differs); profile it again")
     return docs
 
@@ -79,7 +79,7 @@ def _documents(profiles: list[Profile], held_out: bool) -> list[Document]:
     out = []
     for prof in profiles:
         for part in prof.parts():
-            ids = set(part.get("heldout_ids", []))
+            ids = set(part.heldout_ids or [])
             if held_out and not ids:
                 continue
             out += [d for d in _reread(part, prof.path) if (d.index in ids) == held_out]
@@ -96,35 +96,33 @@ def heldout_documents(profiles: list[Profile]) -> list[Document]:
     return _documents(profiles, held_out=True)
 
 
-def make_plan(profiles, method, budget, allocation, model=None, tokenizer=None, heldout_docs=None,
+def make_plan(profiles, method: str, budget, allocation, model=None, tokenizer=None, heldout_docs=None,
               seed=0, max_evals=256, quiet=False):
-    """Plan for one budget; data-driven methods need the loaded model."""
+    """Plan of `method` (a name in experts/methods.py) for one budget; data-driven methods need the
+    loaded model."""
     from emo_cli.experts.search import greedy_plan, router_plan
     from emo_cli.experts.selection import score_plan
 
-    top_k = profiles[0].meta["model"].get("top_k")
-    if top_k is None:
-        raise EmoError("profile lacks the model's top-k; profile again with this emo version")
-    if method in ("frequency", "reap", "easyep", "random"):
-        plan = score_plan(profiles, method, budget, allocation, top_k, seed=seed)
+    m = method_named(method)
+    top_k = profiles[0].meta.model.top_k
+    if m.kind == "score":
+        plan = score_plan(profiles, m.name, budget, allocation, top_k, seed=seed)
     else:
-        s = profiles[0].meta["settings"]
-        calib = batches_for(tokenizer, profiled_documents(profiles), s["seq_len"], s["batch_size"], s.get("max_tokens"))
+        s = profiles[0].meta.settings
+        calib = batches_for(tokenizer, profiled_documents(profiles), s.seq_len, s.batch_size, s.max_tokens)
         with ui.progress(disable=quiet) as prog:
-            if method == "router":
+            if m.name == "router":
                 per_layer = sum(int(b.mask.sum()) for b in calib) / model.num_layers  # as whole-model tokens
                 task = prog.add_task("router: layerwise", total=model.num_layers, tokens=0)
                 plan = router_plan(model, calib, profiles, budget, allocation, top_k,
                                    on_layer=lambda _l: prog.update(
                                        task, advance=1, tokens=prog.tasks[task].fields["tokens"] + per_layer))
-            elif method == "greedy":
-                held = batches_for(tokenizer, heldout_docs or [], s["seq_len"], s["batch_size"])
+            else:  # greedy, the other data-driven method
+                held = batches_for(tokenizer, heldout_docs or [], s.seq_len, s.batch_size)
                 task = prog.add_task("greedy: held-out loss evaluations", total=None)
                 plan = greedy_plan(model, calib, held, profiles, budget, allocation, top_k, max_evals=max_evals,
                                    on_eval=lambda f: prog.update(task, advance=f))
-            else:
-                raise EmoError(f"unknown method {method!r}")
-    plan.extra["profile_fingerprint"] = "+".join(p.meta["data"]["hash"] for p in profiles)
+    plan.extra["profile_fingerprint"] = "+".join(p.meta.data.hash for p in profiles)
     return plan
 
 

@@ -6,14 +6,17 @@ Statistics per layer l and original expert e (tensors [L, E], float64; pad token
   reap     sum over the tokens routed to e of gate weight x ||expert output||   (REAP saliency)
   easyep   the same product x (1 - cos(h, h + moe(h)))                          (EASY-EP saliency)
 plus tokens [L] and documents. Profiles of the same model add up, so shards and domains merge.
+Profile.meta (ProfileMeta) says what was profiled: the model and its experts, the data (enough to
+read it again) and the settings.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,17 +34,129 @@ from emo_cli.model.passes import HiddenStore, embed_batches, run_layers
 from emo_cli.outputs import write_atomic
 
 STATS = ("counts", "prob", "reap", "easyep")
-# The metadata keys emo reads back, with their types; a file that lacks one or holds another type
-# (hand-edited, or written by something else) is refused at load, not deep inside a command.
-# Each dataset part (meta.data itself, or each of meta.data.parts after a merge) re-reads its data:
-PART_SCHEMA = {"sources": "list[str]", "hash": "str", "heldout_ids": "list[int]", "text_field": "str | None",
-               "max_docs": "int | None", "shots": "int | None"}
-META_SCHEMA = {
-    "model": {"path": "str", "fingerprint": "str", "expert_ids": "list[list[int] | None]",
-              "fixed_ids": "list[list[int] | None]", "routed_top_k": "list[int]", "top_k": "int"},
-    "data": {"sources": "list[str]", "docs": "int", "tokens": "int", "hash": "str"},
-    "settings": {"seq_len": "int", "batch_size": "int", "max_tokens": "int | None"},
-}
+
+
+# ---- metadata -------------------------------------------------------------------------------------
+# Saved as JSON under the file's `emo_profile` key. A field without a default must be in the file,
+# and is always written; one with a default may be absent (files of older versions, or of the demo)
+# and is written only when set. A value of another type than the annotation is refused at load,
+# not deep inside a command. Keys emo does not know are kept in `extra`, so a round trip loses nothing.
+@dataclass
+class ModelInfo:
+    """The profiled model: where it was, what it is, and its experts per layer by original id."""
+    path: str
+    fingerprint: str
+    expert_ids: list[list[int] | None]  # None: a dense layer
+    fixed_ids: list[list[int] | None]  # shared or always-active experts, which every token uses
+    routed_top_k: list[int]
+    top_k: int
+    spec: str | None = None  # the model as `emo profile --model` named it: what `emo prune` loads
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model, path: str | Path, fingerprint: str, spec: str | None = None) -> ModelInfo:
+        return cls(path=str(path), fingerprint=fingerprint, spec=spec, **layout(model))
+
+
+@dataclass
+class DataPart:
+    """One profiled dataset, described well enough to be read again: its held-out documents score
+    greedy's candidates and the prune report, its profiled ones are router's calibration data."""
+    sources: list[str]  # absolute since emo 0.1
+    text_field: str | None  # None: text, content or messages
+    max_docs: int | None
+    docs: int  # profiled, the held-out ones left out
+    tokens: int
+    hash: str  # of the documents read (data.data_hash): a changed file is refused
+    heldout_ids: list[int] | None = None  # absent before emo 0.1, which held nothing out
+    shots: int | None = None  # absent: no solved examples before multiple-choice items
+    # recorded for the reader, not read back
+    multiple_choice: bool | None = None
+    total_docs: int | None = None  # read, before the held-out split
+    heldout_frac: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class MergedData:
+    """The data of merged profiles: totals, and the parts that each describe their own dataset."""
+    sources: list[str]
+    docs: int
+    tokens: int
+    hash: str  # the parts' hashes joined by +
+    parts: list[DataPart]
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ProfileSettings:
+    seq_len: int
+    batch_size: int
+    max_tokens: int | None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ProfileMeta:
+    model: ModelInfo
+    data: DataPart | MergedData
+    settings: ProfileSettings
+    emo_version: str | None = None  # of the emo that computed the statistics
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return _to_json(self)
+
+    @classmethod
+    def from_json(cls, raw) -> ProfileMeta:
+        """The metadata read from a file's JSON; ValueError says what is wrong with it."""
+        if not isinstance(raw, dict):
+            raise ValueError("metadata is not an object")
+        data = raw.get("data")
+        if isinstance(data, dict) and "parts" in data:
+            if not isinstance(data["parts"], list) or not data["parts"]:
+                raise ValueError("data.parts malformed")
+            parts = [_from_json(DataPart, p, f"data.parts[{i}]") for i, p in enumerate(data["parts"])]
+            data = _from_json(MergedData, data, "data", parts=parts)
+        else:
+            data = _from_json(DataPart, data, "data")
+        return _from_json(cls, raw, "metadata", model=_from_json(ModelInfo, raw.get("model"), "model"), data=data,
+                          settings=_from_json(ProfileSettings, raw.get("settings"), "settings"))
+
+
+def _required(f) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _to_json(obj) -> dict:
+    out = dict(obj.extra)
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name == "extra" or (value is None and not _required(f)):
+            continue
+        if is_dataclass(value):
+            value = _to_json(value)
+        elif isinstance(value, list) and value and is_dataclass(value[0]):
+            value = [_to_json(v) for v in value]
+        out[f.name] = value
+    return out
+
+
+def _from_json(cls, raw, where: str, **sections):
+    """A `cls` from the JSON object `raw`, its fields checked against their annotations; `sections`
+    are the nested dataclasses, already read."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"no {where!r} section")
+    values = dict(sections)
+    known = [f for f in fields(cls) if f.name != "extra"]
+    for f in known:
+        if f.name in sections or (f.name not in raw and not _required(f)):
+            continue
+        if f.name not in raw or not conforms(raw[f.name], f.type):
+            raise ValueError(f"{where}.{f.name} missing or not {f.type}")
+        values[f.name] = raw[f.name]
+    names = {f.name for f in known}
+    return cls(**values, extra={k: v for k, v in raw.items() if k not in names})
 
 
 @dataclass
@@ -51,36 +166,36 @@ class Profile:
     reap: torch.Tensor  # [L, E]
     easyep: torch.Tensor  # [L, E]
     tokens: torch.Tensor  # [L] tokens seen by each layer
-    meta: dict = field(default_factory=dict)
+    meta: ProfileMeta
     path: Path | None = None  # the file it was loaded from (not saved): moved data is looked for beside it
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def empty(cls, num_layers: int, width: int, meta: dict) -> "Profile":
+    def empty(cls, num_layers: int, width: int, meta: ProfileMeta) -> "Profile":
         z = lambda: torch.zeros(num_layers, width, dtype=torch.float64)  # noqa: E731
         return cls(z(), z(), z(), z(), torch.zeros(num_layers, dtype=torch.float64), meta)
 
     @property
     def fingerprint(self) -> str:
-        return self.meta["model"]["fingerprint"]
+        return self.meta.model.fingerprint
 
     @property
     def docs(self) -> int:
-        return int(self.meta["data"]["docs"])
+        return self.meta.data.docs
 
     def layer_ids(self, layer: int) -> list[int]:
         """Original expert ids present in the profiled model at `layer` (empty for dense layers)."""
-        return list(self.meta["model"]["expert_ids"][layer] or [])
+        return list(self.meta.model.expert_ids[layer] or [])
 
     def routed_ids(self, layer: int) -> list[int]:
         return [e for e in self.layer_ids(layer) if e not in set(self.fixed_ids(layer))]
 
     def fixed_ids(self, layer: int) -> list[int]:
         """Experts every token uses (legacy shared or always-active): always kept by pruning."""
-        return list(self.meta["model"]["fixed_ids"][layer] or [])
+        return list(self.meta.model.fixed_ids[layer] or [])
 
     def moe_layers(self) -> list[int]:
-        return [i for i, ids in enumerate(self.meta["model"]["expert_ids"]) if ids]
+        return [i for i, ids in enumerate(self.meta.model.expert_ids) if ids]
 
     # ---- arithmetic ---------------------------------------------------------------------------
     def merged(self, other: "Profile") -> "Profile":
@@ -89,22 +204,18 @@ class Profile:
                 f"profiles come from different models (fingerprints {self.fingerprint} and "
                 f"{other.fingerprint}); profiles only add up for the same model"
             )
-        meta = json.loads(json.dumps(self.meta))
-        parts = self.parts() + other.parts()
-        meta["data"] = {
-            "sources": [src for p in parts for src in p["sources"]],
-            "docs": self.docs + other.docs,
-            "tokens": int(self.meta["data"]["tokens"]) + int(other.meta["data"]["tokens"]),
-            "hash": "+".join(p["hash"] for p in parts),
-            "parts": parts,
-        }
+        meta = copy.deepcopy(self.meta)
+        parts = copy.deepcopy(self.parts() + other.parts())
+        meta.data = MergedData(sources=[src for p in parts for src in p.sources], docs=self.docs + other.docs,
+                               tokens=self.meta.data.tokens + other.meta.data.tokens,
+                               hash="+".join(p.hash for p in parts), parts=parts)
         return Profile(self.counts + other.counts, self.prob + other.prob, self.reap + other.reap,
                        self.easyep + other.easyep, self.tokens + other.tokens, meta)
 
-    def parts(self) -> list[dict]:
-        """The datasets behind the profile, each self-describing: sources, text_field, max_docs,
-        hash and held-out document ids (several after a merge)."""
-        return list(self.meta["data"].get("parts") or [self.meta["data"]])
+    def parts(self) -> list[DataPart]:
+        """The datasets behind the profile (several after a merge)."""
+        data = self.meta.data
+        return list(data.parts) if isinstance(data, MergedData) else [data]
 
     # ---- files --------------------------------------------------------------------------------
     def save(self, path: Path, force: bool = False) -> None:
@@ -112,7 +223,7 @@ class Profile:
         if path.exists() and not force:
             raise EmoError(f"{path} exists (pass --force to overwrite)")
         tensors = {k: getattr(self, k).contiguous() for k in STATS + ("tokens",)}
-        meta = {"emo_profile": json.dumps(self.meta, sort_keys=True)}
+        meta = {"emo_profile": json.dumps(self.meta.to_json(), sort_keys=True)}
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
@@ -122,37 +233,26 @@ class Profile:
             raise EmoError(f"{path}: no such profile")
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["emo_profile"])
+                raw = json.loads((f.metadata() or {})["emo_profile"])
                 t = {k: f.get_tensor(k) for k in STATS + ("tokens",)}
         except (KeyError, json.JSONDecodeError):
             raise EmoError(f"{path}: not an emo profile (no emo_profile metadata)") from None
         except Exception as e:  # safetensors raises its own error type for corrupt files
             raise EmoError(f"{path}: cannot read profile ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
-        problem = _schema_problem(meta, t)
+        try:
+            meta = ProfileMeta.from_json(raw)
+        except ValueError as e:
+            raise EmoError(f"{path}: not a valid emo profile ({e})") from None
+        problem = _statistics_problem(meta, t)
         if problem:
             raise EmoError(f"{path}: not a valid emo profile ({problem})")
         t = {k: v.to(torch.float64) for k, v in t.items()}
         return cls(**t, meta=meta, path=path.resolve())
 
 
-def _schema_problem(meta, tensors: dict[str, torch.Tensor]) -> str | None:
-    """What is wrong with a loaded profile's metadata and statistics, or None."""
-    if not isinstance(meta, dict):
-        return "metadata is not an object"
-    for section, keys in META_SCHEMA.items():
-        if not isinstance(meta.get(section), dict):
-            return f"no {section!r} section"
-        for k, ann in keys.items():
-            if k not in meta[section] or not conforms(meta[section][k], ann):
-                return f"{section}.{k} missing or not {ann}"
-    parts = meta["data"].get("parts", [meta["data"]])
-    if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
-        return "data.parts malformed"
-    for p in parts:
-        for k, ann in PART_SCHEMA.items():
-            if not conforms(p.get(k), ann) and not (k == "heldout_ids" and k not in p):  # before emo 0.1
-                return f"data {k} not {ann}"
-    ids = meta["model"]["expert_ids"]
+def _statistics_problem(meta: ProfileMeta, tensors: dict[str, torch.Tensor]) -> str | None:
+    """What does not fit between a loaded profile's per-layer metadata and its statistics, or None."""
+    ids = meta.model.expert_ids
     L = len(ids)
     width = tensors["counts"].shape[-1] if tensors["counts"].dim() == 2 else -1
     for k in STATS:
@@ -160,9 +260,9 @@ def _schema_problem(meta, tensors: dict[str, torch.Tensor]) -> str | None:
             return f"{k} has shape {tuple(tensors[k].shape)}, expected {L} layers x {width}"
     if tuple(tensors["tokens"].shape) != (L,) or not tensors["tokens"].is_floating_point():
         return f"tokens has shape {tuple(tensors['tokens'].shape)}, expected ({L},)"
-    if len(meta["model"]["fixed_ids"]) != L or len(meta["model"]["routed_top_k"]) != L:
+    if len(meta.model.fixed_ids) != L or len(meta.model.routed_top_k) != L:
         return "per-layer lists of different lengths"
-    for layer_ids, fixed in zip(ids, meta["model"]["fixed_ids"]):
+    for layer_ids, fixed in zip(ids, meta.model.fixed_ids):
         if any(not 0 <= e < width for e in layer_ids or []) or any(e not in (layer_ids or []) for e in fixed or []):
             return f"expert ids outside the {width} profiled experts"
     for v in tensors.values():
@@ -203,10 +303,11 @@ class ProfileAccumulator:
 
 
 @torch.no_grad()
-def profile_model(model, batches, meta: dict, on_step=None, resume_dir: Path | None = None, on_resume=None,
+def profile_model(model, batches, meta: ProfileMeta, on_step=None, resume_dir: Path | None = None, on_resume=None,
                   checkpoint_docs: int | None = None) -> Profile:
     """Run every batch through `model` (layer-major, no lm_head) and accumulate the profile;
-    `on_step(layer, n_docs, n_tokens)` reports progress after each batch of each layer.
+    `on_step(layer, n_docs, n_tokens)` reports progress after each batch of each layer. `meta`
+    describes the run, its model section made by ModelInfo.of(model, ...).
 
     With `resume_dir`, the run is resumable, and a later call with the same model, data and
     settings continues where it stopped (`on_resume(where, layers_done, batches_done)` is told):
@@ -220,15 +321,12 @@ def profile_model(model, batches, meta: dict, on_step=None, resume_dir: Path | N
     if w.size > 1:  # data parallel: this rank's share of the batches (and its own checkpoints);
         batches = [batches[i] for i in w.mine(len(batches))]  # the sums are reduced below
         resume_dir = Path(resume_dir) / f"rank-{w.rank}-of-{w.size}" if resume_dir is not None else None
-    lay = layout(model)
-    width = max((max(ids) + 1 for ids in lay["expert_ids"] if ids), default=0)
+    expert_ids = meta.model.expert_ids
+    width = max((max(ids) + 1 for ids in expert_ids if ids), default=0)
     if width == 0:
         raise EmoError("the model has no MoE layers to profile")
-    meta = dict(meta)
-    meta["model"] = {**meta.get("model", {}), **lay}
-    meta["emo_version"] = __version__
-    prof = Profile.empty(model.num_layers, width, meta)
-    acc = ProfileAccumulator(prof, lay["expert_ids"])
+    prof = Profile.empty(model.num_layers, width, replace(meta, emo_version=__version__))
+    acc = ProfileAccumulator(prof, expert_ids)
 
     def before(b):
         acc.mask = batches[b].mask.reshape(-1).to(model.device)
@@ -261,7 +359,7 @@ def _checkpoint(folder: Path, prof: Profile, layout_key: str, fresh: dict) -> tu
     """(state file, run key, state) of a resumable pass in `folder`. A checkpoint of the same run
     (same metadata and batch layout) is resumed: its partial sums are loaded into `prof`; anything
     else in the folder (emo's own) is another run's leftovers and is cleared."""
-    key = hashlib.sha256((json.dumps(prof.meta, sort_keys=True) + layout_key).encode()).hexdigest()[:16]
+    key = hashlib.sha256((json.dumps(prof.meta.to_json(), sort_keys=True) + layout_key).encode()).hexdigest()[:16]
     state_file = folder / "state.json"
     try:
         state = json.loads(state_file.read_text())

@@ -18,10 +18,11 @@ from emo_cli import ui
 from emo_cli.data.documents import read_documents
 from emo_cli.errors import EmoError
 from emo_cli.experts import slim_gguf
+from emo_cli.experts.methods import DEFAULT_METHOD, Method, method_named
 from emo_cli.experts.model_card import write_model_card
 from emo_cli.experts.pipeline import heldout_documents, make_plan, masked_loss, masked_losses
 from emo_cli.experts.profile import Profile
-from emo_cli.experts.selection import METHODS, Budget, Plan, domain_coverage, layer_budgets
+from emo_cli.experts.selection import Budget, Plan, domain_coverage, layer_budgets
 from emo_cli.experts.slim_hf import expected_size, prune_to_dir
 from emo_cli.gguf.export import check_quant
 from emo_cli.model.distributed import world
@@ -35,13 +36,13 @@ class PruneRequest:
     budget: str | None = None  # None: 25%, or what --max-loss-increase finds
     profiles: list[Path] = field(default_factory=list)
     model: str | None = None
-    method: str = "frequency"
+    method: Method = method_named(DEFAULT_METHOD)
     heldout: list[str] = field(default_factory=list)
     allocation: str = "uniform"
     output: Path | None = None
     gguf: Path | None = None
     no_gguf: bool = False
-    quant: str | None = None  # None: f16, or a .gguf source's own types
+    quant: str | None = None  # a name in gguf.layout.QUANTS; None: f16, or a .gguf source's own types
     plan: Path | None = None
     dry_run: bool = False
     seed: int = 0
@@ -94,13 +95,11 @@ def run_prune(req: PruneRequest) -> dict:
     if req.budget is not None and req.max_loss_increase is not None:
         raise EmoError("--budget and --max-loss-increase both choose the budget: pass one of them")
     budget = Budget.parse(req.budget or "25%")
-    if req.method not in METHODS:  # before any model is loaded
-        raise EmoError(f"unknown method {req.method!r} (choose from {', '.join(METHODS)})")
     if req.plan is None and req.max_loss_increase is None:  # a bad budget fails before any loading
-        layer_budgets(profiles[0], budget, profiles[0].meta["model"].get("top_k") or 1)
+        layer_budgets(profiles[0], budget, profiles[0].meta.model.top_k or 1)
     if req.allocation not in ("uniform", "global"):
         raise EmoError(f"unknown allocation {req.allocation!r} (uniform or global)")
-    spec = req.model or os.environ.get("EMO_MODEL") or profiles[0].meta["model"].get("spec") or state.get("model")
+    spec = req.model or os.environ.get("EMO_MODEL") or profiles[0].meta.model.spec or state.get("model")
     spec = resolve_default_model(spec)
     path = resolve_model_path(spec)
     opened = open_model(path)  # the command's one handle on the model: everything below takes it
@@ -116,7 +115,7 @@ def run_prune(req: PruneRequest) -> dict:
         out = Path(req.output or f"slim-{stem}")
         gguf_path = None if req.no_gguf else Path(req.gguf or f"{out}.gguf")
     if profiles[0].fingerprint not in fingerprints:
-        raise EmoError(f"the profile was made on another model ({profiles[0].meta['model']['path']}, "
+        raise EmoError(f"the profile was made on another model ({profiles[0].meta.model.path}, "
                        f"fingerprint {profiles[0].fingerprint}) than {described}")
     if not req.dry_run:
         if source is not None and gguf_path.resolve() == path.resolve():
@@ -125,25 +124,26 @@ def run_prune(req: PruneRequest) -> dict:
         if gguf_path is not None and source is None:
             check_quant(req.quant or "f16")
     heldout = (read_documents(req.heldout) if req.heldout else heldout_documents(profiles))
-    if req.method == "greedy" and req.plan is None and not heldout:  # before any model is loaded
-        raise EmoError("greedy needs held-out documents: profile with --heldout-frac > 0 or pass --heldout DATA")
+    if req.method.needs_heldout and req.plan is None and not heldout:  # before any model is loaded
+        raise EmoError(f"{req.method.name} needs held-out documents: profile with --heldout-frac > 0 "
+                       "or pass --heldout DATA")
     if req.max_loss_increase is not None and req.plan is None and not heldout:
         raise EmoError("--max-loss-increase needs held-out documents (profile with --heldout-frac > 0 or pass --heldout)")
     guards = [(g, read_documents([g])) for g in req.guard]
-    needs_model = req.method in ("router", "greedy") or heldout or guards or req.max_loss_increase is not None
+    needs_model = req.method.kind == "data" or heldout or guards or req.max_loss_increase is not None
     lm = None
     if needs_model:
-        settings = profiles[0].meta["settings"]
+        settings = profiles[0].meta.settings
         lm = load_model(opened, device=world().device(req.device), dtype=req.dtype, streaming=req.streaming,
-                        max_memory=req.max_memory, workload=Workload(settings["batch_size"], settings["seq_len"],
+                        max_memory=req.max_memory, workload=Workload(settings.batch_size, settings.seq_len,
                                                                       passes=_weight_passes(req)),
                         what="pruning with held-out reports")
     model, tok = (lm.model, lm.tokenizer) if lm else (None, None)
-    seq_len = profiles[0].meta["settings"]["seq_len"]
+    seq_len = profiles[0].meta.settings.seq_len
     chosen_by = None
 
     def plan_for(b: Budget) -> Plan:
-        return make_plan(profiles, req.method, b, req.allocation, model=model, tokenizer=tok,
+        return make_plan(profiles, req.method.name, b, req.allocation, model=model, tokenizer=tok,
                          heldout_docs=heldout, seed=req.seed, max_evals=req.max_evals, quiet=req.quiet)
 
     if req.plan is not None:
@@ -162,7 +162,7 @@ def run_prune(req: PruneRequest) -> dict:
     report = {"model": spec, "output": str(out or gguf_path), "method": plan.method, "budget": plan.budget,
               "allocation": plan.allocation, "kept_per_layer": {str(k): len(v) for k, v in plan.kept.items()},
               "bytes_before": full_bytes, "bytes_after": slim_bytes, "bytes_saved": full_bytes - slim_bytes,
-              "coverage": {Path(p.meta["data"]["sources"][0]).name: round(domain_coverage(p, plan), 4) for p in profiles}}
+              "coverage": {Path(p.meta.data.sources[0]).name: round(domain_coverage(p, plan), 4) for p in profiles}}
     if chosen_by:
         report["budget_search"] = chosen_by
     if lm is not None and lm.memory is not None:
@@ -241,7 +241,7 @@ def _weight_passes(req: PruneRequest) -> int:
     memory for repeated passes when it fits, and streams single passes."""
     if req.max_loss_increase is not None:
         return 8  # a binary search over the budget, one held-out pass each
-    return {"greedy": 8, "router": 2}.get(req.method, 1)
+    return req.method.weight_passes
 
 
 def _losses(model, tok, plan, heldout, guards, seq_len, quiet) -> dict:

@@ -14,8 +14,9 @@ router (docs/design.md#selection-methods)
     stream this is exactly one forward pass (no lm_head).
 
 greedy (held-out loss, emo's own)
-    1. Seeds: the plans of frequency, reap, easyep and router; each is scored by the real held-out
-       LM loss (4 forwards + 1 for router) and the best becomes the incumbent.
+    1. Seeds: the plans of the methods marked `seeds_greedy` in experts/methods.py and router's;
+       each is scored by the real held-out LM loss (one forward each, + 1 to make router's plan)
+       and the best becomes the incumbent.
     2. Layer by layer (l = 0..L-1), with the residual stream at layer l's input cached under the
        incumbent: candidate swaps (drop one of the `shortlist` weakest kept routed experts, add one of
        the `shortlist` strongest dropped ones, ranked by the profile's cheap scores) are scored by the
@@ -23,10 +24,10 @@ greedy (held-out loss, emo's own)
        are evaluated together (the cached inputs replicated, one routing mask per copy). The best
        swap is accepted when it lowers the loss by more than `min_gain` (relative), and the layer
        is searched again until no swap helps; then the cache advances one layer.
-    Cost in forward-pass equivalents over the held-out set: 4 seed evaluations + 1 router pass +
-    sum over evaluated swaps of (L-l)/L. --max-evals bounds the swaps and is spread evenly over the
-    layers (unused budget carries to later layers): the default 256 on 16 layers is one round of
-    16 swaps per layer, at most 256 x 0.53 = 136 forwards (plus the 5).
+    Cost in forward-pass equivalents over the held-out set: the seed evaluations (4 today) + 1
+    router pass + sum over evaluated swaps of (L-l)/L. --max-evals bounds the swaps and is spread
+    evenly over the layers (unused budget carries to later layers): the default 256 on 16 layers is
+    one round of 16 swaps per layer, at most 256 x 0.53 = 136 forwards (plus the 5).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import math
 import torch
 
 from emo_cli.errors import EmoError
+from emo_cli.experts.methods import METHODS, routing_mass_scores
 from emo_cli.experts.profile import Profile
 from emo_cli.experts.selection import Budget, Plan, combined_scores, layer_budgets, plan_from_scores, score_plan
 from emo_cli.model.api import expert_mask, masks_for
@@ -50,7 +52,7 @@ def router_plan(model, batches, profiles: list[Profile], budget: Budget, allocat
     base = profiles[0]
     keep = layer_budgets(base, budget, top_k)
     if allocation == "global":  # per-layer counts from the profile's mass, ranks from the layerwise pass
-        prob_scores = {l: combined_scores(profiles, "prob", l) for l in keep}
+        prob_scores = {l: combined_scores(profiles, routing_mass_scores, l) for l in keep}
         keep = {l: len(v) for l, v in plan_from_scores(base, prob_scores, keep, "global").items()}
     expert_ids = model.expert_ids()
     kept: dict[int, list[int]] = {}
@@ -133,7 +135,7 @@ def greedy_plan(model, calib_batches, heldout_batches, profiles: list[Profile], 
     if not heldout_batches:
         raise EmoError("greedy needs held-out documents: profile with --heldout-frac > 0 or pass --heldout DATA")
     base = profiles[0]
-    seeds = [score_plan(profiles, m, budget, allocation, top_k) for m in ("frequency", "reap", "easyep")]
+    seeds = [score_plan(profiles, m.name, budget, allocation, top_k) for m in METHODS if m.seeds_greedy]
     seeds.append(router_plan(model, calib_batches, profiles, budget, allocation, top_k))
     seed_losses = {}
     for p in seeds:
@@ -143,7 +145,7 @@ def greedy_plan(model, calib_batches, heldout_batches, profiles: list[Profile], 
     best = min(seeds, key=lambda p: (seed_losses[p.method], p.method))
     kept = {l: list(v) for l, v in best.kept.items()}
     current = seed_losses[best.method]
-    cheap = {l: combined_scores(profiles, "prob", l) for l in kept}
+    cheap = {l: combined_scores(profiles, routing_mass_scores, l) for l in kept}
     evals, accepted, fwd_equiv = 0, [], float(len(seeds))
     expert_ids = model.expert_ids()
     L = model.num_layers

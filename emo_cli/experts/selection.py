@@ -3,12 +3,8 @@
 Budget semantics follow EMO: the count kept per layer INCLUDES shared (and always-active) experts,
 which are always kept; `25%` keeps ceil(0.25 x experts) per layer, never fewer than top-k.
 
-Score-based methods (cheap, from the profile):
-  frequency  top-k selection counts (ties: probability mass, then id)
-  reap       REAP saliency, mean over the tokens routed to the expert
-  easyep     EASY-EP saliency sum
-  random     a seeded permutation
-Data-driven methods (emo_cli/experts/search.py): `router` (EMO's layerwise method) and `greedy`.
+The methods are declared in experts/methods.py; `score_plan` runs the score-based ones (cheap, from
+the profile), and experts/search.py the data-driven ones.
 """
 
 from __future__ import annotations
@@ -18,13 +14,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from emo_cli.errors import EmoError
+from emo_cli.experts.methods import Scorer, method_named
 from emo_cli.experts.profile import Profile
 from emo_cli.outputs import write_atomic
-
-METHODS = ("frequency", "router", "reap", "easyep", "greedy", "random")
 
 
 @dataclass(frozen=True)
@@ -104,32 +97,18 @@ class Plan:
 
 
 # ---- scores ---------------------------------------------------------------------------------------
-def layer_scores(profile: Profile, method: str, layer: int, seed: int = 0) -> dict[int, tuple]:
+def layer_scores(profile: Profile, score: Scorer, layer: int, seed: int = 0) -> dict[int, tuple]:
     """Sort keys (larger is better) for the routed experts of one layer."""
-    ids = profile.routed_ids(layer)
-    c, p = profile.counts[layer], profile.prob[layer]
-    if method == "frequency":
-        return {e: (float(c[e]), float(p[e]), -e) for e in ids}
-    if method == "reap":
-        return {e: ((float(profile.reap[layer, e]) / float(c[e])) if c[e] > 0 else 0.0, float(p[e]), -e) for e in ids}
-    if method == "easyep":
-        return {e: (float(profile.easyep[layer, e]), float(p[e]), -e) for e in ids}
-    if method == "prob":
-        return {e: (float(p[e]), float(c[e]), -e) for e in ids}
-    if method == "random":
-        g = torch.Generator().manual_seed(seed * 1000003 + layer)
-        perm = torch.randperm(len(ids), generator=g).tolist()
-        return {ids[j]: (float(len(ids) - rank), 0.0, 0) for rank, j in enumerate(perm)}
-    raise EmoError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    return score(profile, layer, profile.routed_ids(layer), seed)
 
 
-def combined_scores(profiles: list[Profile], method: str, layer: int, seed: int = 0) -> dict[int, tuple]:
+def combined_scores(profiles: list[Profile], score: Scorer, layer: int, seed: int = 0) -> dict[int, tuple]:
     """Several domains: each domain's primary score normalised to sum 1 in the layer, then averaged."""
     if len(profiles) == 1:
-        return layer_scores(profiles[0], method, layer, seed)
+        return layer_scores(profiles[0], score, layer, seed)
     total: dict[int, list[float]] = {}
     for prof in profiles:
-        s = layer_scores(prof, method, layer, seed)
+        s = layer_scores(prof, score, layer, seed)
         norm = sum(v[0] for v in s.values()) or 1.0
         for e, v in s.items():
             acc = total.setdefault(e, [0.0, 0.0])
@@ -158,7 +137,7 @@ def plan_from_scores(profile: Profile, scores: dict[int, dict[int, tuple]], keep
     # Global: every layer keeps at least top-k; the rest of the same total goes to the best
     # experts anywhere, by each layer's score share (so layers with flat usage get more).
     total = sum(keep.values())
-    top_k = {layer: min(profile.meta["model"]["routed_top_k"][layer] + len(profile.fixed_ids(layer)),
+    top_k = {layer: min(profile.meta.model.routed_top_k[layer] + len(profile.fixed_ids(layer)),
                         len(profile.layer_ids(layer))) for layer in keep}
     ranked_by_layer, pool = {}, []
     for layer in keep:
@@ -178,14 +157,18 @@ def plan_from_scores(profile: Profile, scores: dict[int, dict[int, tuple]], keep
 
 def score_plan(profiles: list[Profile], method: str, budget: Budget, allocation: str, top_k: int,
                seed: int = 0) -> Plan:
+    """The plan of score-based `method` (a name in experts/methods.py) for one budget."""
+    m = method_named(method)
+    if m.score is None:
+        raise EmoError(f"{method} is data-driven: it needs the model (experts/search.py), not only profiles")
     base = profiles[0]
     keep = layer_budgets(base, budget, top_k)
-    scores = {layer: combined_scores(profiles, method, layer, seed) for layer in keep}
+    scores = {layer: combined_scores(profiles, m.score, layer, seed) for layer in keep}
     kept = plan_from_scores(base, scores, keep, allocation)
-    return Plan(kept=kept, method=method, budget=budget.text, allocation=allocation,
+    return Plan(kept=kept, method=m.name, budget=budget.text, allocation=allocation,
                 model_fingerprint=base.fingerprint,
                 scores={layer: {e: v[0] for e, v in s.items()} for layer, s in scores.items()},
-                extra={"seed": seed} if method == "random" else {})
+                extra={"seed": seed} if m.uses_seed else {})
 
 
 def domain_coverage(profile: Profile, plan: Plan) -> float:

@@ -133,8 +133,8 @@ def prune_to_dir(model: HFModelFiles | Path, plan: Plan, out_dir: Path, force: b
             meta["keep_k_per_layer"] = [None if k is None else len(k) for k in kept_orig]
         if plan.extra.get("profile_fingerprint"):
             meta["profile_fingerprint"] = plan.extra["profile_fingerprint"]
-        if plan.method == "random":
-            meta["seed"] = plan.extra.get("seed", 0)
+        if "seed" in plan.extra:  # a seeded method's plan
+            meta["seed"] = plan.extra["seed"]
         meta.update(extra_meta or {})
         (tmp / "pruning_metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir

@@ -24,11 +24,11 @@ import numpy as np
 
 from emo_cli import __version__
 from emo_cli.errors import EmoError
+from emo_cli.experts.methods import DEFAULT_METHOD, report_method_named
 from emo_cli.experts.profile import Profile, coverage
 from emo_cli.experts.selection import Budget, score_plan
 from emo_cli.outputs import check_location, write_atomic
 
-SCORE_METHODS = ("frequency", "reap", "easyep")
 SHARES = (0.5, 0.9)
 DPI = 110
 
@@ -89,12 +89,7 @@ def coverage_curve(profile: Profile, layer: int) -> np.ndarray:
 
 def kept_routed(profile: Profile, budget: Budget, method: str) -> dict[int, list[int]]:
     """The routed experts `emo prune` keeps for this profile alone (uniform allocation)."""
-    if method not in SCORE_METHODS:
-        raise EmoError(f"--method {method!r}: a report uses a score method ({', '.join(SCORE_METHODS)})")
-    top_k = profile.meta["model"].get("top_k")
-    if top_k is None:
-        raise EmoError("profile lacks the model's top-k; profile again with this emo version")
-    plan = score_plan([profile], method, budget, "uniform", top_k)
+    plan = score_plan([profile], report_method_named(method).name, budget, "uniform", profile.meta.model.top_k)
     return {layer: sorted(set(ids) - set(profile.fixed_ids(layer))) for layer, ids in plan.kept.items()}
 
 
@@ -137,7 +132,8 @@ def check_same_model(profiles: list[Profile], paths: list[Path]) -> None:
                            "a report compares profiles of one model")
 
 
-def build_report(profiles: list[Profile], paths: list[Path], budget: str = "25%", method: str = "frequency") -> Report:
+def build_report(profiles: list[Profile], paths: list[Path], budget: str = "25%",
+                 method: str = DEFAULT_METHOD) -> Report:
     if not profiles:
         raise EmoError("give at least one profile")
     check_same_model(profiles, paths)
@@ -146,8 +142,8 @@ def build_report(profiles: list[Profile], paths: list[Path], budget: str = "25%"
     for prof, path, name in zip(profiles, paths, profile_names(paths)):
         layers, usage = usage_matrix(prof)
         stats.append(ProfileStats(
-            name=name, path=str(path), docs=prof.docs, tokens=int(prof.meta["data"]["tokens"]),
-            sources=list(prof.meta["data"].get("sources", [])), layers=layers, usage=usage,
+            name=name, path=str(path), docs=prof.docs, tokens=prof.meta.data.tokens,
+            sources=list(prof.meta.data.sources), layers=layers, usage=usage,
             curves={layer: coverage_curve(prof, layer) for layer in layers},
             cover={s: {layer: coverage(prof, layer, s) for layer in layers} for s in SHARES},
             kept=kept_routed(prof, b, method)))
@@ -157,8 +153,7 @@ def build_report(profiles: list[Profile], paths: list[Path], budget: str = "25%"
     # same model and budget, so every profile keeps the same number per layer
     chance = {layer: chance_jaccard(len(profiles[0].routed_ids(layer)), len(first.kept[layer]),
                                     len(first.kept[layer])) for layer in first.layers}
-    model = {"fingerprint": profiles[0].fingerprint,
-             "path": profiles[0].meta["model"].get("spec") or profiles[0].meta["model"].get("path")}
+    model = {"fingerprint": profiles[0].fingerprint, "path": profiles[0].meta.model.spec or profiles[0].meta.model.path}
     return Report(stats, b.text, method, model, pairs, chance)
 
 

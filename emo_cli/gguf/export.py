@@ -401,9 +401,7 @@ def _write(files: HFModelFiles, path: Path, base: QT, file_type: int, prov: dict
 def check_quant(quant: str) -> None:
     """A known quant type whose writer is installed: checked before any work (and by `emo prune`
     before it loads anything)."""
-    if quant not in gf.QUANTS:
-        raise EmoError(f"unknown quant {quant!r} (use {', '.join(gf.QUANTS)})")
-    if gf.QUANTS[quant][1] is None:
+    if gf.quant_types(quant)[1] is None:
         _require_llama_cpp(quant)
 
 

@@ -125,6 +125,14 @@ QUANTS: dict[str, tuple[LlamaFileType, QT | None]] = {
     "q6_k": (LlamaFileType.MOSTLY_Q6_K, None),
 }
 
+
+def quant_types(name: str) -> tuple[LlamaFileType, QT | None]:
+    """(general.file_type, tensor type) of quant `name`, or the one-line error that lists them."""
+    if name not in QUANTS:
+        raise EmoError(f"unknown quant {name!r} (use {', '.join(QUANTS)})")
+    return QUANTS[name]
+
+
 # Tensor types emo computes with (natively or through gguf-py's dequantizers); others are refused
 # when a file is opened.
 READABLE_TYPES = frozenset({QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from emo_cli import ui
 from emo_cli.errors import EmoError
+from emo_cli.experts.methods import DEFAULT_METHOD
 from emo_cli.model.loading import EMBEDDED_MODELS
 
 TINY_EMO, TINY_STD = EMBEDDED_MODELS["tiny-emo"], EMBEDDED_MODELS["tiny-stdmoe"]
@@ -30,7 +31,7 @@ PROMPT = "S91.153 Open bite of unspecified great toe without damage to nail\n"
 class DemoSettings:
     out: Path = Path("emo-demo")
     budget: str = "25%"
-    method: str = "frequency"
+    method: str = DEFAULT_METHOD  # a name in experts/methods.py
     profile_docs: int = 64
     eval_docs: int = 32
     guard_docs: int = 16
@@ -82,7 +83,7 @@ def run_demo(s: DemoSettings) -> dict:
     from emo_cli.data.documents import data_hash, read_documents
     from emo_cli.evaluation.loss import evaluate_loss
     from emo_cli.experts.pipeline import batches_for, make_plan, masked_loss
-    from emo_cli.experts.profile import profile_model
+    from emo_cli.experts.profile import DataPart, ModelInfo, ProfileMeta, ProfileSettings, profile_model
     from emo_cli.experts.selection import Budget
     from emo_cli.experts.slim_hf import prune_to_dir
     from emo_cli.gguf.export import export_gguf
@@ -111,11 +112,13 @@ def run_demo(s: DemoSettings) -> dict:
     say("2/5 profiling the tiny EMO on medical documents")
     emo = load_model(TINY_EMO)
     std = load_model(TINY_STD)
-    meta = lambda lm: {"model": {"path": str(lm.path), "fingerprint": lm.fingerprint, "spec": str(lm.path)},  # noqa: E731
-                       "data": {"sources": [str(med_train)], "text_field": None, "max_docs": s.profile_docs,
-                                "docs": len(train_docs), "tokens": 0, "hash": data_hash(train_docs),
-                                "heldout_ids": []},
-                       "settings": {"seq_len": s.seq_len, "batch_size": 8, "max_tokens": None}}
+    data = DataPart(sources=[str(med_train)], text_field=None, max_docs=s.profile_docs, docs=len(train_docs),
+                    tokens=0, hash=data_hash(train_docs), heldout_ids=[])
+
+    def meta(lm) -> ProfileMeta:
+        return ProfileMeta(model=ModelInfo.of(lm.model, lm.path, lm.fingerprint, spec=str(lm.path)), data=data,
+                           settings=ProfileSettings(seq_len=s.seq_len, batch_size=8, max_tokens=None))
+
     batches = batches_for(emo.tokenizer, train_docs, s.seq_len, 8)
     with ui.progress(disable=s.quiet) as prog:
         step = ui.layer_steps(prog, "profiling tiny EMO", emo.model.num_layers, len(train_docs))

@@ -7,12 +7,15 @@ from pathlib import Path
 import typer
 
 from emo_cli import ui
+from emo_cli.cli.commands import options
+from emo_cli.experts.methods import DEFAULT_METHOD
 
 
 def demo(
     out: Path = typer.Option(Path("emo-demo"), "--out", "-o", help="Where everything is written."),
     budget: str = typer.Option("25%", "--budget"),
-    method: str = typer.Option("frequency", "--method", help="Selection method (see emo prune --help)."),
+    method: options.MethodChoice = typer.Option(DEFAULT_METHOD, "--method", parser=options.parse_method,
+                                                help="Selection method (see emo prune --help)."),
     force: bool = typer.Option(False, "--force", help="Use --out even if it holds files emo demo did not write."),
     json_out: bool = typer.Option(False, "--json"),
     data_only: bool = typer.Option(False, "--data-only",
@@ -36,7 +39,7 @@ def demo(
             ui.out.print("wrote " + ", ".join(str(p) for p in files))
         return
 
-    result = run_demo(DemoSettings(out=out, budget=budget, method=method, force=force, quiet=json_out))
+    result = run_demo(DemoSettings(out=out, budget=budget, method=method.value, force=force, quiet=json_out))
     if json_out:
         ui.print_json(result)
     else:

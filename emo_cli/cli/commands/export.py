@@ -8,13 +8,14 @@ from typing import Optional
 import typer
 
 from emo_cli import ui
+from emo_cli.cli.commands import options
 
 
 def export(
     model: str = typer.Argument(..., help="HF model directory (or HF repo id in the local cache)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="FILE.gguf (default: <model name>.gguf here)."),
-    quant: str = typer.Option("f16", "--quant", "-q", help="f32 f16 bf16 q8_0 q4_0 q5_0 q4_k_m q5_k_m q6_k "
-                              "(K-quants are made by llama.cpp; the router and norms stay f32)."),
+    quant: options.QuantChoice = typer.Option("f16", "--quant", "-q", parser=options.parse_quant, help="K-quants "
+                                              "are made by llama.cpp; the router and norms stay f32."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -42,7 +43,7 @@ def export(
                 tasks[stage] = prog.add_task(label, total=total, bytes=0)
             prog.update(tasks[stage], completed=done, total=total, bytes=nbytes)
 
-        result = export_gguf(path, out, quant=quant, force=force, progress=on_progress)
+        result = export_gguf(path, out, quant=quant.value, force=force, progress=on_progress)
     if json_out:
         ui.print_json(result)
         return

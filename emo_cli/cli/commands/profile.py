@@ -71,7 +71,7 @@ def profile(
         merged.save(output, force=force)
         update_state(profile=str(output.resolve()), stem=output.name.split(".")[0])
         if json_out:
-            ui.print_json({"profile": str(output), "docs": merged.docs, "tokens": merged.meta["data"]["tokens"]})
+            ui.print_json({"profile": str(output), "docs": merged.docs, "tokens": merged.meta.data.tokens})
         else:
             ui.out.print(f"merged {len(data) - 1} profiles into {output} ({merged.docs} docs)")
         return
@@ -97,7 +97,7 @@ def profile(
     pass_s = time.perf_counter() - t0  # rank 0 waits for every rank in the reduction: the slowest
     if not world().writer:  # data parallel: rank 0 writes the profile and the workspace
         return
-    prof.meta["model"]["spec"] = absolute_if_local(spec)
+    prof.meta.model.spec = absolute_if_local(spec)
     prof.save(out, force=force)
     shutil.rmtree(partial, ignore_errors=True)  # data parallel: every rank emptied its own checkpoint
     update_state(model=absolute_if_local(spec), profile=str(out.resolve()), stem=data_stem(data[0]))
@@ -107,10 +107,10 @@ def profile(
         top = sorted(routed, key=lambda e: float(prof.prob[layer, e]), reverse=True)[:5]
         rows.append([layer, len(routed), coverage(prof, layer, 0.5), coverage(prof, layer, 0.9),
                      " ".join(str(e) for e in top)])
-    summary = {"profile": str(out), "model": spec, "docs": prof.docs, "tokens": prof.meta["data"]["tokens"],
+    summary = {"profile": str(out), "model": spec, "docs": prof.docs, "tokens": prof.meta.data.tokens,
                "memory": lm.memory.as_dict() if lm.memory else None, "pass_s": round(pass_s, 3),
                "ranks": world().size,
-               "heldout_docs": len(prof.meta["data"]["heldout_ids"]),
+               "heldout_docs": sum(len(part.heldout_ids or []) for part in prof.parts()),
                "layers": [{"layer": r[0], "routed": r[1], "cover50": r[2], "cover90": r[3],
                            "top": [int(x) for x in r[4].split()]} for r in rows]}
     if json_out:

@@ -11,6 +11,7 @@ import typer
 
 from emo_cli import ui
 from emo_cli.cli.commands import options
+from emo_cli.experts.methods import DEFAULT_METHOD, METHODS, method_named
 
 
 def prune(
@@ -19,9 +20,9 @@ def prune(
     profile: List[Path] = typer.Option([], "--profile", "-p", help="Profile(s); several = one plan serving all "
                                        "domains. Default: the workspace's last profile."),
     model: Optional[str] = typer.Option(None, "--model", "-m"),
-    method: str = typer.Option("frequency", "--method", help="frequency | router | reap | easyep | greedy | random. "
-                               "greedy searches by real held-out loss, starting from the best of the others; cost "
-                               "≈ 5 + swaps x (L-l)/L forward passes over the held-out set, bounded by --max-evals."),
+    method: options.MethodChoice = typer.Option(DEFAULT_METHOD, "--method", parser=options.parse_method,
+                                                help=options.method_labels(METHODS) + " greedy costs ≈ 5 + swaps x "
+                                                "(L-l)/L forward passes over the held-out set, bounded by --max-evals."),
     heldout: List[str] = typer.Option([], "--heldout", help="Held-out data for greedy and the report "
                                       "(default: the profile's held-out documents)."),
     allocation: str = typer.Option("uniform", "--allocation", help="uniform (same count per layer; llama.cpp "
@@ -30,8 +31,9 @@ def prune(
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF path (default: <output>.gguf). A .gguf "
                                         "model is pruned into this one file (-o X also names it X.gguf)."),
     no_gguf: bool = typer.Option(False, "--no-gguf", help="Write only the HF directory."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="GGUF type: f32 f16 (default) bf16 q8_0 q4_0 q5_0 "
-                                        "q4_k_m q5_k_m q6_k. A .gguf model keeps its own types (no re-quantization)."),
+    quant: Optional[options.QuantChoice] = typer.Option(None, "--quant", parser=options.parse_quant, help="GGUF "
+                                                        "type (default f16). A .gguf model keeps its own types "
+                                                        "(no re-quantization)."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Re-apply a saved plan.json."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the expected size; write nothing."),
     seed: int = typer.Option(0, "--seed", help="Seed of --method random."),
@@ -55,8 +57,9 @@ def prune(
     """
     from emo_cli.experts.prune import PruneRequest, run_prune
 
-    req = PruneRequest(budget=budget, profiles=list(profile), model=model, method=method, heldout=list(heldout),
-                       allocation=allocation, output=output, gguf=gguf, no_gguf=no_gguf, quant=quant, plan=plan,
+    req = PruneRequest(budget=budget, profiles=list(profile), model=model, method=method_named(method.value),
+                       heldout=list(heldout), allocation=allocation, output=output, gguf=gguf, no_gguf=no_gguf,
+                       quant=quant.value if quant else None, plan=plan,
                        dry_run=dry_run, seed=seed, max_evals=max_evals, guard=list(guard),
                        max_loss_increase=max_loss_increase, force=force, device=device, dtype=dtype,
                        streaming=streaming, max_memory=max_memory, quiet=json_out,

@@ -8,6 +8,8 @@ from typing import List
 import typer
 
 from emo_cli import ui
+from emo_cli.cli.commands import options
+from emo_cli.experts.methods import DEFAULT_METHOD, REPORT_METHODS
 
 
 def report(
@@ -15,8 +17,9 @@ def report(
     output: Path = typer.Option(Path("report.html"), "-o", "--output", help="Self-contained HTML file."),
     budget: str = typer.Option("25%", "--budget", "-b", help="Budget of the kept sets compared across domains, "
                                "as in `emo prune`: 25% or a count like 32 (shared experts included)."),
-    method: str = typer.Option("frequency", "--method",
-                               help="How the kept sets are chosen: frequency | reap | easyep."),
+    method: options.ReportMethodChoice = typer.Option(DEFAULT_METHOD, "--method", parser=options.parse_report_method,
+                                                      help="How the kept sets are chosen: "
+                                                      + options.method_labels(REPORT_METHODS)),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing report."),
     json_out: bool = typer.Option(False, "--json"),
 ):
@@ -37,7 +40,7 @@ def report(
 
     check_output(output, force)  # before any work: an existing report is never silently replaced
     profs = [Profile.load(p) for p in profiles]
-    rep = build_report(profs, list(profiles), budget=budget, method=method)
+    rep = build_report(profs, list(profiles), budget=budget, method=method.value)
     if json_out:
         page = render_html(rep)
     else:

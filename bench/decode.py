@@ -113,6 +113,7 @@ def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0, laye
     from gguf import GGUFWriter
 
     from emo_cli.gguf import layout as gf
+    from emo_cli.gguf.quants import QUANTS
     from emo_cli.model.bpe import save_tokenizer, train_bpe
     from emo_cli.arch.emo import EmoConfig
     from emo_cli.gguf.export import add_tokenizer
@@ -131,7 +132,7 @@ def write_synthetic_gguf(path: Path, shape: str, quant: str, seed: int = 0, laye
     tmp = path.with_name(path.name + ".tmp")
     w = GGUFWriter(tmp, gf.ARCH)
     w.add_name(f"synthetic-emo-{shape}")
-    w.add_file_type(int(gf.QUANTS[quant][0]))
+    w.add_file_type(int(QUANTS[quant][0]))
     w.add_context_length(4096)
     w.add_embedding_length(D)
     w.add_block_count(s["layers"])

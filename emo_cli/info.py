@@ -7,6 +7,7 @@ from pathlib import Path
 from gguf import Keys
 
 from emo_cli.gguf import layout as gf
+from emo_cli.gguf.quants import quant_name
 from emo_cli.model.loading import is_gguf, open_hf_dir, read_pruning_metadata, resolve_model_path
 
 
@@ -81,7 +82,7 @@ def gguf_info(path: Path) -> dict:
         layers.append({"layer": i, "experts": n, "routed": n - ns if n else 0, "shared": ns,
                        "always_active": [], "dense": n == 0})
     info = {
-        "model": str(path), "format": "gguf", "quant": gf.quant_name(gf.field(reader, Keys.General.FILE_TYPE)),
+        "model": str(path), "format": "gguf", "quant": quant_name(gf.field(reader, Keys.General.FILE_TYPE)),
         "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
         "heads": cfg.num_attention_heads, "kv_heads": cfg.kv_heads, "vocab_size": cfg.vocab_size,
         "top_k": cfg.num_experts_per_tok, "experts_per_layer": layers,

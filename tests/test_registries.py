@@ -1,6 +1,6 @@
 """The registries behind the command line, and the typed profile metadata.
 
-Every selection method (experts/methods.py) and quant type (gguf/layout.py QUANTS) is offered by
+Every selection method (experts/methods.py) and quant type (gguf/quants.py QUANTS) is offered by
 the commands that take one; a value outside them ends in one `error:` line before anything is read
 or loaded; profile metadata keeps every key, known or not, through a file.
 """
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from emo_cli.cli import app as cli
 from emo_cli.experts.methods import METHODS, REPORT_METHODS
 from emo_cli.experts.profile import DataPart, MergedData, Profile
-from emo_cli.gguf.layout import QUANTS
+from emo_cli.gguf.quants import QUANTS
 
 METHOD_CHOICES = "<" + "|".join(m.name for m in METHODS) + ">"
 QUANT_CHOICES = "<" + "|".join(QUANTS) + ">"

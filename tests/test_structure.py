@@ -140,3 +140,15 @@ def test_every_module_belongs_to_a_layer_and_none_imports_upward():
         unit_of(m)  # raises on a module outside every layer
     graph = {m: imported(m, f, known) for m, f in known.items()}
     assert back_pointing(graph) == []
+
+
+def test_the_command_line_starts_without_torch():
+    """`emo --help` and argument errors answer at once: the commands import torch, numpy-heavy
+    modules and models only when they run, and the choices come from light registries."""
+    import subprocess
+    import sys
+
+    code = "import sys, emo_cli.cli.app; print(sorted(m for m in ('torch', 'safetensors', 'datasets') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

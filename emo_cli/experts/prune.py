@@ -42,7 +42,7 @@ class PruneRequest:
     output: Path | None = None
     gguf: Path | None = None
     no_gguf: bool = False
-    quant: str | None = None  # a name in gguf.layout.QUANTS; None: f16, or a .gguf source's own types
+    quant: str | None = None  # a name in gguf.quants.QUANTS; None: f16, or a .gguf source's own types
     plan: Path | None = None
     dry_run: bool = False
     seed: int = 0

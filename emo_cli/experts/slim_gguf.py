@@ -29,6 +29,7 @@ from emo_cli.arch.emo import EmoConfig
 from emo_cli.errors import EmoError
 from emo_cli.experts.selection import Plan
 from emo_cli.gguf import layout as gf
+from emo_cli.gguf.quants import quant_name
 from emo_cli.gguf.export import add_provenance
 from emo_cli.gguf.reader import GGUFFile
 from emo_cli.outputs import check_outputs, write_atomic
@@ -58,7 +59,7 @@ class GGUFSource:
 
     @property
     def quant(self) -> str:
-        return gf.quant_name(gf.field(self.reader, Keys.General.FILE_TYPE))
+        return quant_name(gf.field(self.reader, Keys.General.FILE_TYPE))
 
     def describe(self) -> str:
         via = f", exported from {self.exported_from}" if self.exported_from else ""

@@ -37,6 +37,7 @@ from emo_cli.arch.emo import EmoConfig
 from emo_cli.arch.registry import architecture
 from emo_cli.errors import EmoError
 from emo_cli.gguf import layout as gf
+from emo_cli.gguf.quants import QUANTS, quant_types
 from emo_cli.model.bpe import CL100K_SPLIT
 from emo_cli.model.loading import HFModelFiles, open_hf_dir, read_pruning_metadata
 from emo_cli.outputs import check_location, remove_stale
@@ -401,7 +402,7 @@ def _write(files: HFModelFiles, path: Path, base: QT, file_type: int, prov: dict
 def check_quant(quant: str) -> None:
     """A known quant type whose writer is installed: checked before any work (and by `emo prune`
     before it loads anything)."""
-    if gf.quant_types(quant)[1] is None:
+    if quant_types(quant)[1] is None:
         _require_llama_cpp(quant)
 
 
@@ -463,7 +464,7 @@ def export_gguf(model: HFModelFiles | Path, out: Path, quant: str = "f16", prove
     """Write the HF EMO directory `model` (opened, or its path) as a GGUF file llama.cpp runs exactly.
 
     Args:
-        quant: one of layout.QUANTS.
+        quant: one of quants.QUANTS.
         provenance: pruning provenance (fields of layout.PROVENANCE_KEYS), overriding what
             the directory's pruning_metadata.json says.
         force: overwrite an existing `out`.
@@ -487,7 +488,7 @@ def export_gguf(model: HFModelFiles | Path, out: Path, quant: str = "f16", prove
     if reason:
         raise EmoError(f"{files.dir} cannot be exported to GGUF exactly: {reason}")
     prov = collect_provenance(files, provenance)
-    file_type, qtype = gf.QUANTS[quant]
+    file_type, qtype = QUANTS[quant]
     if qtype is None:
         _require_llama_cpp(quant)  # before any work
     remove_stale(out.parent, out.name)  # what a killed export left behind
@@ -498,7 +499,7 @@ def export_gguf(model: HFModelFiles | Path, out: Path, quant: str = "f16", prove
             _write(files, tmp, qtype, int(file_type), prov, progress)
         else:
             base = _source_base(files)
-            _write(files, mid, base, int(gf.QUANTS[base.name.lower()][0]), prov, progress)
+            _write(files, mid, base, int(QUANTS[base.name.lower()][0]), prov, progress)
             if progress:
                 progress("quantizing", 0, 1, 0)
             _llama_quantize(mid, tmp, int(file_type), quant)

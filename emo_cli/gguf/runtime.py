@@ -48,6 +48,7 @@ from emo_cli.arch.layers import DEFAULT_ACTIVATION_BUDGET, KVCache, MoEObservati
 from emo_cli.arch.routing import RoutingSpec, route
 from emo_cli.errors import EmoError
 from emo_cli.gguf import layout as gf
+from emo_cli.gguf.quants import READABLE_TYPES
 from emo_cli.gguf.reader import GGUFFile
 from emo_cli.gguf.vocab import tokenizer_from_gguf
 from emo_cli.model.api import LoadedModel, expert_mask
@@ -442,7 +443,7 @@ class GGUFModel:
             have = tuple(int(d) for d in reversed(T[name].shape))  # GGUF ne order is numpy's reversed
             if have != shape:
                 raise EmoError(f"{path}: tensor {name} has shape {have}, but the file's keys imply {shape}")
-            if T[name].tensor_type not in gf.READABLE_TYPES:
+            if T[name].tensor_type not in READABLE_TYPES:
                 raise EmoError(f"{path}: tensor {name} has type {T[name].tensor_type.name}, which emo cannot compute")
             # the kernels get raw pointers into the map: every byte they may read must be in the file
             t = T[name]

@@ -1,5 +1,5 @@
 """Options shared by several commands: the pass options of profile, eval and prune, and the
-choices built from the registries (experts/methods.py for --method, gguf/layout.py for --quant)."""
+choices built from the registries (experts/methods.py for --method, gguf/quants.py for --quant)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from emo_cli.experts.methods import METHODS, REPORT_METHODS, Method, method_named, report_method_named
-from emo_cli.gguf.layout import QUANTS, quant_types
+from emo_cli.gguf.quants import QUANTS, quant_types
 
 STREAMING = typer.Option("auto", "--streaming", help="auto: keep the whole model in memory when it fits, else "
                          "stream it one layer at a time from the mapped checkpoint (decided before loading); "

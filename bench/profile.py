@@ -24,7 +24,7 @@ import torch
 from emo_cli.arch.emo import EmoConfig
 from emo_cli.data.documents import TokenBatch
 from emo_cli.arch.emo import EmoForCausalLM
-from emo_cli.experts.profile import DataPart, ModelInfo, ProfileMeta, ProfileSettings, profile_model
+from emo_cli.experts.usage_profile import DataPart, ModelInfo, ProfileMeta, ProfileSettings, profile_model
 from emo_cli.experts.search import greedy_plan, plan_loss
 from emo_cli.experts.selection import Budget
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emo_cli.experts.profile import Profile
+from emo_cli.experts.usage_profile import Profile
 from tiny_models import sample_texts, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def test_greedy_plan_equals_one_process_and_only_rank_0_writes(work):
 
 FAILING = r"""
 import os, sys
-import emo_cli.experts.profile as profile
+import emo_cli.experts.usage_profile as profile
 real = profile.profile_model
 def failing(*a, **k):
     if os.environ["RANK"] == "1":
@@ -155,7 +155,7 @@ def test_ctrl_c_on_the_launcher_stops_every_rank(work, tmp_path):
 
 DYING = r"""
 import os, sys
-import emo_cli.experts.profile as profile
+import emo_cli.experts.usage_profile as profile
 real, calls = profile.run_layers, []
 def dying(*a, **k):
     calls.append(1)

@@ -94,7 +94,7 @@ def test_prune_reports_heldout_mc_accuracy_equal_to_the_slim_model(tiny_model_fa
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ev = report["eval"]["heldout"]
     from emo_cli.experts.pipeline import heldout_documents
-    from emo_cli.experts.profile import Profile
+    from emo_cli.experts.usage_profile import Profile
 
     items = [d.item for d in heldout_documents([Profile.load(tmp_path / "mc.profile.safetensors")])]
     assert ev["items"] == len(items) > 0 and items[0].prefix.count("\n\n") == 2

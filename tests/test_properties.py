@@ -166,7 +166,7 @@ def valid_profile_parts():
     value=json_values, shape=st.lists(st.integers(0, 5), max_size=3), which=st.sampled_from(
     ["counts", "prob", "tokens", None]))
 def test_profile_with_any_metadata_or_shape(tmp_path_factory, section, key, value, shape, which):
-    from emo_cli.experts.profile import Profile
+    from emo_cli.experts.usage_profile import Profile
     from emo_cli.experts.selection import score_plan, Budget
 
     meta, tensors = valid_profile_parts()

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from emo_cli.cli import app as cli
 from emo_cli.experts.methods import METHODS, REPORT_METHODS
-from emo_cli.experts.profile import DataPart, MergedData, Profile
+from emo_cli.experts.usage_profile import DataPart, MergedData, Profile
 from emo_cli.gguf.quants import QUANTS
 
 METHOD_CHOICES = "<" + "|".join(m.name for m in METHODS) + ">"

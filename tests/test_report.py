@@ -15,7 +15,7 @@ import pytest
 from emo_cli.cli import app as cli
 from emo_cli.errors import EmoError
 from emo_cli.experts.pipeline import run_profile
-from emo_cli.experts.profile import Profile
+from emo_cli.experts.usage_profile import Profile
 from emo_cli.experts.usage_report import build_report, expected_figures, summary, write_html
 from emo_cli.runtime import load_model
 from tiny_models import sample_texts, write_jsonl

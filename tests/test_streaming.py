@@ -20,7 +20,7 @@ from emo_cli.model.memory import GiB, Workload, estimate, plan_memory, weight_co
 from emo_cli.model.api import masks_for
 from emo_cli.evaluation.multiple_choice import MCItem, evaluate_mc
 from emo_cli.experts.pipeline import batches_for, heldout_documents, run_profile
-from emo_cli.experts.profile import STATS, Profile, ProfileAccumulator
+from emo_cli.experts.usage_profile import STATS, Profile, ProfileAccumulator
 from emo_cli.runtime import load_model
 from emo_cli.experts.search import greedy_plan, router_plan
 from emo_cli.experts.selection import Budget, score_plan
@@ -149,7 +149,7 @@ def test_interrupted_streamed_profile_resumes_to_the_same_bytes(tiny_model_facto
                                                                  monkeypatch, stop_at):
     """Killed mid-layer (at layer, batch = stop_at), then run again: the run continues from the
     last finished layer and the profile equals an uninterrupted run exactly."""
-    import emo_cli.experts.profile as profile_mod
+    import emo_cli.experts.usage_profile as profile_mod
 
     d = tiny_model_factory("dense_lead")
     resident, first = both(d)
@@ -184,7 +184,7 @@ def test_in_memory_profile_checkpoints_every_n_documents_and_resumes_to_the_same
         tiny_model_factory, med_data, tmp_path, monkeypatch):
     """A resident model's run saves its partial sums every --checkpoint-every documents; killed in
     the third group, it resumes after the second, and the profile equals an uncheckpointed run."""
-    import emo_cli.experts.profile as profile_mod
+    import emo_cli.experts.usage_profile as profile_mod
 
     d = tiny_model_factory("shared")
     lm = load_model(d)

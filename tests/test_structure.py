@@ -128,10 +128,10 @@ def back_pointing(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
 
 
 def test_layering_finder_sees_an_upward_import():
-    assert back_pointing({"emo_cli.model.loading": {"emo_cli.experts.profile", "emo_cli.arch.emo"}}) == \
-        [("emo_cli.model.loading", "emo_cli.experts.profile")]
-    assert back_pointing({"emo_cli.experts.profile": {"emo_cli.training.shared"}}) == \
-        [("emo_cli.experts.profile", "emo_cli.training.shared")]
+    assert back_pointing({"emo_cli.model.loading": {"emo_cli.experts.usage_profile", "emo_cli.arch.emo"}}) == \
+        [("emo_cli.model.loading", "emo_cli.experts.usage_profile")]
+    assert back_pointing({"emo_cli.experts.usage_profile": {"emo_cli.training.shared"}}) == \
+        [("emo_cli.experts.usage_profile", "emo_cli.training.shared")]
 
 
 def test_every_module_belongs_to_a_layer_and_none_imports_upward():

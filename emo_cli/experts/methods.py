@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from emo_cli.errors import EmoError
 
 if TYPE_CHECKING:
-    from emo_cli.experts.profile import Profile
+    from emo_cli.experts.usage_profile import Profile
 
 # (profile, layer, routed ids, seed) -> {original id: sort key}, larger keys ranked first
 Scorer = Callable[["Profile", int, list[int], int], dict[int, tuple]]

@@ -1,5 +1,5 @@
 """Orchestration of `emo profile` and `emo prune`: files, progress and data around the pure cores
-(profile.profile_model, selection.score_plan, search.router_plan/greedy_plan, slim_hf.prune_to_dir)."""
+(usage_profile.profile_model, selection.score_plan, search.router_plan/greedy_plan, slim_hf.prune_to_dir)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from emo_cli import ui
 from emo_cli.data.documents import Document, data_hash, heldout_split, make_batches, read_documents, tokenize_documents
 from emo_cli.errors import EmoError
 from emo_cli.experts.methods import method_named
-from emo_cli.experts.profile import DataPart, ModelInfo, Profile, ProfileMeta, ProfileSettings, profile_model
+from emo_cli.experts.usage_profile import DataPart, ModelInfo, Profile, ProfileMeta, ProfileSettings, profile_model
 
 
 def data_stem(path: str | Path) -> str:

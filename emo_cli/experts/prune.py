@@ -21,9 +21,9 @@ from emo_cli.experts import slim_gguf
 from emo_cli.experts.methods import DEFAULT_METHOD, Method, method_named
 from emo_cli.experts.model_card import write_model_card
 from emo_cli.experts.pipeline import heldout_documents, make_plan, masked_loss, masked_losses
-from emo_cli.experts.profile import Profile
 from emo_cli.experts.selection import Budget, Plan, domain_coverage, layer_budgets
 from emo_cli.experts.slim_hf import expected_size, prune_to_dir
+from emo_cli.experts.usage_profile import Profile
 from emo_cli.gguf.export import check_quant
 from emo_cli.model.distributed import world
 from emo_cli.model.loading import is_gguf, resolve_model_path

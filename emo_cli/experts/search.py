@@ -38,8 +38,8 @@ import torch
 
 from emo_cli.errors import EmoError
 from emo_cli.experts.methods import METHODS, routing_mass_scores
-from emo_cli.experts.profile import Profile
 from emo_cli.experts.selection import Budget, Plan, combined_scores, layer_budgets, plan_from_scores, score_plan
+from emo_cli.experts.usage_profile import Profile
 from emo_cli.model.api import expert_mask, masks_for
 from emo_cli.model.distributed import world
 from emo_cli.model.passes import batch_nll, embed_batches, replicate, row_nll, run_layers, variant_masks

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from emo_cli.errors import EmoError
 from emo_cli.experts.methods import Scorer, method_named
-from emo_cli.experts.profile import Profile
+from emo_cli.experts.usage_profile import Profile
 from emo_cli.outputs import write_atomic
 
 

@@ -29,8 +29,8 @@ from emo_cli.arch.emo import EmoConfig
 from emo_cli.errors import EmoError
 from emo_cli.experts.selection import Plan
 from emo_cli.gguf import layout as gf
-from emo_cli.gguf.quants import quant_name
 from emo_cli.gguf.export import add_provenance
+from emo_cli.gguf.quants import quant_name
 from emo_cli.gguf.reader import GGUFFile
 from emo_cli.outputs import check_outputs, write_atomic
 

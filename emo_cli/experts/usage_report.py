@@ -25,8 +25,8 @@ import numpy as np
 from emo_cli import __version__
 from emo_cli.errors import EmoError
 from emo_cli.experts.methods import DEFAULT_METHOD, report_method_named
-from emo_cli.experts.profile import Profile, coverage
 from emo_cli.experts.selection import Budget, score_plan
+from emo_cli.experts.usage_profile import Profile, coverage
 from emo_cli.outputs import check_location, write_atomic
 
 SHARES = (0.5, 0.9)

@@ -83,9 +83,9 @@ def run_demo(s: DemoSettings) -> dict:
     from emo_cli.data.documents import data_hash, read_documents
     from emo_cli.evaluation.loss import evaluate_loss
     from emo_cli.experts.pipeline import batches_for, make_plan, masked_loss
-    from emo_cli.experts.profile import DataPart, ModelInfo, ProfileMeta, ProfileSettings, profile_model
     from emo_cli.experts.selection import Budget
     from emo_cli.experts.slim_hf import prune_to_dir
+    from emo_cli.experts.usage_profile import DataPart, ModelInfo, ProfileMeta, ProfileSettings, profile_model
     from emo_cli.gguf.export import export_gguf
     from emo_cli.gguf.runtime import load_gguf_model
     from emo_cli.lab.corpus import PIP_DOMAINS, CorpusSpec, build_corpus, domain_files

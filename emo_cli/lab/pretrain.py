@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from emo_cli.arch.emo import EmoConfig
-from emo_cli.arch.emo import EmoForCausalLM
+from emo_cli.arch.emo import EmoConfig, EmoForCausalLM
 from emo_cli.arch.layers import MoEBlock
 from emo_cli.arch.routing import routed_mask
 from emo_cli.data.documents import Document

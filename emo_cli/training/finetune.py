@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from emo_cli import __version__
-from emo_cli.arch.emo import EmoConfig
-from emo_cli.arch.emo import EmoForCausalLM
+from emo_cli.arch.emo import EmoConfig, EmoForCausalLM
 from emo_cli.data.documents import Document, data_hash, heldout_split, read_documents
 from emo_cli.errors import EmoError
 from emo_cli.model.loading import (

@@ -54,7 +54,7 @@ def profile(
     """
     from emo_cli.errors import EmoError
     from emo_cli.experts.pipeline import data_stem, run_profile
-    from emo_cli.experts.profile import Profile, coverage
+    from emo_cli.experts.usage_profile import Profile, coverage
     from emo_cli.model.distributed import world
     from emo_cli.model.memory import Workload
     from emo_cli.outputs import check_location

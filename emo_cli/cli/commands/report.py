@@ -28,7 +28,7 @@ def report(
 
     Examples:  emo report med.profile.safetensors code.profile.safetensors -o report.html --budget 25%
     """
-    from emo_cli.experts.profile import Profile
+    from emo_cli.experts.usage_profile import Profile
     from emo_cli.experts.usage_report import (
         build_report,
         check_output,

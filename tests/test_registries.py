@@ -8,33 +8,19 @@ or loaded; profile metadata keeps every key, known or not, through a file.
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from emo_cli.cli import app as cli
+from test_cli import run
 from emo_cli.experts.methods import METHODS, REPORT_METHODS
 from emo_cli.experts.usage_profile import DataPart, MergedData, Profile
 from emo_cli.gguf.quants import QUANTS
 
 METHOD_CHOICES = "<" + "|".join(m.name for m in METHODS) + ">"
 QUANT_CHOICES = "<" + "|".join(QUANTS) + ">"
-
-
-def run(argv, capsys):
-    old = sys.argv
-    sys.argv = ["emo", *map(str, argv)]
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    return code, *capsys.readouterr()
 
 
 @pytest.mark.parametrize("command, choices", [("prune", [METHOD_CHOICES, QUANT_CHOICES]),

@@ -49,6 +49,7 @@ def test_report_offers_only_the_methods_that_describe_a_domain():
     (["export", "no-such-model", "--quant", "Q8_0"], "unknown quant 'Q8_0'"),
     (["report", "no.profile.safetensors", "--method", "random"], "--method 'random': a report uses a score method"),
     (["demo", "--method", "best"], "unknown method 'best'"),
+    (["prune", "--allocation", "even", "--budget", "4"], "unknown allocation 'even' (uniform or global)"),
 ])
 def test_a_value_outside_a_registry_fails_before_anything_is_read(argv, needle, tmp_path, capsys, monkeypatch):
     import emo_cli.runtime

@@ -91,6 +91,17 @@ REPORT_METHODS = tuple(m for m in METHODS if m.in_report)
 DEFAULT_METHOD = "frequency"  # of `emo prune`, `emo report` and `emo demo`
 
 
+# How a budget is spread over the layers -> what it means, for --help.
+ALLOCATIONS = {"uniform": "the same count per layer (llama.cpp needs it)",
+               "global": "per-layer counts by score, the same total"}
+
+
+def check_allocation(name: str) -> str:
+    if name not in ALLOCATIONS:
+        raise EmoError(f"unknown allocation {name!r} ({' or '.join(ALLOCATIONS)})")
+    return name
+
+
 def method_named(name: str) -> Method:
     for m in METHODS:
         if m.name == name:

@@ -18,7 +18,7 @@ from emo_cli import ui
 from emo_cli.data.documents import read_documents
 from emo_cli.errors import EmoError
 from emo_cli.experts import slim_gguf
-from emo_cli.experts.methods import DEFAULT_METHOD, Method, method_named
+from emo_cli.experts.methods import DEFAULT_METHOD, Method, check_allocation, method_named
 from emo_cli.experts.model_card import write_model_card
 from emo_cli.experts.pipeline import heldout_documents, make_plan, masked_loss, masked_losses
 from emo_cli.experts.selection import Budget, Plan, domain_coverage, layer_budgets
@@ -97,8 +97,7 @@ def run_prune(req: PruneRequest) -> dict:
     budget = Budget.parse(req.budget or "25%")
     if req.plan is None and req.max_loss_increase is None:  # a bad budget fails before any loading
         layer_budgets(profiles[0], budget, profiles[0].meta.model.top_k or 1)
-    if req.allocation not in ("uniform", "global"):
-        raise EmoError(f"unknown allocation {req.allocation!r} (uniform or global)")
+    check_allocation(req.allocation)
     spec = req.model or os.environ.get("EMO_MODEL") or profiles[0].meta.model.spec or state.get("model")
     spec = resolve_default_model(spec)
     path = resolve_model_path(spec)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from emo_cli.errors import EmoError
-from emo_cli.experts.methods import Scorer, method_named
+from emo_cli.experts.methods import Scorer, check_allocation, method_named
 from emo_cli.experts.usage_profile import Profile
 from emo_cli.outputs import write_atomic
 
@@ -132,8 +132,7 @@ def plan_from_scores(profile: Profile, scores: dict[int, dict[int, tuple]], keep
             ranked = sorted(scores[layer], key=lambda e: scores[layer][e], reverse=True)
             kept[layer] = sorted(fixed + ranked[: n - len(fixed)])
         return kept
-    if allocation != "global":
-        raise EmoError(f"unknown allocation {allocation!r} (uniform or global)")
+    check_allocation(allocation)
     # Global: every layer keeps at least top-k; the rest of the same total goes to the best
     # experts anywhere, by each layer's score share (so layers with flat usage get more).
     total = sum(keep.values())

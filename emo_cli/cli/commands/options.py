@@ -9,7 +9,15 @@ from typing import Optional
 
 import typer
 
-from emo_cli.experts.methods import METHODS, REPORT_METHODS, Method, method_named, report_method_named
+from emo_cli.experts.methods import (
+    ALLOCATIONS,
+    METHODS,
+    REPORT_METHODS,
+    Method,
+    check_allocation,
+    method_named,
+    report_method_named,
+)
 from emo_cli.gguf.quants import QUANTS, quant_types
 
 STREAMING = typer.Option("auto", "--streaming", help="auto: keep the whole model in memory when it fits, else "
@@ -45,3 +53,4 @@ MethodChoice, parse_method = _choices("MethodChoice", (m.name for m in METHODS),
 ReportMethodChoice, parse_report_method = _choices("ReportMethodChoice", (m.name for m in REPORT_METHODS),
                                                    report_method_named)
 QuantChoice, parse_quant = _choices("QuantChoice", QUANTS, quant_types)
+AllocationChoice, parse_allocation = _choices("AllocationChoice", ALLOCATIONS, check_allocation)

@@ -11,7 +11,7 @@ import typer
 
 from emo_cli import ui
 from emo_cli.cli.commands import options
-from emo_cli.experts.methods import DEFAULT_METHOD, METHODS, method_named
+from emo_cli.experts.methods import ALLOCATIONS, DEFAULT_METHOD, METHODS, method_named
 
 
 def prune(
@@ -25,8 +25,9 @@ def prune(
                                                 "(L-l)/L forward passes over the held-out set, bounded by --max-evals."),
     heldout: List[str] = typer.Option([], "--heldout", help="Held-out data for greedy and the report "
                                       "(default: the profile's held-out documents)."),
-    allocation: str = typer.Option("uniform", "--allocation", help="uniform (same count per layer; llama.cpp "
-                                   "needs it) or global (per-layer counts by score, same total)."),
+    allocation: options.AllocationChoice = typer.Option("uniform", "--allocation", parser=options.parse_allocation,
+                                                        help="; ".join(f"{k}: {v}" for k, v in ALLOCATIONS.items())
+                                                        + "."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Default: slim-<data stem>/"),
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF path (default: <output>.gguf). A .gguf "
                                         "model is pruned into this one file (-o X also names it X.gguf)."),
@@ -58,7 +59,7 @@ def prune(
     from emo_cli.experts.prune import PruneRequest, run_prune
 
     req = PruneRequest(budget=budget, profiles=list(profile), model=model, method=method_named(method.value),
-                       heldout=list(heldout), allocation=allocation, output=output, gguf=gguf, no_gguf=no_gguf,
+                       heldout=list(heldout), allocation=allocation.value, output=output, gguf=gguf, no_gguf=no_gguf,
                        quant=quant.value if quant else None, plan=plan,
                        dry_run=dry_run, seed=seed, max_evals=max_evals, guard=list(guard),
                        max_loss_increase=max_loss_increase, force=force, device=device, dtype=dtype,

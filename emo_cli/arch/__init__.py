@@ -1,1 +1,2 @@
-"""Model architectures: configs, the routing function and the EMO model itself."""
+"""Model architectures, one file each (emo.py), found by `model_type` (registry.py), built from
+shared blocks (layers.py) and the one routing function (routing.py)."""

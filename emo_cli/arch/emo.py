@@ -73,7 +73,7 @@ class EmoConfig:
     dense_mlp_bias: bool = False
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.01
-    model_type: str = "emo"
+    model_type: str = MODEL_TYPE
     torch_dtype: str | None = None
     # Unknown keys of config.json, written back unchanged so a slim config stays loadable upstream.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)

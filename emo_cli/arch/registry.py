@@ -26,4 +26,4 @@ def read_config(path: Path):
     """(architecture, its validated config) of a config.json."""
     raw = read_config_json(path)
     arch = architecture(raw.get("model_type"))
-    return arch, arch.config_from_dict(raw)
+    return arch, arch.config_class.from_dict(raw)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,3 @@ class Architecture:
     names: TensorNames
     gguf_arch: str  # the llama.cpp architecture that runs an export (gguf/layout.py maps its roles)
     hf_architectures: list[str] = field(default_factory=list)  # config.json "architectures"
-
-    def config_from_dict(self, raw: dict[str, Any]):
-        return self.config_class.from_dict(raw)
